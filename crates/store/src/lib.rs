@@ -1,0 +1,23 @@
+//! Berth's durable state on SQLite: the event log (which is also the outbox),
+//! deliveries with durable attempt counts, attempt history, per-worker inboxes
+//! and dead letters.
+//!
+//! The API is dialect-neutral (ids as text, times as microseconds, bulk writes
+//! as one JSON parameter); the SQL lives in per-dialect modules so PostgreSQL
+//! can sit behind the same API.
+
+mod migrate;
+pub mod model;
+pub mod ops;
+mod store;
+
+pub use model::*;
+pub use store::{Cause, Published, Redrive, Store, StoreOptions, Synchronous, Tx, publish};
+
+/// Errors from the store. Kept as one opaque type with context: callers
+/// decide retry-or-not by the operation, not by inspecting SQL errors.
+pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
+
+/// Re-exported so handlers can run their own queries in the transaction the
+/// framework hands them without naming sqlx's version themselves.
+pub use sqlx;

@@ -1,0 +1,469 @@
+//! The store handle: opening the SQLite file (WAL, migrations), transactions
+//! that publish events atomically with state, and the read side.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use berth_core::{Clock, Envelope, EventId, FlowId, IdGen, NewEvent, Timestamp};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection, SqlitePool};
+use tokio::sync::Notify;
+
+use crate::model::*;
+use crate::ops;
+
+/// SQLite's `synchronous` setting for the WAL. `full` syncs the WAL on every
+/// commit (survives power loss); `normal` syncs only at checkpoints (survives
+/// a process crash, may lose the last commits on power loss).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    #[default]
+    Full,
+    Normal,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub synchronous: Synchronous,
+    /// Connections for handler transactions and reads; the dispatcher holds
+    /// one more of its own.
+    pub max_connections: u32,
+    /// How long a writer waits for SQLite's single write lock.
+    pub busy_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            synchronous: Synchronous::Full,
+            max_connections: 8,
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+struct Inner {
+    pool: SqlitePool,
+    connect: SqliteConnectOptions,
+    path: PathBuf,
+    clock: Arc<dyn Clock>,
+    ids: Arc<IdGen>,
+    subscriptions: RwLock<Arc<Subscriptions>>,
+    /// Signalled after any commit that added deliveries, so the dispatcher
+    /// wakes on commit instead of polling; `woken` says for which workers.
+    committed: Notify,
+    woken: Mutex<HashSet<String>>,
+}
+
+/// A cheap-to-clone handle on the database.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where an event to publish comes from: a user action (a new flow, or one
+/// given) or the handling of another event (same flow, causation set).
+#[derive(Debug, Clone, Copy)]
+pub enum Cause<'a> {
+    Root { flow_id: FlowId },
+    Event(&'a Envelope),
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite file at `path`, in WAL mode, and
+    /// runs pending migrations.
+    pub async fn open(
+        path: &Path,
+        options: StoreOptions,
+        clock: Arc<dyn Clock>,
+        ids: Arc<IdGen>,
+    ) -> anyhow::Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("failed to create data directory {}", dir.display()))?;
+        }
+        let connect = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match options.synchronous {
+                Synchronous::Full => SqliteSynchronous::Full,
+                Synchronous::Normal => SqliteSynchronous::Normal,
+            })
+            .busy_timeout(options.busy_timeout)
+            .pragma("temp_store", "memory")
+            .pragma("cache_size", "-65536")
+            // sqlx logs every statement at DEBUG by default; with bulk
+            // statements that drowns the delivery spans we care about.
+            .disable_statement_logging();
+        let mut conn = connect
+            .connect()
+            .await
+            .with_context(|| format!("failed to open the database {}", path.display()))?;
+        crate::migrate::run(&mut conn)
+            .await
+            .with_context(|| format!("failed to migrate the database {}", path.display()))?;
+        conn.close().await.ok();
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .min_connections(1)
+            // A local file has nothing to gain from recycling connections,
+            // and the pool's reaper timers would disturb paused-clock tests.
+            .idle_timeout(None)
+            .max_lifetime(None)
+            // A connection to a local file does not go stale; skipping the
+            // ping keeps acquiring free of IO.
+            .test_before_acquire(false)
+            .connect_with(connect.clone())
+            .await
+            .with_context(|| format!("failed to open the database {}", path.display()))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                pool,
+                connect,
+                path: path.to_owned(),
+                clock,
+                ids,
+                subscriptions: RwLock::new(Arc::new(Subscriptions::new())),
+                committed: Notify::new(),
+                woken: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    pub fn ids(&self) -> &Arc<IdGen> {
+        &self.inner.ids
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.inner.pool
+    }
+
+    /// A connection outside the pool, for the dispatcher's write loop.
+    pub async fn dedicated_connection(&self) -> anyhow::Result<SqliteConnection> {
+        self.inner
+            .connect
+            .connect()
+            .await
+            .with_context(|| format!("failed to open the database {}", self.inner.path.display()))
+    }
+
+    /// Takes the exclusive dispatcher lock of this database (a lock file next
+    /// to it). Only the holder may treat every lease as its own to recover.
+    pub fn lock_dispatcher(&self) -> anyhow::Result<File> {
+        let mut lock_path = self.inner.path.clone().into_os_string();
+        lock_path.push(".dispatch.lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("failed to open {}", Path::new(&lock_path).display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another berth process is already dispatching from {} (lock file {} is held)",
+                self.inner.path.display(),
+                Path::new(&lock_path).display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("failed to lock {}", Path::new(&lock_path).display()))
+            }
+        }
+    }
+
+    pub fn set_subscriptions(&self, subs: Subscriptions) {
+        let mut guard = self
+            .inner
+            .subscriptions
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        *guard = Arc::new(subs);
+    }
+
+    pub fn subscriptions(&self) -> Arc<Subscriptions> {
+        self.inner
+            .subscriptions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Wakes the dispatcher: deliveries for `workers` were committed.
+    pub fn notify_committed(&self, workers: impl IntoIterator<Item = String>) {
+        {
+            let mut w = self.inner.woken.lock().unwrap_or_else(|p| p.into_inner());
+            w.extend(workers);
+        }
+        self.inner.committed.notify_one();
+    }
+
+    /// The workers named by commits since the last call.
+    pub fn take_woken(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.inner.woken.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Resolves when a commit added deliveries since the last call.
+    pub async fn committed(&self) {
+        self.inner.committed.notified().await
+    }
+
+    /// Builds the envelope for a new event.
+    pub fn stamp(&self, new: NewEvent, cause: Cause<'_>) -> Envelope {
+        let (flow_id, causation_id, org, subject) = match cause {
+            Cause::Root { flow_id } => (flow_id, None, None, None),
+            Cause::Event(e) => (e.flow_id, Some(e.id), e.org_id.clone(), e.subject.clone()),
+        };
+        Envelope {
+            id: self.inner.ids.event_id(),
+            event_type: new.event_type,
+            version: new.version,
+            org_id: new.org_id.or(org),
+            subject: new.subject.or(subject),
+            flow_id,
+            causation_id,
+            attempt: 0,
+            created_at: self.now(),
+            not_before: new.not_before,
+            payload: new.payload,
+        }
+    }
+
+    /// Begins a write transaction. `BEGIN IMMEDIATE` takes SQLite's write lock
+    /// up front, so two writers queue on `busy_timeout` instead of failing
+    /// with SQLITE_BUSY when a reader tries to upgrade.
+    pub async fn begin(&self) -> anyhow::Result<Tx> {
+        let tx = self
+            .inner
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .context("failed to begin a transaction")?;
+        Ok(Tx {
+            tx,
+            store: self.clone(),
+            woken: Vec::new(),
+        })
+    }
+
+    /// Publishes events in a transaction of their own.
+    pub async fn publish(&self, envs: Vec<Envelope>) -> anyhow::Result<HashSet<EventId>> {
+        let mut tx = self.begin().await?;
+        let new = tx.publish(&envs).await?;
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    async fn read_conn(&self) -> anyhow::Result<sqlx::pool::PoolConnection<Sqlite>> {
+        self.inner
+            .pool
+            .acquire()
+            .await
+            .context("failed to get a database connection")
+    }
+
+    pub async fn event(&self, id: EventId) -> anyhow::Result<Option<Envelope>> {
+        let mut c = self.read_conn().await?;
+        Ok(ops::load_events(&mut c, &[id]).await?.pop())
+    }
+
+    pub async fn events_of_flow(&self, flow: FlowId) -> anyhow::Result<Vec<Envelope>> {
+        let mut c = self.read_conn().await?;
+        ops::events_of_flow(&mut c, flow).await
+    }
+
+    pub async fn attempts_of_event(&self, id: EventId) -> anyhow::Result<Vec<AttemptRecord>> {
+        let mut c = self.read_conn().await?;
+        ops::attempts_of_event(&mut c, id).await
+    }
+
+    pub async fn attempts_of_flow(&self, flow: FlowId) -> anyhow::Result<Vec<AttemptRecord>> {
+        let mut c = self.read_conn().await?;
+        ops::attempts_of_flow(&mut c, flow).await
+    }
+
+    pub async fn dead_letters(
+        &self,
+        org: Option<&str>,
+        open_only: bool,
+        limit: u32,
+    ) -> anyhow::Result<Vec<DeadLetter>> {
+        let mut c = self.read_conn().await?;
+        ops::dead_letters(&mut c, org, open_only, limit).await
+    }
+
+    pub async fn dead_letter(&self, id: &str) -> anyhow::Result<Option<DeadLetter>> {
+        let mut c = self.read_conn().await?;
+        ops::dead_letter(&mut c, id).await
+    }
+
+    pub async fn inbox_contains(&self, worker: &str, id: EventId) -> anyhow::Result<bool> {
+        let mut c = self.read_conn().await?;
+        Ok(!ops::inbox_hits(&mut c, worker, &[id]).await?.is_empty())
+    }
+
+    /// (waiting, in flight) deliveries.
+    pub async fn queue_depth(&self) -> anyhow::Result<(i64, i64)> {
+        let mut c = self.read_conn().await?;
+        ops::queue_depth(&mut c).await
+    }
+
+    /// Re-drives a dead letter: a fresh delivery to the same worker in a new
+    /// round, attempt count from zero; the history of earlier rounds stays.
+    pub async fn redrive(&self, id: &str) -> anyhow::Result<Redrive> {
+        let mut tx = self.begin().await?;
+        let Some(dl) = ops::dead_letter(tx.conn(), id).await? else {
+            return Ok(Redrive::NotFound);
+        };
+        if !ops::mark_redriven(tx.conn(), id, self.now()).await? {
+            return Ok(Redrive::AlreadyRedriven(dl));
+        }
+        ops::insert_deliveries(
+            tx.conn(),
+            &[NewDelivery {
+                event_id: dl.event_id,
+                worker: Arc::from(dl.worker.as_str()),
+                round: dl.round + 1,
+                attempt: 0,
+                not_before: self.now(),
+                lease: None,
+            }],
+        )
+        .await?;
+        tx.woken.push(dl.worker.clone());
+        tx.commit().await?;
+        Ok(Redrive::Redriven(dl))
+    }
+}
+
+/// What a re-drive did.
+#[derive(Debug)]
+pub enum Redrive {
+    Redriven(DeadLetter),
+    AlreadyRedriven(DeadLetter),
+    NotFound,
+}
+
+/// A write transaction. Events published through it become visible (and are
+/// dispatched) only if it commits; dropping it rolls everything back.
+pub struct Tx {
+    tx: sqlx::Transaction<'static, Sqlite>,
+    store: Store,
+    /// Workers that got deliveries in this transaction: woken on commit.
+    woken: Vec<String>,
+}
+
+impl std::fmt::Debug for Tx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tx").finish_non_exhaustive()
+    }
+}
+
+impl Tx {
+    /// The underlying connection, for a handler's own queries.
+    pub fn conn(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Appends envelopes to the event log and fans each new one out to its
+    /// subscribers; ids already in the log are ignored (dedupe).
+    pub async fn publish(&mut self, envs: &[Envelope]) -> anyhow::Result<HashSet<EventId>> {
+        let subs = self.store.subscriptions();
+        let published = publish(&mut self.tx, &subs, envs, |_| None).await?;
+        self.woken
+            .extend(published.deliveries.into_iter().map(|(_, w, _, _)| w));
+        Ok(published.inserted)
+    }
+
+    pub async fn commit(self) -> anyhow::Result<()> {
+        let Tx { tx, store, woken } = self;
+        tx.commit().await.context("failed to commit")?;
+        if !woken.is_empty() {
+            store.notify_committed(woken);
+        }
+        Ok(())
+    }
+}
+
+/// What [`publish`] wrote.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub inserted: HashSet<EventId>,
+    /// `(delivery id, worker, event id, leased)` for every delivery created.
+    pub deliveries: Vec<(i64, String, EventId, bool)>,
+}
+
+/// Appends envelopes and creates one delivery per subscribed worker for each
+/// new one. `lease_for(worker)` may return a lease so the delivery is born
+/// claimed (attempt 1) — the dispatcher uses this to hand fresh events to idle
+/// workers without a second write.
+pub async fn publish(
+    conn: &mut SqliteConnection,
+    subs: &Subscriptions,
+    envs: &[Envelope],
+    mut lease_for: impl FnMut(&Arc<str>) -> Option<Lease>,
+) -> anyhow::Result<Published> {
+    let inserted = ops::insert_events(conn, envs).await?;
+    let mut rows = Vec::new();
+    for e in envs.iter().filter(|e| inserted.contains(&e.id)) {
+        let due = e.not_before.unwrap_or(e.created_at);
+        for w in subs.workers_for(&e.event_type) {
+            let lease = if e.not_before.is_none() { lease_for(w) } else { None };
+            rows.push(NewDelivery {
+                event_id: e.id,
+                worker: w.clone(),
+                round: 0,
+                attempt: u32::from(lease.is_some()),
+                not_before: due,
+                lease,
+            });
+        }
+    }
+    let leased: HashSet<(EventId, &str)> = rows
+        .iter()
+        .filter(|r| r.lease.is_some())
+        .map(|r| (r.event_id, &*r.worker))
+        .collect();
+    let created = ops::insert_deliveries(conn, &rows).await?;
+    let deliveries = created
+        .into_iter()
+        .map(|(id, w, ev)| {
+            let is_leased = leased.contains(&(ev, w.as_str()));
+            (id, w, ev, is_leased)
+        })
+        .collect();
+    Ok(Published {
+        inserted,
+        deliveries,
+    })
+}

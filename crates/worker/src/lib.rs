@@ -1,0 +1,200 @@
+//! Berth's worker framework. A worker is a named handler subscribed to event
+//! types; the framework owns delivery, acknowledgement, timeouts, back-off,
+//! dead-lettering, failure events and tracing, with retry policies declared in
+//! configuration. The bus here is the embedded one: the event table itself,
+//! dispatched in-process by one group-committing task.
+
+pub mod clock;
+mod dispatcher;
+pub mod handler;
+pub mod policy;
+pub mod registry;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use berth_core::{Envelope, EventId, NewEvent, SeededRng};
+use berth_store::{Cause, Redrive, Store};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span};
+
+pub use dispatcher::Stats;
+pub use handler::{
+    Ctx, Done, FailureKind, Handler, HandlerError, HandlerResult, fatal, retry_after, retryable,
+};
+pub use policy::{Backoff, Jitter, Policies, Policy, PolicyConfig, PolicyError, WorkersConfig};
+pub use registry::{Registry, RegistryError, WorkerSpec};
+
+use dispatcher::{Dispatcher, DispatcherConfig, PublishReq};
+
+/// Knobs of the embedded dispatcher that are not per-worker policy.
+#[derive(Debug, Clone)]
+pub struct BusOptions {
+    /// Added to a worker's timeout to make its lease: a lease outliving its
+    /// attempt means only a dead process lets work be handed out again.
+    pub lease_grace: Duration,
+    /// How long shutdown waits for in-flight attempts before returning them.
+    pub shutdown_grace: Duration,
+    /// Most events and completions in one group commit.
+    pub max_batch: usize,
+    /// The generator for back-off jitter.
+    pub rng: Arc<SeededRng>,
+}
+
+impl Default for BusOptions {
+    fn default() -> Self {
+        BusOptions {
+            lease_grace: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+            max_batch: 4096,
+            rng: Arc::new(SeededRng::from_entropy()),
+        }
+    }
+}
+
+/// A handle for publishing onto the bus; cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    store: Store,
+    tx: mpsc::Sender<PublishReq>,
+    stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus").finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Publishes one event (group-committed with others) and returns its
+    /// envelope once it is durable.
+    pub async fn publish(&self, event: NewEvent, cause: Cause<'_>) -> anyhow::Result<Envelope> {
+        let env = self.store.stamp(event, cause);
+        self.publish_all(vec![env.clone()]).await?;
+        Ok(env)
+    }
+
+    /// Publishes envelopes (already stamped) in one group commit; returns the
+    /// ids that were new (an id already in the log is a duplicate: ignored).
+    pub async fn publish_all(&self, envs: Vec<Envelope>) -> anyhow::Result<HashSet<EventId>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(PublishReq { envs, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("the bus has shut down"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the bus shut down before the publish committed"))?
+    }
+
+    /// Re-drives a dead letter (see [`Store::redrive`]), refusing ones whose
+    /// worker no longer exists, which would wait forever.
+    pub async fn redrive(&self, dead_letter_id: &str) -> anyhow::Result<Redrive> {
+        if let Some(dl) = self.store.dead_letter(dead_letter_id).await? {
+            if self.store.subscriptions().workers_for_any(&dl.worker).is_none() {
+                anyhow::bail!(
+                    "dead letter {dead_letter_id} belongs to worker '{}', which is not registered",
+                    dl.worker
+                );
+            }
+        }
+        self.store.redrive(dead_letter_id).await
+    }
+}
+
+/// The running worker framework: the dispatcher task and its handlers.
+pub struct Workers {
+    bus: Bus,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _lock: std::fs::File,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers").finish_non_exhaustive()
+    }
+}
+
+impl Workers {
+    /// Starts dispatching for `registry` with `policies`. Takes the database's
+    /// dispatcher lock, and since this process is then the only dispatcher,
+    /// takes back every lease a previous process left (its attempts are
+    /// recorded as abandoned and keep their count).
+    pub async fn start(
+        store: Store,
+        registry: &Registry,
+        policies: &Policies,
+        options: BusOptions,
+    ) -> anyhow::Result<Workers> {
+        let lock = store.lock_dispatcher()?;
+        let mut specs = Vec::new();
+        for w in registry.workers() {
+            let policy = policies
+                .get(&w.name)
+                .with_context(|| format!("no policy resolved for worker '{}'", w.name))?
+                .clone();
+            specs.push((w.name.clone(), w.handler.clone(), policy));
+        }
+        store.set_subscriptions(registry.subscriptions());
+        let mut conn = store.dedicated_connection().await?;
+        let released = berth_store::ops::release_leases(&mut conn, store.now(), false).await?;
+        if released > 0 {
+            info!(released, "took back deliveries left in flight by a previous process");
+        }
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = mpsc::channel(1024);
+        let owner: Arc<str> = Arc::from(format!("{}-{}", std::process::id(), store.ids().ulid()));
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            conn,
+            specs,
+            DispatcherConfig {
+                owner,
+                lease_grace: options.lease_grace,
+                shutdown_grace: options.shutdown_grace,
+                max_batch: options.max_batch.max(1),
+                rng: options.rng,
+            },
+            stats.clone(),
+            rx,
+        );
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(
+            dispatcher
+                .run(cancel.clone())
+                .instrument(info_span!("dispatcher")),
+        );
+        Ok(Workers {
+            bus: Bus { store, tx, stats },
+            cancel,
+            task,
+            _lock: lock,
+        })
+    }
+
+    pub fn bus(&self) -> Bus {
+        self.bus.clone()
+    }
+
+    /// Stops claiming work, lets in-flight attempts finish within the grace
+    /// period, returns the rest to the queue, and commits what finished.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("dispatcher task failed: {e}")),
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Shared set-up for the worker framework's tests: a real SQLite file per
+//! test, policies from TOML text, and waiting helpers with real-time
+//! deadlines (safe under tokio's paused clock, which would otherwise jump a
+//! tokio timeout forward while SQLite works on its own thread).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_core::{Clock, EventPayload, IdGen, NewEvent, SeededRng, SystemClock};
+use berth_store::{Cause, Store, StoreOptions};
+use berth_worker::clock::TokioClock;
+use berth_worker::{Bus, BusOptions, Policies, Registry, WorkersConfig, Workers};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Ping {
+    pub n: u64,
+}
+impl EventPayload for Ping {
+    const TYPE: &'static str = "test.ping";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Pong {
+    pub n: u64,
+}
+impl EventPayload for Pong {
+    const TYPE: &'static str = "test.pong";
+}
+
+pub struct TestDb {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl TestDb {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.db");
+        TestDb { dir, path }
+    }
+}
+
+/// Opens a store on `path`. With `paused`, the store runs on tokio's clock
+/// and the clock is paused *after* the pool has its connection: sqlx wraps a
+/// connection's opening in a timeout, and a paused clock would jump straight
+/// to it while SQLite works on its own thread.
+pub async fn open_store(path: &Path, paused: bool) -> Store {
+    let clock: Arc<dyn Clock> = if paused {
+        Arc::new(TokioClock::new())
+    } else {
+        Arc::new(SystemClock)
+    };
+    let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(7))));
+    let store = Store::open(path, StoreOptions::default(), clock, ids)
+        .await
+        .unwrap();
+    if paused {
+        tokio::time::pause();
+    }
+    store
+}
+
+pub fn policies(registry: &Registry, toml_text: &str) -> Policies {
+    #[derive(Deserialize)]
+    struct Root {
+        #[serde(default)]
+        workers: WorkersConfig,
+    }
+    let root: Root = toml::from_str(toml_text).unwrap();
+    Policies::resolve(&root.workers, registry.names()).unwrap()
+}
+
+pub async fn start(store: &Store, registry: &Registry, toml_text: &str) -> Workers {
+    start_with(store, registry, toml_text, BusOptions::default()).await
+}
+
+pub async fn start_with(
+    store: &Store,
+    registry: &Registry,
+    toml_text: &str,
+    mut options: BusOptions,
+) -> Workers {
+    options.rng = Arc::new(SeededRng::new(42));
+    Workers::start(store.clone(), registry, &policies(registry, toml_text), options)
+        .await
+        .unwrap()
+}
+
+/// Publishes a `Ping` as the root of a new flow; returns its envelope.
+pub async fn ping(bus: &Bus, n: u64) -> berth_core::Envelope {
+    let flow = bus.store().ids().flow_id();
+    bus.publish(
+        NewEvent::of(&Ping { n }).unwrap().org("org-a").subject("inst-1"),
+        Cause::Root { flow_id: flow },
+    )
+    .await
+    .unwrap()
+}
+
+/// Resolves after `d` of *real* time, whatever tokio's clock does.
+pub fn real_deadline(d: Duration) -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        std::thread::sleep(d);
+        let _ = tx.send(());
+    });
+    rx
+}
+
+/// The next message, or a panic naming `what` after the real-time deadline.
+pub async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
+    tokio::select! {
+        v = rx.recv() => v.unwrap_or_else(|| panic!("channel closed while waiting for {what}")),
+        _ = real_deadline(DEADLINE) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+    }
+}
+
+/// Polls `check` until it holds, or panics naming `what` at the deadline.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+pub async fn count(store: &Store, sql: &str) -> i64 {
+    berth_store::sqlx::query_scalar(sql)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+pub async fn count_events(store: &Store, event_type: &str) -> i64 {
+    berth_store::sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE type = ?1")
+        .bind(event_type)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
