@@ -1,1 +1,10 @@
-//! placeholder
+//! The berth application: configuration, telemetry and start-up, shared by
+//! the `berth` binary, the benchmarks and the tests (which boot the same
+//! [`App`] the binary does).
+
+pub mod app;
+pub mod config;
+pub mod telemetry;
+
+pub use app::{App, registry};
+pub use config::{Config, ConfigError};

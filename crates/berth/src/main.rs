@@ -1,1 +1,329 @@
-fn main() {}
+//! The `berth` command: run the platform and inspect it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use berth::{App, Config};
+use berth_core::FlowId;
+use berth_store::Redrive;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "Berth: a self-hosted container platform"
+)]
+struct Cli {
+    /// Configuration file (TOML); see berth.example.toml for every key.
+    #[arg(long, global = true, env = "BERTH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory of Berth's state (overrides `data_dir`).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run Berth: the workers on the embedded bus, until SIGINT or SIGTERM.
+    Serve,
+    /// Print each worker's effective retry policy with its worst cases.
+    Policies {
+        /// One JSON object per worker instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the effective configuration (defaults, file, environment, flags).
+    Config,
+    /// List dead letters, newest first.
+    DeadLetters {
+        /// Include those already re-driven.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-drive a dead letter: a new round of attempts for the same worker.
+    Redrive { id: String },
+    /// Print a flow: its events by causation, with every attempt.
+    Flow { flow_id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    berth::telemetry::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(cli: &Cli) -> anyhow::Result<(Config, String)> {
+    let mut config = Config::load(cli.config.as_deref(), std::env::vars())?;
+    if let Some(dir) = &cli.data_dir {
+        config.data_dir = dir.clone();
+    }
+    let source = cli
+        .config
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "configuration".to_owned());
+    Ok((config, source))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (config, source) = load(&cli)?;
+    let registry = berth::registry();
+    let policies = config.policies(registry.names(), &source)?;
+    match cli.command {
+        Command::Serve => {
+            let app = App::build(config, registry, policies).await?;
+            wait_for_signal().await?;
+            app.shutdown().await
+        }
+        Command::Policies { json } => {
+            print_policies(&registry, &policies, json);
+            Ok(())
+        }
+        Command::Config => {
+            print!("{}", config.to_toml());
+            Ok(())
+        }
+        Command::DeadLetters { all, limit, json } => {
+            let store = open_store(&config).await?;
+            let list = store.dead_letters(None, !all, limit).await?;
+            if json {
+                for d in &list {
+                    println!("{}", serde_json::to_string(d)?);
+                }
+            } else if list.is_empty() {
+                println!("no dead letters");
+            } else {
+                println!(
+                    "{:<26}  {:<22}  {:<24}  {:>8}  {:<10}  ERROR",
+                    "ID", "WORKER", "EVENT", "ATTEMPTS", "REASON"
+                );
+                for d in &list {
+                    println!(
+                        "{:<26}  {:<22}  {:<24}  {:>8}  {:<10}  {}: {}",
+                        d.id,
+                        d.worker,
+                        d.event_type,
+                        d.attempts,
+                        d.reason.as_str(),
+                        d.error.code,
+                        d.error.message
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Redrive { id } => {
+            let store = open_store(&config).await?;
+            if let Some(dl) = store.dead_letter(&id).await?
+                && !registry.names().any(|n| n == dl.worker)
+            {
+                anyhow::bail!(
+                    "dead letter {id} belongs to worker '{}', which this berth does not run",
+                    dl.worker
+                );
+            }
+            match store.redrive(&id).await? {
+                Redrive::Redriven(dl) => {
+                    println!(
+                        "re-driven: {} for worker {} (round {})",
+                        dl.event_id,
+                        dl.worker,
+                        dl.round + 1
+                    );
+                    Ok(())
+                }
+                Redrive::AlreadyRedriven(_) => {
+                    anyhow::bail!("dead letter {id} was already re-driven")
+                }
+                Redrive::NotFound => anyhow::bail!("no dead letter with id {id}"),
+            }
+        }
+        Command::Flow { flow_id } => {
+            let flow: FlowId = flow_id.parse()?;
+            let store = open_store(&config).await?;
+            print_flow(&store, flow).await
+        }
+    }
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<berth_store::Store> {
+    use std::sync::Arc;
+    let clock: Arc<dyn berth_core::Clock> = Arc::new(berth_core::SystemClock);
+    let ids = Arc::new(berth_core::IdGen::new(
+        clock.clone(),
+        Arc::new(berth_core::SeededRng::from_entropy()),
+    ));
+    let path = config.database_path();
+    if !path.exists() {
+        anyhow::bail!(
+            "no database at {} (has `berth serve` run with this data dir?)",
+            path.display()
+        );
+    }
+    berth_store::Store::open(
+        &path,
+        berth_store::StoreOptions {
+            synchronous: config.store.synchronous,
+            max_connections: 2,
+            busy_timeout: config.store.busy_timeout,
+        },
+        clock,
+        ids,
+    )
+    .await
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received; shutting down");
+    Ok(())
+}
+
+fn human(d: std::time::Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn print_policies(
+    registry: &berth_worker::Registry,
+    policies: &berth_worker::Policies,
+    json: bool,
+) {
+    let rows: Vec<_> = registry
+        .workers()
+        .iter()
+        .filter_map(|w| policies.get(&w.name).map(|p| (w, p)))
+        .collect();
+    if json {
+        for (w, p) in rows {
+            let v = serde_json::json!({
+                "worker": &*w.name,
+                "events": w.subscribes,
+                "policy": p,
+                "worst_case_attempts": p.max_attempts,
+                "worst_case_delay": human(p.worst_case_delay()),
+                "worst_case_total": human(p.worst_case_total()),
+            });
+            println!("{v}");
+        }
+        return;
+    }
+    if rows.is_empty() {
+        println!("no workers registered");
+        return;
+    }
+    println!(
+        "{:<24} {:<28} {:>8} {:>8} {:<30} {:>5} {:<28} {:>12} {:>12}",
+        "WORKER",
+        "EVENTS",
+        "ATTEMPTS",
+        "TIMEOUT",
+        "BACKOFF",
+        "CONC",
+        "ON EXHAUSTED",
+        "WORST DELAY",
+        "WORST TOTAL"
+    );
+    for (w, p) in rows {
+        let b = &p.backoff;
+        println!(
+            "{:<24} {:<28} {:>8} {:>8} {:<30} {:>5} {:<28} {:>12} {:>12}",
+            w.name,
+            w.subscribes.join(","),
+            p.max_attempts,
+            human(p.timeout),
+            format!(
+                "{} ×{} ≤{} {}",
+                human(b.initial),
+                b.multiplier,
+                human(b.max),
+                b.jitter
+            ),
+            p.concurrency,
+            p.on_exhausted.as_deref().unwrap_or("-"),
+            human(p.worst_case_delay()),
+            human(p.worst_case_total()),
+        );
+    }
+}
+
+async fn print_flow(store: &berth_store::Store, flow: FlowId) -> anyhow::Result<()> {
+    let events = store.events_of_flow(flow).await?;
+    if events.is_empty() {
+        anyhow::bail!("no flow with id {flow}");
+    }
+    let attempts = store.attempts_of_flow(flow).await?;
+    let depth = |e: &berth_core::Envelope| {
+        let mut d = 0;
+        let mut cur = e.causation_id;
+        while let Some(c) = cur {
+            d += 1;
+            cur = events
+                .iter()
+                .find(|x| x.id == c)
+                .and_then(|x| x.causation_id);
+            if d > 64 {
+                break;
+            }
+        }
+        d
+    };
+    let t0 = events[0].created_at;
+    println!("flow {flow}");
+    for e in &events {
+        let indent = "  ".repeat(depth(e));
+        println!(
+            "{indent}{:>9} {}  {}",
+            format!("+{}ms", e.created_at.since(t0).as_millis()),
+            e.event_type,
+            e.id
+        );
+        for a in attempts.iter().filter(|a| a.event_id == e.id) {
+            println!(
+                "{indent}          └ {} #{}{} {} {}{}",
+                a.worker,
+                a.attempt,
+                if a.round > 0 {
+                    format!(" (round {})", a.round)
+                } else {
+                    String::new()
+                },
+                a.outcome,
+                a.duration.map(human).unwrap_or_else(|| "?".into()),
+                a.error
+                    .as_ref()
+                    .map(|er| format!(" — {}: {}", er.code, er.one_line()))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}

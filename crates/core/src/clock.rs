@@ -26,7 +26,7 @@ impl Timestamp {
     }
 
     /// `self + d`, saturating instead of overflowing on absurd durations.
-    pub fn add(self, d: Duration) -> Self {
+    pub fn plus(self, d: Duration) -> Self {
         let us = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
         Timestamp(self.0.saturating_add(us))
     }
@@ -54,7 +54,11 @@ impl Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_rfc3339_micros(self.to_system_time()))
+        write!(
+            f,
+            "{}",
+            humantime::format_rfc3339_micros(self.to_system_time())
+        )
     }
 }
 
@@ -104,10 +108,14 @@ mod tests {
     #[test]
     fn add_and_since_are_inverse() {
         let t = Timestamp::from_micros(1_000_000);
-        let later = t.add(Duration::from_millis(250));
+        let later = t.plus(Duration::from_millis(250));
         assert_eq!(later.as_micros(), 1_250_000);
         assert_eq!(later.since(t), Duration::from_millis(250));
-        assert_eq!(t.since(later), Duration::ZERO, "negative spans clamp to zero");
+        assert_eq!(
+            t.since(later),
+            Duration::ZERO,
+            "negative spans clamp to zero"
+        );
     }
 
     #[test]

@@ -92,7 +92,6 @@ pub struct Lease {
 /// A delivery handed to this process: its attempt count is already durable.
 #[derive(Debug, Clone)]
 pub struct Claimed {
-    pub delivery_id: i64,
     pub event_id: EventId,
     pub worker: Arc<str>,
     pub round: u32,
@@ -117,7 +116,10 @@ pub struct AttemptRecord {
     pub next_delay: Option<Duration>,
 }
 
-fn ser_opt_duration_us<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+fn ser_opt_duration_us<S: serde::Serializer>(
+    d: &Option<Duration>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match d {
         Some(d) => s.serialize_some(&(d.as_micros() as u64)),
         None => s.serialize_none(),
@@ -200,6 +202,9 @@ impl Subscriptions {
     }
 
     pub fn workers_for(&self, event_type: &str) -> &[Arc<str>] {
-        self.by_type.get(event_type).map(Vec::as_slice).unwrap_or(&[])
+        self.by_type
+            .get(event_type)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 }

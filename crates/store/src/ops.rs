@@ -1,10 +1,16 @@
-//! The SQLite statements behind the store, each a bulk operation over many
-//! rows passed as one JSON parameter (`json_each`). One fixed statement per
-//! operation keeps sqlx's prepared-statement cache warm and turns a batch of a
-//! thousand rows into one round trip to the connection's thread: this is what
-//! makes group commit pay off.
+//! The SQLite statements behind the store. Writes are built into a
+//! [`Script`]: many statements and their bound parameters sent to SQLite's
+//! thread as *one* command, so that a whole group commit (acknowledgements,
+//! history, retries, new events, deliveries, claims, COMMIT) costs one round
+//! trip instead of a dozen. Bulk statements are multi-row over bound
+//! parameters, cut into chunks of fixed sizes (256, then powers of two) so a
+//! handful of statement shapes cover every batch size.
+//!
+//! This relies on sqlx-sqlite running every statement of a query string and
+//! numbering anonymous `?` parameters across them (sqlx 0.8); revisit on an
+//! upgrade. Numbered parameters (`?1`) must not be used inside a script.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +20,422 @@ use serde_json::value::RawValue;
 use sqlx::{Row, SqliteConnection};
 
 use crate::model::*;
+
+const CHUNK: usize = 256;
+
+/// Splits `n` rows into chunk lengths: 256s, then descending powers of two.
+fn chunk_lens(mut n: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    while n >= CHUNK {
+        out.push(CHUNK);
+        n -= CHUNK;
+    }
+    let mut size = CHUNK / 2;
+    while n > 0 {
+        if n >= size {
+            out.push(size);
+            n -= size;
+        }
+        size /= 2;
+    }
+    out
+}
+
+/// `(?,?,?),(?,?,?)` for `rows` rows of `cols` columns.
+fn tuples(rows: usize, cols: usize) -> String {
+    let one = format!("({})", vec!["?"; cols].join(","));
+    vec![one; rows].join(",")
+}
+
+/// A bound value.
+#[derive(Debug, Clone)]
+pub enum Arg {
+    Text(String),
+    Int(i64),
+    Null,
+}
+
+impl From<&str> for Arg {
+    fn from(s: &str) -> Self {
+        Arg::Text(s.to_owned())
+    }
+}
+impl From<String> for Arg {
+    fn from(s: String) -> Self {
+        Arg::Text(s)
+    }
+}
+impl From<i64> for Arg {
+    fn from(v: i64) -> Self {
+        Arg::Int(v)
+    }
+}
+impl From<u32> for Arg {
+    fn from(v: u32) -> Self {
+        Arg::Int(i64::from(v))
+    }
+}
+impl<T: Into<Arg>> From<Option<T>> for Arg {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Arg::Null, Into::into)
+    }
+}
+impl From<EventId> for Arg {
+    fn from(v: EventId) -> Self {
+        Arg::Text(v.to_string())
+    }
+}
+impl From<FlowId> for Arg {
+    fn from(v: FlowId) -> Self {
+        Arg::Text(v.to_string())
+    }
+}
+impl From<Timestamp> for Arg {
+    fn from(v: Timestamp) -> Self {
+        Arg::Int(v.as_micros())
+    }
+}
+
+/// Statements and their arguments. A small script runs as one command (one
+/// round trip); a large one statement by statement, each a cached prepared
+/// statement, since there the rows dominate and re-preparing a huge
+/// one-off script every turn would cost more than the round trips saved.
+#[derive(Debug, Default)]
+pub struct Script {
+    /// Each statement with the number of arguments it takes.
+    stmts: Vec<(String, usize)>,
+    args: Vec<Arg>,
+}
+
+/// At most this many arguments in all to send a script as one command.
+const ONE_COMMAND_ARGS: usize = 2000;
+
+impl Script {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stmts.is_empty()
+    }
+
+    /// Appends one statement (without its `;`) and its arguments in order.
+    pub fn push(&mut self, sql: &str, args: impl IntoIterator<Item = Arg>) {
+        let before = self.args.len();
+        self.args.extend(args);
+        self.stmts.push((sql.to_owned(), self.args.len() - before));
+    }
+
+    /// Appends `make_sql(tuples)` once per chunk of `rows`, with `lead`
+    /// arguments before each chunk's rows.
+    fn push_rows<T>(
+        &mut self,
+        rows: &[T],
+        cols: usize,
+        lead: &[Arg],
+        make_sql: impl Fn(&str) -> String,
+        mut row_args: impl FnMut(&T, &mut Vec<Arg>),
+    ) {
+        let mut start = 0;
+        for len in chunk_lens(rows.len()) {
+            let before = self.args.len();
+            self.args.extend(lead.iter().cloned());
+            for row in &rows[start..start + len] {
+                row_args(row, &mut self.args);
+            }
+            self.stmts
+                .push((make_sql(&tuples(len, cols)), self.args.len() - before));
+            start += len;
+        }
+    }
+
+    /// Ends a transaction a failed script left open; an error here only
+    /// means none was open.
+    pub async fn rollback(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+        // Not `raw_sql`: its executor bound is not general enough for the
+        // future to be `Send` inside a spawned task.
+        sqlx::query("ROLLBACK")
+            .execute(&mut *conn)
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs every statement; returns the rows any of them produced.
+    pub async fn run(
+        self,
+        conn: &mut SqliteConnection,
+    ) -> Result<Vec<sqlx::sqlite::SqliteRow>, sqlx::Error> {
+        if self.stmts.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.stmts.len() == 1 || self.args.len() <= ONE_COMMAND_ARGS {
+            let sql = self
+                .stmts
+                .iter()
+                .map(|(s, _)| s.as_str())
+                .collect::<Vec<_>>()
+                .join(";\n");
+            return bind_all(sqlx::query(&sql), self.args)
+                .fetch_all(&mut *conn)
+                .await;
+        }
+        let mut rows = Vec::new();
+        let mut args = self.args.into_iter();
+        for (sql, n) in &self.stmts {
+            let q = bind_all(sqlx::query(sql), args.by_ref().take(*n));
+            rows.extend(q.fetch_all(&mut *conn).await?);
+        }
+        Ok(rows)
+    }
+
+    pub fn insert_events(&mut self, envs: &[&Envelope]) {
+        self.push_rows(
+            envs,
+            10,
+            &[],
+            |t| {
+                format!(
+                    "INSERT INTO events
+                        (id, type, version, org_id, subject, flow_id, causation_id, created_at, not_before, payload)
+                     VALUES {t}"
+                )
+            },
+            |e, a| {
+                a.extend([
+                    e.id.into(),
+                    e.event_type.as_str().into(),
+                    e.version.into(),
+                    e.org_id.as_deref().into(),
+                    e.subject.as_deref().into(),
+                    e.flow_id.into(),
+                    e.causation_id.into(),
+                    e.created_at.into(),
+                    e.not_before.into(),
+                    e.payload.get().into(),
+                ])
+            },
+        );
+    }
+
+    pub fn insert_deliveries(&mut self, rows: &[NewDelivery]) {
+        self.push_rows(
+            rows,
+            8,
+            &[],
+            |t| {
+                format!(
+                    "INSERT INTO deliveries
+                        (event_id, worker, round, attempt, not_before, lease_owner, leased_at, lease_until)
+                     VALUES {t}"
+                )
+            },
+            |d, a| {
+                a.extend([
+                    d.event_id.into(),
+                    (&*d.worker).into(),
+                    d.round.into(),
+                    d.attempt.into(),
+                    d.not_before.into(),
+                    d.lease.as_ref().map(|l| &*l.owner).into(),
+                    d.lease.as_ref().map(|l| l.leased_at).into(),
+                    d.lease.as_ref().map(|l| l.until).into(),
+                ])
+            },
+        );
+    }
+
+    /// Claims up to `limit` due deliveries of `worker` (rows tagged `claim`),
+    /// then reports the earliest unclaimed one left (a row tagged `due`).
+    pub fn claim(&mut self, worker: &str, lease: &Lease, limit: usize) {
+        self.push(
+            "UPDATE deliveries
+                SET attempt = attempt + 1, lease_owner = ?, leased_at = ?, lease_until = ?
+              WHERE worker = ? AND event_id IN (
+                    SELECT event_id FROM deliveries
+                     WHERE worker = ? AND lease_owner IS NULL AND not_before <= ?
+                     ORDER BY not_before LIMIT ?)
+             RETURNING 'claim', worker, event_id, round, attempt",
+            [
+                (&*lease.owner).into(),
+                lease.leased_at.into(),
+                lease.until.into(),
+                worker.into(),
+                worker.into(),
+                lease.leased_at.into(),
+                Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)),
+            ],
+        );
+        self.push(
+            "SELECT 'due', ?, MIN(not_before), 0, 0 FROM deliveries
+              WHERE worker = ? AND lease_owner IS NULL",
+            [worker.into(), worker.into()],
+        );
+    }
+
+    pub fn insert_inbox(&mut self, rows: &[(&str, EventId)], at: Timestamp) {
+        self.push_rows(
+            rows,
+            3,
+            &[],
+            |t| format!("INSERT OR IGNORE INTO inbox (worker, event_id, processed_at) VALUES {t}"),
+            |(w, e), a| a.extend([(*w).into(), (*e).into(), at.into()]),
+        );
+    }
+
+    pub fn insert_attempts(&mut self, rows: &[AttemptRecord]) {
+        self.push_rows(
+            rows,
+            9,
+            &[],
+            |t| {
+                format!(
+                    "INSERT INTO attempts
+                        (event_id, worker, round, attempt, started_at, duration_us, outcome, error, next_delay_us)
+                     VALUES {t}"
+                )
+            },
+            |r, a| {
+                a.extend([
+                    r.event_id.into(),
+                    r.worker.as_str().into(),
+                    r.round.into(),
+                    r.attempt.into(),
+                    r.started_at.into(),
+                    r.duration.map(us).into(),
+                    r.outcome.as_str().into(),
+                    r.error
+                        .as_ref()
+                        .and_then(|e| serde_json::to_string(e).ok())
+                        .into(),
+                    r.next_delay.map(us).into(),
+                ])
+            },
+        );
+    }
+
+    /// Removes deliveries `(event id, worker)`. One statement set per worker:
+    /// `worker = ? AND event_id IN (…)` searches the primary key, where a
+    /// row-value `(event_id, worker) IN (…)` would scan the table.
+    pub fn delete_deliveries(&mut self, keys: &[(EventId, &str)]) {
+        let mut by_worker: std::collections::BTreeMap<&str, Vec<EventId>> = Default::default();
+        for (e, w) in keys {
+            by_worker.entry(*w).or_default().push(*e);
+        }
+        for (worker, ids) in by_worker {
+            self.push_rows(
+                &ids,
+                1,
+                &[worker.into()],
+                |t| format!("DELETE FROM deliveries WHERE worker = ? AND event_id IN (VALUES {t})"),
+                |e, a| a.push((*e).into()),
+            );
+        }
+    }
+
+    /// Releases leases and sets the next attempt's time.
+    pub fn reschedule(&mut self, rows: &[(EventId, &str, Timestamp)]) {
+        self.push_rows(
+            rows,
+            3,
+            &[],
+            |t| {
+                format!(
+                    "UPDATE deliveries
+                        SET lease_owner = NULL, leased_at = NULL, lease_until = NULL,
+                            not_before = v.column3
+                       FROM (VALUES {t}) AS v
+                      WHERE deliveries.event_id = v.column1 AND deliveries.worker = v.column2"
+                )
+            },
+            |(e, w, t), a| a.extend([(*e).into(), (*w).into(), (*t).into()]),
+        );
+    }
+
+    pub fn insert_dead_letters(&mut self, rows: &[NewDeadLetter]) {
+        self.push_rows(
+            rows,
+            10,
+            &[],
+            |t| {
+                format!(
+                    "INSERT INTO dead_letters
+                        (id, event_id, worker, round, attempts, reason, error, org_id, flow_id, dead_at)
+                     VALUES {t}"
+                )
+            },
+            |d, a| {
+                a.extend([
+                    d.id.as_str().into(),
+                    d.event_id.into(),
+                    d.worker.as_str().into(),
+                    d.round.into(),
+                    d.attempts.into(),
+                    d.reason.as_str().into(),
+                    serde_json::to_string(&d.error)
+                        .unwrap_or_else(|_| "{}".to_owned())
+                        .into(),
+                    d.org_id.as_deref().into(),
+                    d.flow_id.into(),
+                    d.dead_at.into(),
+                ])
+            },
+        );
+    }
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    args: impl IntoIterator<Item = Arg>,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    for a in args {
+        q = match a {
+            Arg::Text(s) => q.bind(s),
+            Arg::Int(v) => q.bind(v),
+            Arg::Null => q.bind(None::<i64>),
+        };
+    }
+    q
+}
+
+/// What the `claim` statements of a script returned.
+#[derive(Debug, Default)]
+pub struct ClaimResult {
+    pub claimed: Vec<Claimed>,
+    /// Per worker claimed from: the earliest unclaimed delivery left.
+    pub next_due: HashMap<String, Option<Timestamp>>,
+}
+
+/// Reads `claim` and `due` rows out of a script's result.
+pub fn read_claims(
+    rows: &[sqlx::sqlite::SqliteRow],
+    workers: &HashMap<&str, Arc<str>>,
+) -> anyhow::Result<ClaimResult> {
+    let mut out = ClaimResult::default();
+    for r in rows {
+        let tag: String = r.try_get(0)?;
+        let worker: String = r.try_get(1)?;
+        match tag.as_str() {
+            "claim" => {
+                let ev: String = r.try_get(2)?;
+                let Some(name) = workers.get(worker.as_str()) else {
+                    continue;
+                };
+                out.claimed.push(Claimed {
+                    event_id: parse_id(&ev, "event id")?,
+                    worker: name.clone(),
+                    round: r.try_get(3)?,
+                    attempt: r.try_get(4)?,
+                });
+            }
+            "due" => {
+                let t: Option<i64> = r.try_get(2)?;
+                out.next_due.insert(worker, t.map(Timestamp::from_micros));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
 
 fn parse_id<T: std::str::FromStr>(s: &str, what: &str) -> anyhow::Result<T>
 where
@@ -31,8 +453,27 @@ fn from_us(v: i64) -> Duration {
     Duration::from_micros(u64::try_from(v).unwrap_or(0))
 }
 
-/// Appends envelopes to the event log, ignoring ids already present (the
-/// dedupe), and returns the ids that were new.
+/// Which of `ids` the event log already has.
+pub async fn known_events(
+    conn: &mut SqliteConnection,
+    ids: &[EventId],
+) -> anyhow::Result<HashSet<EventId>> {
+    let mut s = Script::new();
+    s.push_rows(
+        ids,
+        1,
+        &[],
+        |t| format!("SELECT id FROM events WHERE id IN (VALUES {t})"),
+        |e, a| a.push((*e).into()),
+    );
+    let rows = s.run(conn).await.context("failed to check the event log")?;
+    rows.iter()
+        .map(|r| parse_id::<EventId>(&r.try_get::<String, _>(0)?, "event id"))
+        .collect()
+}
+
+/// Appends envelopes to the event log, skipping ids already present (the
+/// dedupe, also within `envs`), and returns the ids that were new.
 pub async fn insert_events(
     conn: &mut SqliteConnection,
     envs: &[Envelope],
@@ -40,135 +481,30 @@ pub async fn insert_events(
     if envs.is_empty() {
         return Ok(HashSet::new());
     }
-    let rows: Vec<_> = envs
+    let ids: Vec<EventId> = envs.iter().map(|e| e.id).collect();
+    let known = known_events(conn, &ids).await?;
+    let mut seen = HashSet::new();
+    let fresh: Vec<&Envelope> = envs
         .iter()
-        .map(|e| {
-            (
-                e.id,
-                &e.event_type,
-                e.version,
-                &e.org_id,
-                &e.subject,
-                e.flow_id,
-                e.causation_id,
-                e.created_at.as_micros(),
-                e.not_before.map(Timestamp::as_micros),
-                e.payload.get(),
-            )
-        })
+        .filter(|e| !known.contains(&e.id) && seen.insert(e.id))
         .collect();
-    let json = serde_json::to_string(&rows)?;
-    let ids: Vec<String> = sqlx::query_scalar(
-        "INSERT OR IGNORE INTO events
-            (id, type, version, org_id, subject, flow_id, causation_id, created_at, not_before, payload)
-         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
-                value->>7, value->>8, value->>9
-         FROM json_each(?1)
-         RETURNING id",
-    )
-    .bind(json)
-    .fetch_all(&mut *conn)
-    .await
-    .context("failed to append to the event log")?;
-    ids.iter().map(|s| parse_id(s, "event id")).collect()
+    let mut s = Script::new();
+    s.insert_events(&fresh);
+    s.run(conn)
+        .await
+        .context("failed to append to the event log")?;
+    Ok(seen)
 }
 
-/// Inserts delivery rows; returns `(delivery id, worker, event id)` for each.
+/// Inserts delivery rows.
 pub async fn insert_deliveries(
     conn: &mut SqliteConnection,
     rows: &[NewDelivery],
-) -> anyhow::Result<Vec<(i64, String, EventId)>> {
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    let json_rows: Vec<_> = rows
-        .iter()
-        .map(|d| {
-            (
-                d.event_id,
-                &*d.worker,
-                d.round,
-                d.attempt,
-                d.not_before.as_micros(),
-                d.lease.as_ref().map(|l| &*l.owner),
-                d.lease.as_ref().map(|l| l.leased_at.as_micros()),
-                d.lease.as_ref().map(|l| l.until.as_micros()),
-            )
-        })
-        .collect();
-    let json = serde_json::to_string(&json_rows)?;
-    let out = sqlx::query(
-        "INSERT INTO deliveries
-            (event_id, worker, round, attempt, not_before, lease_owner, leased_at, lease_until)
-         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7
-         FROM json_each(?1)
-         RETURNING id, worker, event_id",
-    )
-    .bind(json)
-    .fetch_all(&mut *conn)
-    .await
-    .context("failed to insert deliveries")?;
-    out.iter()
-        .map(|r| {
-            let id: i64 = r.try_get(0)?;
-            let worker: String = r.try_get(1)?;
-            let ev: String = r.try_get(2)?;
-            Ok((id, worker, parse_id(&ev, "event id")?))
-        })
-        .collect()
-}
-
-/// Claims up to `limit` due deliveries of `worker`: counts the attempt and
-/// takes a lease, in the caller's transaction.
-pub async fn claim(
-    conn: &mut SqliteConnection,
-    worker: &Arc<str>,
-    lease: &Lease,
-    limit: usize,
-) -> anyhow::Result<Vec<Claimed>> {
-    let rows = sqlx::query(
-        "UPDATE deliveries
-            SET attempt = attempt + 1, lease_owner = ?1, leased_at = ?2, lease_until = ?3
-          WHERE id IN (SELECT id FROM deliveries
-                        WHERE worker = ?4 AND lease_owner IS NULL AND not_before <= ?2
-                        ORDER BY not_before, id LIMIT ?5)
-         RETURNING id, event_id, round, attempt",
-    )
-    .bind(&*lease.owner)
-    .bind(lease.leased_at.as_micros())
-    .bind(lease.until.as_micros())
-    .bind(&**worker)
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-    .fetch_all(&mut *conn)
-    .await
-    .with_context(|| format!("failed to claim deliveries for worker '{worker}'"))?;
-    rows.iter()
-        .map(|r| {
-            let ev: String = r.try_get(1)?;
-            Ok(Claimed {
-                delivery_id: r.try_get(0)?,
-                event_id: parse_id(&ev, "event id")?,
-                worker: worker.clone(),
-                round: r.try_get(2)?,
-                attempt: r.try_get(3)?,
-            })
-        })
-        .collect()
-}
-
-/// The earliest `not_before` among `worker`'s unclaimed deliveries.
-pub async fn next_due(
-    conn: &mut SqliteConnection,
-    worker: &str,
-) -> anyhow::Result<Option<Timestamp>> {
-    let v: Option<i64> = sqlx::query_scalar(
-        "SELECT MIN(not_before) FROM deliveries WHERE worker = ?1 AND lease_owner IS NULL",
-    )
-    .bind(worker)
-    .fetch_one(&mut *conn)
-    .await
-    .context("failed to read the next due delivery")?;
-    Ok(v.map(Timestamp::from_micros))
+) -> anyhow::Result<()> {
+    let mut s = Script::new();
+    s.insert_deliveries(rows);
+    s.run(conn).await.context("failed to insert deliveries")?;
+    Ok(())
 }
 
 const EVENT_COLUMNS: &str =
@@ -198,29 +534,11 @@ fn envelope_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Envelope> {
         // but the file may have been edited; a bad one must reach the worker
         // as a malformed payload (dead-lettered with a reason), not vanish.
         payload: RawValue::from_string(payload)
-            .or_else(|e| RawValue::from_string(serde_json::to_string(&format!("<unreadable: {e}>"))?))
+            .or_else(|e| {
+                RawValue::from_string(serde_json::to_string(&format!("<unreadable: {e}>"))?)
+            })
             .with_context(|| format!("unreadable payload of event {id}"))?,
     })
-}
-
-/// Loads envelopes by id (order not preserved).
-pub async fn load_events(
-    conn: &mut SqliteConnection,
-    ids: &[EventId],
-) -> anyhow::Result<Vec<Envelope>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let json = serde_json::to_string(ids)?;
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM events WHERE id IN (SELECT value FROM json_each(?1))"
-    );
-    let rows = sqlx::query(&sql)
-        .bind(json)
-        .fetch_all(&mut *conn)
-        .await
-        .context("failed to load events")?;
-    rows.iter().map(envelope_from_row).collect()
 }
 
 /// All events of a flow, in log order.
@@ -243,118 +561,37 @@ pub async fn inbox_hits(
     worker: &str,
     ids: &[EventId],
 ) -> anyhow::Result<HashSet<EventId>> {
-    if ids.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let json = serde_json::to_string(ids)?;
-    let hits: Vec<String> = sqlx::query_scalar(
-        "SELECT event_id FROM inbox
-          WHERE worker = ?1 AND event_id IN (SELECT value FROM json_each(?2))",
-    )
-    .bind(worker)
-    .bind(json)
-    .fetch_all(&mut *conn)
-    .await
-    .context("failed to read the inbox")?;
-    hits.iter().map(|s| parse_id(s, "event id")).collect()
+    // `worker = ? AND event_id IN (…)` lets SQLite search the primary key;
+    // a row-value `(event_id, worker) IN (…)` would scan the whole inbox.
+    let mut s = Script::new();
+    s.push_rows(
+        ids,
+        1,
+        &[worker.into()],
+        |t| format!("SELECT event_id FROM inbox WHERE worker = ? AND event_id IN (VALUES {t})"),
+        |e, a| a.push((*e).into()),
+    );
+    let rows = s.run(conn).await.context("failed to read the inbox")?;
+    rows.iter()
+        .map(|r| parse_id::<EventId>(&r.try_get::<String, _>(0)?, "event id"))
+        .collect()
 }
 
-/// Records `(worker, event id)` pairs as processed; returns how many were new.
-pub async fn insert_inbox(
+/// Loads envelopes by id (order not preserved).
+pub async fn load_events(
     conn: &mut SqliteConnection,
-    rows: &[(&str, EventId)],
-    at: Timestamp,
-) -> anyhow::Result<u64> {
-    if rows.is_empty() {
-        return Ok(0);
-    }
-    let json = serde_json::to_string(rows)?;
-    let done = sqlx::query(
-        "INSERT OR IGNORE INTO inbox (worker, event_id, processed_at)
-         SELECT value->>0, value->>1, ?2 FROM json_each(?1)",
-    )
-    .bind(json)
-    .bind(at.as_micros())
-    .execute(&mut *conn)
-    .await
-    .context("failed to write the inbox")?;
-    Ok(done.rows_affected())
-}
-
-pub async fn insert_attempts(
-    conn: &mut SqliteConnection,
-    rows: &[AttemptRecord],
-) -> anyhow::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let json_rows: Vec<_> = rows
-        .iter()
-        .map(|a| {
-            (
-                a.event_id,
-                &a.worker,
-                a.round,
-                a.attempt,
-                a.started_at.as_micros(),
-                a.duration.map(us),
-                a.outcome.as_str(),
-                a.error
-                    .as_ref()
-                    .and_then(|e| serde_json::to_string(e).ok()),
-                a.next_delay.map(us),
-            )
-        })
-        .collect();
-    let json = serde_json::to_string(&json_rows)?;
-    sqlx::query(
-        "INSERT INTO attempts
-            (event_id, worker, round, attempt, started_at, duration_us, outcome, error, next_delay_us)
-         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
-                value->>7, value->>8
-         FROM json_each(?1)",
-    )
-    .bind(json)
-    .execute(&mut *conn)
-    .await
-    .context("failed to record attempts")?;
-    Ok(())
-}
-
-pub async fn delete_deliveries(conn: &mut SqliteConnection, ids: &[i64]) -> anyhow::Result<()> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let json = serde_json::to_string(ids)?;
-    sqlx::query("DELETE FROM deliveries WHERE id IN (SELECT value FROM json_each(?1))")
-        .bind(json)
-        .execute(&mut *conn)
-        .await
-        .context("failed to acknowledge deliveries")?;
-    Ok(())
-}
-
-/// Releases leases and sets the next attempt's time: `(delivery id, not_before)`.
-pub async fn reschedule(
-    conn: &mut SqliteConnection,
-    rows: &[(i64, Timestamp)],
-) -> anyhow::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let json_rows: Vec<_> = rows.iter().map(|(id, t)| (id, t.as_micros())).collect();
-    let json = serde_json::to_string(&json_rows)?;
-    sqlx::query(
-        "UPDATE deliveries
-            SET lease_owner = NULL, leased_at = NULL, lease_until = NULL, not_before = j.value->>1
-           FROM json_each(?1) AS j
-          WHERE deliveries.id = j.value->>0",
-    )
-    .bind(json)
-    .execute(&mut *conn)
-    .await
-    .context("failed to schedule retries")?;
-    Ok(())
+    ids: &[EventId],
+) -> anyhow::Result<Vec<Envelope>> {
+    let mut s = Script::new();
+    s.push_rows(
+        ids,
+        1,
+        &[],
+        |t| format!("SELECT {EVENT_COLUMNS} FROM events WHERE id IN (VALUES {t})"),
+        |e, a| a.push((*e).into()),
+    );
+    let rows = s.run(conn).await.context("failed to load events")?;
+    rows.iter().map(envelope_from_row).collect()
 }
 
 /// A dead letter to write.
@@ -370,45 +607,6 @@ pub struct NewDeadLetter {
     pub org_id: Option<String>,
     pub flow_id: FlowId,
     pub dead_at: Timestamp,
-}
-
-pub async fn insert_dead_letters(
-    conn: &mut SqliteConnection,
-    rows: &[NewDeadLetter],
-) -> anyhow::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let json_rows: Vec<_> = rows
-        .iter()
-        .map(|d| {
-            Ok((
-                &d.id,
-                d.event_id,
-                &d.worker,
-                d.round,
-                d.attempts,
-                d.reason.as_str(),
-                serde_json::to_string(&d.error)?,
-                &d.org_id,
-                d.flow_id,
-                d.dead_at.as_micros(),
-            ))
-        })
-        .collect::<Result<_, serde_json::Error>>()?;
-    let json = serde_json::to_string(&json_rows)?;
-    sqlx::query(
-        "INSERT INTO dead_letters
-            (id, event_id, worker, round, attempts, reason, error, org_id, flow_id, dead_at)
-         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
-                value->>7, value->>8, value->>9
-         FROM json_each(?1)",
-    )
-    .bind(json)
-    .execute(&mut *conn)
-    .await
-    .context("failed to write dead letters")?;
-    Ok(())
 }
 
 /// Takes back leases — all of them at start-up of the only dispatcher on this
@@ -591,4 +789,20 @@ pub async fn queue_depth(conn: &mut SqliteConnection) -> anyhow::Result<(i64, i6
     .await
     .context("failed to count deliveries")?;
     Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chunks_cover_every_row_with_few_distinct_sizes() {
+        for n in 0..2000 {
+            let lens = super::chunk_lens(n);
+            assert_eq!(lens.iter().sum::<usize>(), n);
+            assert!(
+                lens.iter()
+                    .all(|l| l.is_power_of_two() && *l <= super::CHUNK)
+            );
+            assert!(lens.len() <= n / super::CHUNK + 8);
+        }
+    }
 }

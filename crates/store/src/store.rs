@@ -106,6 +106,11 @@ impl Store {
             })
             .busy_timeout(options.busy_timeout)
             .pragma("temp_store", "memory")
+            // Checkpoints copy the WAL into the database and sync it: tens of
+            // milliseconds that would land on whichever commit crosses the
+            // threshold. `Store::checkpoint` runs them in the background
+            // instead; this high threshold is only a backstop.
+            .pragma("wal_autocheckpoint", "16384")
             .pragma("cache_size", "-65536")
             // sqlx logs every statement at DEBUG by default; with bulk
             // statements that drowns the delivery spans we care about.
@@ -192,9 +197,8 @@ impl Store {
                 self.inner.path.display(),
                 Path::new(&lock_path).display()
             ),
-            Err(std::fs::TryLockError::Error(e)) => {
-                Err(e).with_context(|| format!("failed to lock {}", Path::new(&lock_path).display()))
-            }
+            Err(std::fs::TryLockError::Error(e)) => Err(e)
+                .with_context(|| format!("failed to lock {}", Path::new(&lock_path).display())),
         }
     }
 
@@ -270,6 +274,17 @@ impl Store {
             store: self.clone(),
             woken: Vec::new(),
         })
+    }
+
+    /// Copies committed WAL frames into the database file without blocking
+    /// writers (a PASSIVE checkpoint), so that commits never pay for it.
+    pub async fn checkpoint(&self) -> anyhow::Result<()> {
+        let mut c = self.read_conn().await?;
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut *c)
+            .await
+            .context("WAL checkpoint failed")?;
+        Ok(())
     }
 
     /// Publishes events in a transaction of their own.
@@ -400,8 +415,12 @@ impl Tx {
     pub async fn publish(&mut self, envs: &[Envelope]) -> anyhow::Result<HashSet<EventId>> {
         let subs = self.store.subscriptions();
         let published = publish(&mut self.tx, &subs, envs, |_| None).await?;
-        self.woken
-            .extend(published.deliveries.into_iter().map(|(_, w, _, _)| w));
+        self.woken.extend(
+            published
+                .deliveries
+                .into_iter()
+                .map(|d| d.worker.to_string()),
+        );
         Ok(published.inserted)
     }
 
@@ -419,8 +438,8 @@ impl Tx {
 #[derive(Debug, Default)]
 pub struct Published {
     pub inserted: HashSet<EventId>,
-    /// `(delivery id, worker, event id, leased)` for every delivery created.
-    pub deliveries: Vec<(i64, String, EventId, bool)>,
+    /// Every delivery created; those with a lease are born claimed.
+    pub deliveries: Vec<NewDelivery>,
 }
 
 /// Appends envelopes and creates one delivery per subscribed worker for each
@@ -438,7 +457,11 @@ pub async fn publish(
     for e in envs.iter().filter(|e| inserted.contains(&e.id)) {
         let due = e.not_before.unwrap_or(e.created_at);
         for w in subs.workers_for(&e.event_type) {
-            let lease = if e.not_before.is_none() { lease_for(w) } else { None };
+            let lease = if e.not_before.is_none() {
+                lease_for(w)
+            } else {
+                None
+            };
             rows.push(NewDelivery {
                 event_id: e.id,
                 worker: w.clone(),
@@ -449,21 +472,9 @@ pub async fn publish(
             });
         }
     }
-    let leased: HashSet<(EventId, &str)> = rows
-        .iter()
-        .filter(|r| r.lease.is_some())
-        .map(|r| (r.event_id, &*r.worker))
-        .collect();
-    let created = ops::insert_deliveries(conn, &rows).await?;
-    let deliveries = created
-        .into_iter()
-        .map(|(id, w, ev)| {
-            let is_leased = leased.contains(&(ev, w.as_str()));
-            (id, w, ev, is_leased)
-        })
-        .collect();
+    ops::insert_deliveries(conn, &rows).await?;
     Ok(Published {
         inserted,
-        deliveries,
+        deliveries: rows,
     })
 }

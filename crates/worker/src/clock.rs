@@ -30,6 +30,6 @@ impl Default for TokioClock {
 
 impl Clock for TokioClock {
     fn now(&self) -> Timestamp {
-        self.origin.add(self.start.elapsed())
+        self.origin.plus(self.start.elapsed())
     }
 }

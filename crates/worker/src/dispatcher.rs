@@ -16,13 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::Context;
 use berth_core::events::{WORKER_FAILED_VERSION, WorkerFailed};
 use berth_core::{Envelope, ErrorInfo, EventId, NewEvent, SeededRng, Timestamp};
-use berth_store::ops::{self, NewDeadLetter};
-use berth_store::{
-    AttemptRecord, Cause, Claimed, DeadReason, Lease, Outcome, Store, publish,
-};
+use berth_store::ops::{self, NewDeadLetter, Script};
+use berth_store::{AttemptRecord, Cause, Claimed, DeadReason, Lease, NewDelivery, Outcome, Store};
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -43,6 +40,9 @@ pub struct Stats {
     pub published: AtomicU64,
     pub commits: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Time spent in group-commit turns, and in their final COMMIT alone.
+    pub turn_micros: AtomicU64,
+    pub commit_micros: AtomicU64,
 }
 
 pub(crate) struct PublishReq {
@@ -123,6 +123,8 @@ pub(crate) struct DispatcherConfig {
     pub lease_grace: Duration,
     pub shutdown_grace: Duration,
     pub max_batch: usize,
+    pub poll_interval: Duration,
+    pub max_cached: usize,
     pub rng: Arc<SeededRng>,
 }
 
@@ -144,6 +146,12 @@ pub(crate) struct Dispatcher {
     draining: bool,
     /// Consecutive failed turns, for the back-off between them.
     failures: u32,
+    /// Check publish requests against the log before inserting (set after a
+    /// turn failed on a repeated id; cleared by the next success).
+    check_known: bool,
+    /// Envelopes of deliveries this process wrote and has not yet claimed,
+    /// by (event, worker): claiming them needs no read of the log.
+    pending_envs: HashMap<(EventId, Arc<str>), Arc<Envelope>>,
 }
 
 /// What one turn decided to start once its transaction commits.
@@ -196,6 +204,8 @@ impl Dispatcher {
             publishes: Vec::new(),
             draining: false,
             failures: 0,
+            check_known: false,
+            pending_envs: HashMap::new(),
         }
     }
 
@@ -249,9 +259,9 @@ impl Dispatcher {
                 if self.draining && self.in_flight() == 0 {
                     break;
                 }
-                let timer = self.next_timer().map(|t| {
-                    tokio::time::Instant::now() + t.since(now) + Duration::from_micros(1)
-                });
+                let timer = self
+                    .next_timer()
+                    .map(|t| tokio::time::Instant::now() + t.since(now) + Duration::from_micros(1));
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled(), if !self.draining => {
@@ -268,6 +278,14 @@ impl Dispatcher {
                     Some(p) = self.publish_rx.recv() => self.publishes.push(p),
                     _ = self.store.committed() => self.take_woken(),
                     _ = sleep_until_opt(timer), if timer.is_some() => {}
+                    // Commits by another process (a CLI re-drive) send no
+                    // wake-up; this slow safety net finds them. In-process
+                    // commits never wait for it.
+                    _ = tokio::time::sleep(self.cfg.poll_interval), if !self.draining => {
+                        for w in &mut self.workers {
+                            w.backlog = Backlog::Unknown;
+                        }
+                    }
                 }
             }
             // Gather everything already waiting into this turn's batch.
@@ -316,7 +334,12 @@ impl Dispatcher {
         let now = clock.now();
         let saved_in_flight: Vec<usize> = self.workers.iter().map(|w| w.in_flight).collect();
         let publishes = std::mem::take(&mut self.publishes);
+        let checked_before = self.check_known;
+        let t0 = std::time::Instant::now();
         let result = self.build_and_commit(now, &publishes).await;
+        self.stats
+            .turn_micros
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
             Ok((starts, inserted)) => {
                 let completions = std::mem::take(&mut self.completions);
@@ -340,6 +363,13 @@ impl Dispatcher {
                 for (w, n) in self.workers.iter_mut().zip(saved_in_flight) {
                     w.in_flight = n;
                     w.backlog = Backlog::Unknown;
+                }
+                if self.check_known && !checked_before {
+                    // A publish repeated a known id: not a failure of the
+                    // bus. Redo the turn at once, checking ids first.
+                    debug!("a published id is already in the log; redoing the turn with a check");
+                    self.publishes = publishes;
+                    return Ok(());
                 }
                 for p in publishes {
                     let _ = p.reply.send(Err(anyhow::anyhow!("publish failed: {e:#}")));
@@ -369,23 +399,20 @@ impl Dispatcher {
         now: Timestamp,
         publishes: &[PublishReq],
     ) -> anyhow::Result<(Vec<Start>, HashSet<EventId>)> {
-        use berth_store::sqlx::Connection;
         let store = self.store.clone();
         let lease = self.lease(now);
-        let mut tx = self
-            .conn
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .context("failed to begin the dispatcher's transaction")?;
+        let mut script = Script::new();
+        script.push("BEGIN IMMEDIATE", []);
 
         // 1. Finished attempts.
         let mut inbox: Vec<(Arc<str>, EventId)> = Vec::new();
         let mut attempts: Vec<AttemptRecord> = Vec::new();
-        let mut delete: Vec<i64> = Vec::new();
-        let mut resched: Vec<(i64, Timestamp)> = Vec::new();
+        let mut delete: Vec<(EventId, Arc<str>)> = Vec::new();
+        let mut resched: Vec<(EventId, Arc<str>, Timestamp)> = Vec::new();
         let mut dead: Vec<NewDeadLetter> = Vec::new();
         let mut new_envs: Vec<Envelope> = Vec::new();
         let mut dead_count = 0u64;
+        let mut recache: Vec<(EventId, Arc<str>, Arc<Envelope>)> = Vec::new();
         for c in &self.completions {
             let w = &mut self.workers[c.worker];
             let record = |outcome: Outcome, error: Option<ErrorInfo>, next: Option<Duration>| {
@@ -406,14 +433,14 @@ impl Dispatcher {
                 Finished::Ok(emitted) => {
                     attempts.push(record(Outcome::Ok, None, None));
                     inbox.push((w.name.clone(), c.env.id));
-                    delete.push(c.claimed.delivery_id);
+                    delete.push((c.env.id, w.name.clone()));
                     for e in emitted {
                         new_envs.push(store.stamp(e.clone(), Cause::Event(&c.env)));
                     }
                 }
                 Finished::Duplicate => {
                     attempts.push(record(Outcome::Duplicate, None, None));
-                    delete.push(c.claimed.delivery_id);
+                    delete.push((c.env.id, w.name.clone()));
                 }
                 Finished::Abandoned => {
                     attempts.push(record(
@@ -424,7 +451,8 @@ impl Dispatcher {
                         )),
                         Some(Duration::ZERO),
                     ));
-                    resched.push((c.claimed.delivery_id, now));
+                    resched.push((c.env.id, w.name.clone(), now));
+                    recache.push((c.env.id, w.name.clone(), c.env.clone()));
                     w.backlog = Backlog::Unknown;
                 }
                 Finished::Failed {
@@ -445,7 +473,7 @@ impl Dispatcher {
                     };
                     if let Some(reason) = reason {
                         attempts.push(record(*outcome, Some(error.clone()), None));
-                        delete.push(c.claimed.delivery_id);
+                        delete.push((c.env.id, w.name.clone()));
                         dead.push(NewDeadLetter {
                             id: store.ids().ulid().to_string(),
                             event_id: c.env.id,
@@ -481,142 +509,248 @@ impl Dispatcher {
                             _ => w.policy.backoff.delay(c.claimed.attempt, &self.cfg.rng),
                         };
                         attempts.push(record(*outcome, Some(error.clone()), Some(delay)));
-                        let at = now.add(delay);
-                        resched.push((c.claimed.delivery_id, at));
+                        let at = now.plus(delay);
+                        resched.push((c.env.id, w.name.clone(), at));
+                        recache.push((c.env.id, w.name.clone(), c.env.clone()));
                         w.due_no_later_than(at);
                     }
                 }
             }
         }
         let inbox_rows: Vec<(&str, EventId)> = inbox.iter().map(|(w, e)| (&**w, *e)).collect();
-        ops::insert_inbox(&mut tx, &inbox_rows, now).await?;
-        ops::insert_attempts(&mut tx, &attempts).await?;
-        ops::delete_deliveries(&mut tx, &delete).await?;
-        ops::reschedule(&mut tx, &resched).await?;
-        ops::insert_dead_letters(&mut tx, &dead).await?;
+        script.insert_inbox(&inbox_rows, now);
+        script.insert_attempts(&attempts);
+        let delete: Vec<(EventId, &str)> = delete.iter().map(|(e, w)| (*e, &**w)).collect();
+        script.delete_deliveries(&delete);
+        let resched_rows: Vec<(EventId, &str, Timestamp)> =
+            resched.iter().map(|(e, w, t)| (*e, &**w, *t)).collect();
+        script.reschedule(&resched_rows);
+        script.insert_dead_letters(&dead);
 
-        // 2. Everything to publish: events emitted by finished attempts,
-        // failure events, and publish requests. Idle workers get theirs
-        // already claimed.
-        for p in publishes {
-            new_envs.extend(p.envs.iter().cloned());
+        // 2. Everything to publish: events emitted by finished attempts and
+        // failure events (fresh ids), and publish requests (which may repeat
+        // an id already in the log: checked first when the last turn tripped
+        // over one).
+        let mut requested: Vec<&Envelope> = publishes.iter().flat_map(|p| p.envs.iter()).collect();
+        if self.check_known && !requested.is_empty() {
+            let ids: Vec<EventId> = requested.iter().map(|e| e.id).collect();
+            let known = ops::known_events(&mut self.conn, &ids).await?;
+            requested.retain(|e| !known.contains(&e.id));
         }
+        let mut seen: HashSet<EventId> = HashSet::new();
+        let fresh: Vec<&Envelope> = new_envs
+            .iter()
+            .chain(requested)
+            .filter(|e| seen.insert(e.id))
+            .collect();
+        script.insert_events(&fresh);
         let subs = store.subscriptions();
         let mut starts: Vec<Start> = Vec::new();
-        let draining = self.draining;
-        let by_name = &self.by_name;
-        let workers = &mut self.workers;
-        let published = publish(&mut tx, &subs, &new_envs, |name| {
-            let i = *by_name.get(name)?;
-            let w = &mut workers[i];
-            if draining || w.capacity() == 0 {
-                w.backlog = Backlog::Unknown;
-                return None;
+        let mut rows: Vec<NewDelivery> = Vec::new();
+        let mut cache_add: Vec<(EventId, Arc<str>, Arc<Envelope>)> = Vec::new();
+        for e in &fresh {
+            let targets = subs.workers_for(&e.event_type);
+            if targets.is_empty() {
+                continue;
             }
-            w.in_flight += 1;
-            Some(Lease {
-                until: now.add(w.policy.timeout + lease.1),
-                ..lease.0.clone()
-            })
-        })
-        .await?;
-        if !published.deliveries.is_empty() {
-            let by_id: HashMap<EventId, &Envelope> = new_envs.iter().map(|e| (e.id, e)).collect();
-            for (delivery_id, worker, event_id, leased) in &published.deliveries {
-                if !leased {
-                    continue;
-                }
-                let (Some(&wi), Some(env)) = (self.by_name.get(worker.as_str()), by_id.get(event_id))
-                else {
+            let shared = Arc::new(Envelope {
+                attempt: 1,
+                ..(*e).clone()
+            });
+            for name in targets {
+                let Some(&wi) = self.by_name.get(name) else {
                     continue;
                 };
-                starts.push(Start {
-                    worker: wi,
-                    claimed: Claimed {
-                        delivery_id: *delivery_id,
-                        event_id: *event_id,
-                        worker: self.workers[wi].name.clone(),
-                        round: 0,
-                        attempt: 1,
-                    },
-                    env: Arc::new((*env).clone()),
-                    duplicate: false,
+                let w = &mut self.workers[wi];
+                let claim_now = e.not_before.is_none() && !self.draining && w.capacity() > 0;
+                let lease_row = claim_now.then(|| {
+                    w.in_flight += 1;
+                    Lease {
+                        until: now.plus(w.policy.timeout + lease.1),
+                        ..lease.0.clone()
+                    }
+                });
+                if claim_now {
+                    starts.push(Start {
+                        worker: wi,
+                        claimed: Claimed {
+                            event_id: e.id,
+                            worker: w.name.clone(),
+                            round: 0,
+                            attempt: 1,
+                        },
+                        env: shared.clone(),
+                        duplicate: false,
+                    });
+                } else {
+                    match e.not_before {
+                        Some(t) => w.due_no_later_than(t),
+                        None => w.backlog = Backlog::Unknown,
+                    }
+                    cache_add.push((e.id, w.name.clone(), shared.clone()));
+                }
+                rows.push(NewDelivery {
+                    event_id: e.id,
+                    worker: w.name.clone(),
+                    round: 0,
+                    attempt: u32::from(claim_now),
+                    not_before: e.not_before.unwrap_or(e.created_at),
+                    lease: lease_row,
                 });
             }
         }
-        self.stats
-            .published
-            .fetch_add(published.inserted.len() as u64, Ordering::Relaxed);
+        script.insert_deliveries(&rows);
 
         // 3. Claim due deliveries for workers with free capacity.
+        let mut claiming: HashMap<&str, Arc<str>> = HashMap::new();
+        let mut limits: HashMap<Arc<str>, usize> = HashMap::new();
         if !self.draining {
-            let mut claimed_all: Vec<(usize, Claimed)> = Vec::new();
-            for wi in 0..self.workers.len() {
-                if !self.workers[wi].wants_claim(now) {
+            for w in self.workers.iter_mut() {
+                if !w.wants_claim(now) {
                     continue;
                 }
-                let w = &self.workers[wi];
                 let limit = w.capacity();
                 let l = Lease {
-                    until: now.add(w.policy.timeout + lease.1),
+                    until: now.plus(w.policy.timeout + lease.1),
                     ..lease.0.clone()
                 };
-                let got = ops::claim(&mut tx, &w.name, &l, limit).await?;
-                let w = &mut self.workers[wi];
-                if got.len() < limit {
-                    w.backlog = match ops::next_due(&mut tx, &w.name).await? {
-                        None => Backlog::Empty,
-                        Some(t) => Backlog::DueAt(t),
-                    };
-                } else {
-                    w.backlog = Backlog::Unknown;
-                }
-                w.in_flight += got.len();
-                claimed_all.extend(got.into_iter().map(|c| (wi, c)));
+                script.claim(&w.name, &l, limit);
+                limits.insert(w.name.clone(), limit);
             }
-            if !claimed_all.is_empty() {
-                let ids: Vec<EventId> = claimed_all.iter().map(|(_, c)| c.event_id).collect();
-                let envs: HashMap<EventId, Arc<Envelope>> = ops::load_events(&mut tx, &ids)
-                    .await?
-                    .into_iter()
-                    .map(|e| (e.id, Arc::new(e)))
-                    .collect();
-                let mut per_worker: HashMap<usize, Vec<EventId>> = HashMap::new();
-                for (wi, c) in &claimed_all {
-                    per_worker.entry(*wi).or_default().push(c.event_id);
+            for name in limits.keys() {
+                claiming.insert(name, name.clone());
+            }
+        }
+        script.push("COMMIT", []);
+
+        let c0 = std::time::Instant::now();
+        let result = script.run(&mut self.conn).await;
+        let rows_back = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // A failed statement leaves the transaction open; end it.
+                let _ = Script::rollback(&mut self.conn).await;
+                if is_duplicate_event(&e) {
+                    // A publish request repeated an id already in the log:
+                    // redo the turn checking ids first.
+                    self.check_known = true;
                 }
-                let mut dupes: HashSet<(usize, EventId)> = HashSet::new();
-                for (wi, ids) in per_worker {
-                    for id in ops::inbox_hits(&mut tx, &self.workers[wi].name, &ids).await? {
-                        dupes.insert((wi, id));
-                    }
+                return Err(anyhow::Error::new(e).context("the dispatcher's transaction failed"));
+            }
+        };
+        self.stats
+            .commit_micros
+            .fetch_add(c0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.check_known = false;
+        let claims = ops::read_claims(&rows_back, &claiming)?;
+        for (name, limit) in &limits {
+            let got = claims.claimed.iter().filter(|c| &c.worker == name).count();
+            let Some(&wi) = self.by_name.get(name) else {
+                continue;
+            };
+            let w = &mut self.workers[wi];
+            w.in_flight += got;
+            w.backlog = if got < *limit {
+                match claims.next_due.get(&**name).copied().flatten() {
+                    None => Backlog::Empty,
+                    Some(t) => Backlog::DueAt(t),
                 }
-                for (wi, c) in claimed_all {
-                    let Some(env) = envs.get(&c.event_id) else {
-                        // A delivery whose event is gone cannot be handled
-                        // or described; drop it loudly rather than loop.
-                        error!(worker = %c.worker, event_id = %c.event_id, "delivery refers to a missing event; dropping it");
-                        ops::delete_deliveries(&mut tx, &[c.delivery_id]).await?;
-                        self.workers[wi].in_flight -= 1;
-                        continue;
-                    };
-                    let duplicate = dupes.contains(&(wi, c.event_id));
+            } else {
+                Backlog::Unknown
+            };
+        }
+        for (id, w, env) in recache.into_iter().chain(cache_add) {
+            if self.pending_envs.len() < self.cfg.max_cached {
+                self.pending_envs.insert((id, w), env);
+            }
+        }
+
+        // Envelopes for the claimed: from memory when this process wrote the
+        // delivery, else from the log (with an inbox check for duplicates).
+        let mut missing: Vec<Claimed> = Vec::new();
+        for c in claims.claimed {
+            let Some(&wi) = self.by_name.get(&c.worker) else {
+                continue;
+            };
+            match self.pending_envs.remove(&(c.event_id, c.worker.clone())) {
+                Some(env) => {
+                    let env = Arc::new(Envelope {
+                        attempt: c.attempt,
+                        ..(*env).clone()
+                    });
                     starts.push(Start {
                         worker: wi,
                         claimed: c,
-                        env: env.clone(),
-                        duplicate,
+                        env,
+                        duplicate: false,
                     });
                 }
+                None => missing.push(c),
             }
         }
-        tx.commit().await.context("failed to commit the dispatcher's transaction")?;
+        if !missing.is_empty() {
+            starts.extend(self.load_claimed(missing).await?);
+        }
         if dead_count > 0 {
             self.stats
                 .dead_letters
                 .fetch_add(dead_count, Ordering::Relaxed);
         }
-        Ok((starts, published.inserted))
+        Ok((starts, seen))
+    }
+
+    /// Reads the envelopes of deliveries claimed without one in memory (work
+    /// from before a restart, or written by another transaction), and marks
+    /// those already in the worker's inbox as duplicates. The claims are
+    /// committed, so a failure here is retried by the lease, not lost.
+    async fn load_claimed(&mut self, claimed: Vec<Claimed>) -> anyhow::Result<Vec<Start>> {
+        let ids: Vec<EventId> = claimed.iter().map(|c| c.event_id).collect();
+        let envs: HashMap<EventId, Arc<Envelope>> = ops::load_events(&mut self.conn, &ids)
+            .await?
+            .into_iter()
+            .map(|e| (e.id, Arc::new(e)))
+            .collect();
+        let mut per_worker: HashMap<Arc<str>, Vec<EventId>> = HashMap::new();
+        for c in &claimed {
+            per_worker
+                .entry(c.worker.clone())
+                .or_default()
+                .push(c.event_id);
+        }
+        let mut dupes: HashSet<(Arc<str>, EventId)> = HashSet::new();
+        for (w, ids) in per_worker {
+            for id in ops::inbox_hits(&mut self.conn, &w, &ids).await? {
+                dupes.insert((w.clone(), id));
+            }
+        }
+        let mut starts = Vec::new();
+        for c in claimed {
+            let Some(&wi) = self.by_name.get(&c.worker) else {
+                continue;
+            };
+            let Some(env) = envs.get(&c.event_id) else {
+                // A delivery whose event is gone cannot be handled or
+                // described; drop it loudly rather than loop on it.
+                error!(worker = %c.worker, event_id = %c.event_id, "delivery refers to a missing event; dropping it");
+                let mut s = Script::new();
+                s.delete_deliveries(&[(c.event_id, &*c.worker)]);
+                s.run(&mut self.conn).await?;
+                self.workers[wi].in_flight = self.workers[wi].in_flight.saturating_sub(1);
+                continue;
+            };
+            let duplicate = dupes.contains(&(c.worker.clone(), c.event_id));
+            let env = Arc::new(Envelope {
+                attempt: c.attempt,
+                ..(**env).clone()
+            });
+            starts.push(Start {
+                worker: wi,
+                claimed: c,
+                env,
+                duplicate,
+            });
+        }
+        Ok(starts)
     }
 
     /// The lease template for this turn: (lease without `until`, grace).
@@ -647,9 +781,7 @@ impl Dispatcher {
         }
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let w = &self.workers[s.worker];
-        let mut env = (*s.env).clone();
-        env.attempt = s.claimed.attempt;
-        let env = Arc::new(env);
+        let env = s.env;
         let span = info_span!(
             "delivery",
             worker = %w.name,
@@ -769,25 +901,27 @@ impl HandlerTask {
     ) -> Finished {
         let result: anyhow::Result<bool> = async {
             let now = self.store.now();
-            if ops::insert_inbox(tx.conn(), &[(&*self.name, self.env.id)], now).await? == 0 {
+            if !ops::inbox_hits(tx.conn(), &self.name, &[self.env.id])
+                .await?
+                .is_empty()
+            {
                 return Ok(false);
             }
-            ops::insert_attempts(
-                tx.conn(),
-                &[AttemptRecord {
-                    event_id: self.env.id,
-                    worker: self.name.to_string(),
-                    round: self.claimed.round,
-                    attempt: self.claimed.attempt,
-                    started_at,
-                    duration: Some(duration),
-                    outcome: Outcome::Ok,
-                    error: None,
-                    next_delay: None,
-                }],
-            )
-            .await?;
-            ops::delete_deliveries(tx.conn(), &[self.claimed.delivery_id]).await?;
+            let mut s = Script::new();
+            s.insert_inbox(&[(&*self.name, self.env.id)], now);
+            s.insert_attempts(&[AttemptRecord {
+                event_id: self.env.id,
+                worker: self.name.to_string(),
+                round: self.claimed.round,
+                attempt: self.claimed.attempt,
+                started_at,
+                duration: Some(duration),
+                outcome: Outcome::Ok,
+                error: None,
+                next_delay: None,
+            }]);
+            s.delete_deliveries(&[(self.env.id, &*self.name)]);
+            s.run(tx.conn()).await?;
             let envs: Vec<Envelope> = emitted
                 .into_iter()
                 .map(|e| self.store.stamp(e, Cause::Event(&self.env)))
@@ -821,4 +955,10 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     } else {
         "non-string panic payload".to_owned()
     }
+}
+
+/// Whether `e` is SQLite refusing a second row with the same event id.
+fn is_duplicate_event(e: &berth_store::sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation() && d.message().contains("events.id"))
 }

@@ -40,6 +40,13 @@ pub struct BusOptions {
     pub shutdown_grace: Duration,
     /// Most events and completions in one group commit.
     pub max_batch: usize,
+    /// How often an idle dispatcher looks for work committed by another
+    /// process; work committed in this process wakes it at once.
+    pub poll_interval: Duration,
+    /// How often the WAL is checkpointed in the background; `None` leaves it
+    /// to SQLite's automatic checkpoint (tests on a paused clock, where an
+    /// ever-armed timer would make time jump during database IO).
+    pub checkpoint_interval: Option<Duration>,
     /// The generator for back-off jitter.
     pub rng: Arc<SeededRng>,
 }
@@ -50,6 +57,8 @@ impl Default for BusOptions {
             lease_grace: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             max_batch: 4096,
+            poll_interval: Duration::from_secs(1),
+            checkpoint_interval: Some(Duration::from_millis(500)),
             rng: Arc::new(SeededRng::from_entropy()),
         }
     }
@@ -101,13 +110,17 @@ impl Bus {
     /// Re-drives a dead letter (see [`Store::redrive`]), refusing ones whose
     /// worker no longer exists, which would wait forever.
     pub async fn redrive(&self, dead_letter_id: &str) -> anyhow::Result<Redrive> {
-        if let Some(dl) = self.store.dead_letter(dead_letter_id).await? {
-            if self.store.subscriptions().workers_for_any(&dl.worker).is_none() {
-                anyhow::bail!(
-                    "dead letter {dead_letter_id} belongs to worker '{}', which is not registered",
-                    dl.worker
-                );
-            }
+        if let Some(dl) = self.store.dead_letter(dead_letter_id).await?
+            && self
+                .store
+                .subscriptions()
+                .workers_for_any(&dl.worker)
+                .is_none()
+        {
+            anyhow::bail!(
+                "dead letter {dead_letter_id} belongs to worker '{}', which is not registered",
+                dl.worker
+            );
         }
         self.store.redrive(dead_letter_id).await
     }
@@ -118,7 +131,26 @@ pub struct Workers {
     bus: Bus,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    checkpointer: tokio::task::JoinHandle<()>,
     _lock: std::fs::File,
+}
+
+/// Checkpoints the WAL every `every` until cancelled: the dispatcher's
+/// commits then never stall on one. A failure is logged and retried at the
+/// next tick (SQLite's own automatic checkpoint remains as a backstop).
+async fn checkpoint_loop(store: Store, every: Option<Duration>, cancel: CancellationToken) {
+    let Some(every) = every else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = store.checkpoint().await {
+            tracing::warn!(error = %format!("{e:#}"), "WAL checkpoint failed; will retry");
+        }
+    }
 }
 
 impl std::fmt::Debug for Workers {
@@ -151,7 +183,10 @@ impl Workers {
         let mut conn = store.dedicated_connection().await?;
         let released = berth_store::ops::release_leases(&mut conn, store.now(), false).await?;
         if released > 0 {
-            info!(released, "took back deliveries left in flight by a previous process");
+            info!(
+                released,
+                "took back deliveries left in flight by a previous process"
+            );
         }
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel(1024);
@@ -165,6 +200,8 @@ impl Workers {
                 lease_grace: options.lease_grace,
                 shutdown_grace: options.shutdown_grace,
                 max_batch: options.max_batch.max(1),
+                poll_interval: options.poll_interval.max(Duration::from_millis(10)),
+                max_cached: 262_144,
                 rng: options.rng,
             },
             stats.clone(),
@@ -176,10 +213,15 @@ impl Workers {
                 .run(cancel.clone())
                 .instrument(info_span!("dispatcher")),
         );
+        let checkpointer = tokio::spawn(
+            checkpoint_loop(store.clone(), options.checkpoint_interval, cancel.clone())
+                .instrument(info_span!("checkpointer")),
+        );
         Ok(Workers {
             bus: Bus { store, tx, stats },
             cancel,
             task,
+            checkpointer,
             _lock: lock,
         })
     }
@@ -192,6 +234,7 @@ impl Workers {
     /// period, returns the rest to the queue, and commits what finished.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.cancel.cancel();
+        let _ = self.checkpointer.await;
         match self.task.await {
             Ok(r) => r,
             Err(e) => Err(anyhow::anyhow!("dispatcher task failed: {e}")),

@@ -7,7 +7,7 @@ use std::fmt;
 use std::time::Duration;
 
 use berth_core::SeededRng;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 /// How randomness spreads a back-off delay `d`:
 /// `none` waits exactly `d`; `full` waits uniformly in `[0, d]`; `equal`
@@ -34,10 +34,10 @@ impl fmt::Display for Jitter {
 /// `min(max, initial × multiplier^(n-1))`, then jittered.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Backoff {
-    #[serde(with = "human")]
+    #[serde(with = "berth_core::duration::human")]
     pub initial: Duration,
     pub multiplier: f64,
-    #[serde(with = "human")]
+    #[serde(with = "berth_core::duration::human")]
     pub max: Duration,
     pub jitter: Jitter,
 }
@@ -82,7 +82,7 @@ pub struct Policy {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
     /// Limit on one attempt; overrunning it is a retryable failure.
-    #[serde(with = "human")]
+    #[serde(with = "berth_core::duration::human")]
     pub timeout: Duration,
     pub backoff: Backoff,
     /// Deliveries of this worker in flight at once, per process.
@@ -110,7 +110,9 @@ impl Policy {
 
     /// Upper bound of the total back-off between the first and last attempt.
     pub fn worst_case_delay(&self) -> Duration {
-        (1..self.max_attempts).map(|n| self.backoff.ceiling(n)).sum()
+        (1..self.max_attempts)
+            .map(|n| self.backoff.ceiling(n))
+            .sum()
     }
 
     /// Upper bound of the time from first attempt to dead letter: every
@@ -127,34 +129,52 @@ impl Policy {
 }
 
 /// `backoff = { … }` as written in configuration: every key optional.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackoffConfig {
     /// Delay after the first failed attempt, e.g. "100ms".
-    #[serde(default, deserialize_with = "opt_human")]
+    #[serde(
+        default,
+        with = "berth_core::duration::opt_human",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub initial: Option<Duration>,
     /// Factor applied to the delay after each further failure (≥ 1.0).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub multiplier: Option<f64>,
     /// Cap on any one delay, e.g. "30s".
-    #[serde(default, deserialize_with = "opt_human")]
+    #[serde(
+        default,
+        with = "berth_core::duration::opt_human",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max: Option<Duration>,
     /// `none`, `full` or `equal`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jitter: Option<Jitter>,
 }
 
 /// `[workers.<name>]` as written in configuration: every key optional.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Attempts in all, the first included (≥ 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<i64>,
     /// Limit on one attempt, e.g. "30s".
-    #[serde(default, deserialize_with = "opt_human")]
+    #[serde(
+        default,
+        with = "berth_core::duration::opt_human",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backoff: Option<BackoffConfig>,
     /// Deliveries in flight at once per process (≥ 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<i64>,
     /// Failure event to emit when a delivery is dead-lettered; "" for none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub on_exhausted: Option<String>,
 }
 
@@ -237,7 +257,10 @@ fn apply(base: &mut Policy, cfg: &PolicyConfig, section: &str, errors: &mut Vec<
     if let Some(b) = &cfg.backoff {
         if let Some(i) = b.initial {
             if i.is_zero() {
-                err("backoff.initial", "must be greater than zero, got 0s".into());
+                err(
+                    "backoff.initial",
+                    "must be greater than zero, got 0s".into(),
+                );
             } else {
                 base.backoff.initial = i;
             }
@@ -294,8 +317,12 @@ impl Policies {
     ) -> Result<Policies, Vec<PolicyError>> {
         let workers: Vec<&str> = workers.into_iter().collect();
         let mut errors = Vec::new();
-        for name in config.keys() {
+        for (name, section) in config {
             if name != "default" && !workers.contains(&name.as_str()) {
+                // Still check its values, so one run reports every mistake.
+                let mut p = Policy::builtin(name);
+                apply(&mut p, section, name, &mut errors);
+                check_bounds(&p, name, &mut errors);
                 let mut known: Vec<&str> = workers.clone();
                 known.sort_unstable();
                 errors.push(PolicyError {
@@ -361,22 +388,6 @@ fn check_bounds(p: &Policy, section: &str, errors: &mut Vec<PolicyError>) {
     }
 }
 
-fn opt_human<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map(Some)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration \"{s}\" ({e}); write e.g. \"250ms\", \"30s\", \"2m\"")))
-}
-
-mod human {
-    use serde::Serializer;
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(*d))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,7 +416,11 @@ mod tests {
         let na = p.get("network.attach").unwrap();
         assert_eq!(na.max_attempts, 8);
         assert_eq!(na.timeout, Duration::from_secs(10));
-        assert_eq!(na.backoff.initial, Duration::from_millis(50), "from default");
+        assert_eq!(
+            na.backoff.initial,
+            Duration::from_millis(50),
+            "from default"
+        );
         assert_eq!(na.backoff.max, Duration::from_secs(5));
         assert_eq!(na.backoff.jitter, Jitter::Equal);
         let ib = p.get("image.build").unwrap();
@@ -429,13 +444,33 @@ mod tests {
         let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
         assert!(keys.contains(&"workers.default.max_attempts"), "{errs:?}");
         assert!(keys.contains(&"workers.\"netwrk.attach\""), "{errs:?}");
-        assert!(keys.contains(&"workers.\"image.build\".concurrency"), "{errs:?}");
-        assert!(keys.contains(&"workers.\"image.build\".backoff.max"), "{errs:?}");
-        assert!(keys.contains(&"workers.\"image.build\".backoff.multiplier"), "{errs:?}");
+        assert!(
+            keys.contains(&"workers.\"image.build\".concurrency"),
+            "{errs:?}"
+        );
+        assert!(
+            keys.contains(&"workers.\"image.build\".backoff.max"),
+            "{errs:?}"
+        );
+        assert!(
+            keys.contains(&"workers.\"image.build\".backoff.multiplier"),
+            "{errs:?}"
+        );
         let unknown = errs.iter().find(|e| e.key.contains("netwrk")).unwrap();
-        assert!(unknown.message.contains("known workers: image.build, network.attach"));
-        let max = errs.iter().find(|e| e.key.ends_with("backoff.max")).unwrap();
-        assert!(max.message.contains("≥ backoff.initial (2s)"), "{}", max.message);
+        assert!(
+            unknown
+                .message
+                .contains("known workers: image.build, network.attach")
+        );
+        let max = errs
+            .iter()
+            .find(|e| e.key.ends_with("backoff.max"))
+            .unwrap();
+        assert!(
+            max.message.contains("≥ backoff.initial (2s)"),
+            "{}",
+            max.message
+        );
     }
 
     #[test]
@@ -446,7 +481,10 @@ mod tests {
             on_exhausted = "Not An Event"
         "#);
         let errs = Policies::resolve(&c, ["w"]).unwrap_err();
-        assert!(errs.iter().any(|e| e.key == "workers.w.timeout" && e.message.contains("greater than zero")));
+        assert!(
+            errs.iter()
+                .any(|e| e.key == "workers.w.timeout" && e.message.contains("greater than zero"))
+        );
         assert!(errs.iter().any(|e| e.key == "workers.w.on_exhausted"));
     }
 
@@ -483,7 +521,10 @@ mod tests {
             for attempt in 1..8 {
                 for _ in 0..200 {
                     let d = b.delay(attempt, &rng);
-                    assert!(d >= b.floor(attempt) && d <= b.ceiling(attempt), "{jitter} {attempt} {d:?}");
+                    assert!(
+                        d >= b.floor(attempt) && d <= b.ceiling(attempt),
+                        "{jitter} {attempt} {d:?}"
+                    );
                 }
             }
         }

@@ -167,10 +167,17 @@ async fn max_attempts_is_honoured_and_on_exhausted_is_emitted_once() {
     assert!(failure.error.message.contains("engine unreachable"));
     assert_eq!(failure_env.event_type, "flaky.failed");
     assert_eq!(failure_env.flow_id, env.flow_id, "same flow");
-    assert_eq!(failure_env.causation_id, Some(env.id), "caused by the event");
+    assert_eq!(
+        failure_env.causation_id,
+        Some(env.id),
+        "caused by the event"
+    );
     assert_eq!(failure_env.org_id.as_deref(), Some("org-a"));
     assert_eq!(count_events(&store, "flaky.failed").await, 1);
-    assert!(failures.try_recv().is_err(), "the failure event is handled once");
+    assert!(
+        failures.try_recv().is_err(),
+        "the failure event is handled once"
+    );
 
     let dead = store.dead_letters(None, true, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
@@ -267,7 +274,11 @@ async fn fatal_and_panic_go_straight_to_dead_letters() {
     assert_eq!((d.reason.as_str(), d.attempts), ("fatal", 1));
     assert_eq!(d.error.code, "image_not_found");
     assert_eq!((c.reason.as_str(), c.attempts), ("panic", 1));
-    assert!(c.error.message.contains("bug in handler"), "{}", c.error.message);
+    assert!(
+        c.error.message.contains("bug in handler"),
+        "{}",
+        c.error.message
+    );
     let mut calls = Vec::new();
     while let Ok(a) = rx.try_recv() {
         calls.push(a);
@@ -305,7 +316,10 @@ async fn a_duplicate_delivery_of_a_processed_event_changes_nothing() {
     let workers = start(&store, &reg, "").await;
     let bus = workers.bus();
     let env = ping(&bus, 7).await;
-    eventually("the pong", || async { count_events(&store, Pong::TYPE).await == 1 }).await;
+    eventually("the pong", || async {
+        count_events(&store, Pong::TYPE).await == 1
+    })
+    .await;
 
     // The same envelope published again: the log already has its id.
     let again = bus.publish_all(vec![env.clone()]).await.unwrap();
@@ -328,7 +342,11 @@ async fn a_duplicate_delivery_of_a_processed_event_changes_nothing() {
     workers.shutdown().await.unwrap();
 
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
-    assert_eq!(count_events(&store, Pong::TYPE).await, 1, "nothing emitted twice");
+    assert_eq!(
+        count_events(&store, Pong::TYPE).await,
+        1,
+        "nothing emitted twice"
+    );
     assert_eq!(count_events(&store, Ping::TYPE).await, 1);
     let outcomes: Vec<Outcome> = store
         .attempts_of_event(env.id)
@@ -440,18 +458,29 @@ async fn a_handler_that_emits_and_then_fails_leaves_nothing_visible() {
     .unwrap();
     let workers = start(&store, &reg, "").await;
     ping(&workers.bus(), 1).await;
-    eventually("both failures dead-lettered and the control done", || async {
-        count(&store, "SELECT COUNT(*) FROM dead_letters").await == 2
-            && count_events(&store, "test.noted").await == 1
-    })
+    eventually(
+        "both failures dead-lettered and the control done",
+        || async {
+            count(&store, "SELECT COUNT(*) FROM dead_letters").await == 2
+                && count_events(&store, "test.noted").await == 1
+        },
+    )
     .await;
     workers.shutdown().await.unwrap();
-    assert_eq!(count_events(&store, Pong::TYPE).await, 0, "no emitted event leaked");
+    assert_eq!(
+        count_events(&store, Pong::TYPE).await,
+        0,
+        "no emitted event leaked"
+    );
     let notes: Vec<String> = berth_store::sqlx::query_scalar("SELECT body FROM notes")
         .fetch_all(store.pool())
         .await
         .unwrap();
-    assert_eq!(notes, vec!["done".to_owned()], "only the successful write stays");
+    assert_eq!(
+        notes,
+        vec!["done".to_owned()],
+        "only the successful write stays"
+    );
 }
 
 #[tokio::test]
@@ -491,10 +520,15 @@ async fn writes_and_emitted_events_commit_together_and_carry_the_flow() {
     assert_eq!(pong.causation_id, Some(root.id));
     assert_eq!(pong.org_id.as_deref(), Some("org-a"), "org inherited");
     assert_eq!(pong.subject.as_deref(), Some("inst-1"), "subject inherited");
-    assert_eq!(count(&store, "SELECT COUNT(*) FROM seen WHERE n = 41").await, 1);
+    assert_eq!(
+        count(&store, "SELECT COUNT(*) FROM seen WHERE n = 41").await,
+        1
+    );
     let flow = store.events_of_flow(root.flow_id).await.unwrap();
     assert_eq!(
-        flow.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(),
+        flow.iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
         vec!["test.ping", "test.pong"]
     );
 }
@@ -530,7 +564,11 @@ async fn a_malformed_payload_is_dead_lettered_with_a_readable_reason() {
     assert_eq!(f.event_id, wrong.id);
     assert_eq!(f.reason, "malformed");
     assert_eq!(f.attempts, 1);
-    assert!(f.error.message.contains("missing field `n`"), "{}", f.error.message);
+    assert!(
+        f.error.message.contains("missing field `n`"),
+        "{}",
+        f.error.message
+    );
     assert!(f.error.message.contains("test.ping"), "{}", f.error.message);
 
     // Not JSON at all, as a damaged file or a foreign producer might leave it.
@@ -555,7 +593,11 @@ async fn a_malformed_payload_is_dead_lettered_with_a_readable_reason() {
     workers.shutdown().await.unwrap();
     assert_eq!(f.event_id, bad_id);
     assert_eq!(f.reason, "malformed");
-    assert!(f.error.message.contains("unreadable"), "{}", f.error.message);
+    assert!(
+        f.error.message.contains("unreadable"),
+        "{}",
+        f.error.message
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 2, "never retried");
     let dead = store.dead_letters(None, true, 10).await.unwrap();
     assert_eq!(dead.len(), 2, "neither was dropped");
@@ -597,7 +639,11 @@ async fn a_redriven_dead_letter_starts_a_new_round_and_keeps_history() {
     let Redrive::Redriven(_) = bus.redrive(&dead[0].id).await.unwrap() else {
         panic!("expected a re-drive");
     };
-    assert_eq!(recv(&mut rx, "the re-driven attempt").await, 1, "count reset");
+    assert_eq!(
+        recv(&mut rx, "the re-driven attempt").await,
+        1,
+        "count reset"
+    );
     eventually("the re-driven delivery to finish", || async {
         count(&store, "SELECT COUNT(*) FROM deliveries").await == 0
     })
@@ -606,7 +652,10 @@ async fn a_redriven_dead_letter_starts_a_new_round_and_keeps_history() {
         bus.redrive(&dead[0].id).await.unwrap(),
         Redrive::AlreadyRedriven(_)
     ));
-    assert!(matches!(bus.redrive("nope").await.unwrap(), Redrive::NotFound));
+    assert!(matches!(
+        bus.redrive("nope").await.unwrap(),
+        Redrive::NotFound
+    ));
     workers.shutdown().await.unwrap();
 
     let history: Vec<(u32, u32, Outcome)> = store
@@ -619,7 +668,11 @@ async fn a_redriven_dead_letter_starts_a_new_round_and_keeps_history() {
         .collect();
     assert_eq!(
         history,
-        vec![(0, 1, Outcome::Retry), (0, 2, Outcome::Retry), (1, 1, Outcome::Ok)]
+        vec![
+            (0, 1, Outcome::Retry),
+            (0, 2, Outcome::Retry),
+            (1, 1, Outcome::Ok)
+        ]
     );
     assert!(store.dead_letters(None, true, 10).await.unwrap().is_empty());
     assert_eq!(store.dead_letters(None, false, 10).await.unwrap().len(), 1);
@@ -674,7 +727,13 @@ async fn shutdown_returns_work_that_outlives_the_grace_period() {
         shutdown_grace: Duration::from_secs(1),
         ..BusOptions::default()
     };
-    let workers = start_with(&store, &reg, "[workers.stubborn]\ntimeout = \"2h\"\n", options).await;
+    let workers = start_with(
+        &store,
+        &reg,
+        "[workers.stubborn]\ntimeout = \"2h\"\n",
+        options,
+    )
+    .await;
     let env = ping(&workers.bus(), 1).await;
     recv(&mut rx, "the attempt to start").await;
     workers.shutdown().await.unwrap();
@@ -684,7 +743,11 @@ async fn shutdown_returns_work_that_outlives_the_grace_period() {
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].outcome, Outcome::Abandoned);
     let (waiting, in_flight) = store.queue_depth().await.unwrap();
-    assert_eq!((waiting, in_flight), (1, 0), "returned to the queue, lease released");
+    assert_eq!(
+        (waiting, in_flight),
+        (1, 0),
+        "returned to the queue, lease released"
+    );
     let attempt: i64 = count(&store, "SELECT attempt FROM deliveries").await;
     assert_eq!(attempt, 1, "the attempt count is kept");
 }
@@ -701,7 +764,9 @@ async fn each_subscriber_gets_its_own_delivery_and_fails_alone() {
     reg.register(
         "broken",
         &["test.ping"],
-        reporting(bad_tx, |_| Some(retryable(anyhow::anyhow!("provider down")))),
+        reporting(bad_tx, |_| {
+            Some(retryable(anyhow::anyhow!("provider down")))
+        }),
     )
     .unwrap();
     let mut failures = failure_watcher(&mut reg, "broken");
@@ -722,8 +787,22 @@ async fn each_subscriber_gets_its_own_delivery_and_fails_alone() {
         recv(&mut failures, "a broken delivery's failure").await;
     }
     workers.shutdown().await.unwrap();
-    assert_eq!(count(&store, "SELECT COUNT(*) FROM inbox WHERE worker = 'healthy'").await, 10);
-    assert_eq!(count(&store, "SELECT COUNT(*) FROM dead_letters WHERE worker = 'broken'").await, 10);
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM inbox WHERE worker = 'healthy'"
+        )
+        .await,
+        10
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM dead_letters WHERE worker = 'broken'"
+        )
+        .await,
+        10
+    );
 }
 
 #[tokio::test]

@@ -20,9 +20,10 @@ CREATE INDEX events_flow ON events (flow_id);
 -- One row per (event, subscribed worker) still to be handled: the work queue.
 -- `attempt` counts attempts *started* and is committed before the handler
 -- runs, so a crash never resets it. A row is deleted when handled or
--- dead-lettered, which keeps this table as small as the backlog.
+-- dead-lettered, which keeps this table as small as the backlog. Keyed by
+-- (event, worker) so that the dispatcher can address a row it inserted
+-- without reading an id back.
 CREATE TABLE deliveries (
-    id          INTEGER PRIMARY KEY,
     event_id    TEXT    NOT NULL,
     worker      TEXT    NOT NULL,
     round       INTEGER NOT NULL DEFAULT 0, -- bumped by each re-drive
@@ -30,10 +31,10 @@ CREATE TABLE deliveries (
     not_before  INTEGER NOT NULL,
     lease_owner TEXT,
     leased_at   INTEGER,
-    lease_until INTEGER
-);
+    lease_until INTEGER,
+    PRIMARY KEY (event_id, worker)
+) WITHOUT ROWID;
 CREATE INDEX deliveries_due ON deliveries (worker, not_before) WHERE lease_owner IS NULL;
-CREATE INDEX deliveries_event ON deliveries (event_id);
 
 -- Per-worker inbox: the ids each worker has processed. Written in the
 -- handler's transaction, so a duplicate delivery is recognised and skipped.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use berth_core::{Clock, EventPayload, IdGen, NewEvent, SeededRng, SystemClock};
 use berth_store::{Cause, Store, StoreOptions};
 use berth_worker::clock::TokioClock;
-use berth_worker::{Bus, BusOptions, Policies, Registry, WorkersConfig, Workers};
+use berth_worker::{Bus, BusOptions, Policies, Registry, Workers, WorkersConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -88,16 +88,25 @@ pub async fn start_with(
     mut options: BusOptions,
 ) -> Workers {
     options.rng = Arc::new(SeededRng::new(42));
-    Workers::start(store.clone(), registry, &policies(registry, toml_text), options)
-        .await
-        .unwrap()
+    options.checkpoint_interval = None;
+    Workers::start(
+        store.clone(),
+        registry,
+        &policies(registry, toml_text),
+        options,
+    )
+    .await
+    .unwrap()
 }
 
 /// Publishes a `Ping` as the root of a new flow; returns its envelope.
 pub async fn ping(bus: &Bus, n: u64) -> berth_core::Envelope {
     let flow = bus.store().ids().flow_id();
     bus.publish(
-        NewEvent::of(&Ping { n }).unwrap().org("org-a").subject("inst-1"),
+        NewEvent::of(&Ping { n })
+            .unwrap()
+            .org("org-a")
+            .subject("inst-1"),
         Cause::Root { flow_id: flow },
     )
     .await
@@ -133,7 +142,10 @@ where
         if check().await {
             return;
         }
-        assert!(start.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for {what}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }

@@ -1,0 +1,222 @@
+//! Berth's configuration, loaded in layers: built-in defaults, then the TOML
+//! file, then `BERTH_…` environment variables, then command-line flags. Every
+//! error names its source (file or variable), the key and the rule broken.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_store::Synchronous;
+use berth_worker::{Policies, WorkersConfig};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration. `berth config` prints the effective one.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory of Berth's state; the SQLite file is `<data_dir>/berth.db`.
+    pub data_dir: PathBuf,
+    pub store: StoreConfig,
+    pub bus: BusConfig,
+    /// Retry policies: `[workers.default]` and `[workers."<name>"]`.
+    pub workers: WorkersConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("berth-data"),
+            store: StoreConfig::default(),
+            bus: BusConfig::default(),
+            workers: WorkersConfig::new(),
+        }
+    }
+}
+
+/// `[store]`: the SQLite file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `full` (every commit synced: survives power loss) or `normal` (synced
+    /// at checkpoints: survives a crash of Berth, not of the machine).
+    pub synchronous: Synchronous,
+    /// Connections for handlers' transactions and reads.
+    pub max_connections: u32,
+    /// How long a writer waits for SQLite's write lock.
+    #[serde(with = "berth_core::duration::human")]
+    pub busy_timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let d = berth_store::StoreOptions::default();
+        StoreConfig {
+            synchronous: d.synchronous,
+            max_connections: d.max_connections,
+            busy_timeout: d.busy_timeout,
+        }
+    }
+}
+
+/// `[bus]`: the embedded dispatcher.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// Added to a worker's timeout to make the lease on a delivery.
+    #[serde(with = "berth_core::duration::human")]
+    pub lease_grace: Duration,
+    /// How long shutdown waits for attempts in flight before returning them.
+    #[serde(with = "berth_core::duration::human")]
+    pub shutdown_grace: Duration,
+    /// Most events and finished attempts in one group commit.
+    pub max_batch: usize,
+    /// How often an idle dispatcher looks for work committed by another
+    /// process (a `berth redrive`); work from this process wakes it at once.
+    #[serde(with = "berth_core::duration::human")]
+    pub poll_interval: Duration,
+    /// How often the WAL is checkpointed in the background, so that no
+    /// commit stalls on a checkpoint.
+    #[serde(with = "berth_core::duration::human")]
+    pub checkpoint_interval: Duration,
+    /// Seed of the random generator (back-off jitter); unset: from entropy.
+    /// Set it to replay an incident's exact retry timings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        let d = berth_worker::BusOptions::default();
+        BusConfig {
+            lease_grace: d.lease_grace,
+            shutdown_grace: d.shutdown_grace,
+            max_batch: d.max_batch,
+            poll_interval: d.poll_interval,
+            checkpoint_interval: d
+                .checkpoint_interval
+                .unwrap_or(std::time::Duration::from_millis(500)),
+            seed: None,
+        }
+    }
+}
+
+/// A configuration that could not be loaded; the message says where and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Environment variables that are not configuration keys.
+const ENV_NOT_KEYS: &[&str] = &[
+    "BERTH_LOG",
+    "BERTH_LOG_FORMAT",
+    "BERTH_ADMIN_TOKEN",
+    "BERTH_CONFIG",
+];
+
+impl Config {
+    /// Loads defaults ← `file` (if given) ← `BERTH_…` variables from `env`.
+    /// Variables map to keys with `__` between levels:
+    /// `BERTH_STORE__SYNCHRONOUS=normal`, `BERTH_DATA_DIR=/var/lib/berth`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (mut table, source) = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(format!("cannot read config file {}: {e}", path.display()))
+                })?;
+                let table: toml::Table = text
+                    .parse()
+                    .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+                (table, path.display().to_string())
+            }
+            None => (toml::Table::new(), "defaults".to_owned()),
+        };
+        let mut from_env: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("BERTH_") else {
+                continue;
+            };
+            if ENV_NOT_KEYS.contains(&name.as_str()) || rest.is_empty() {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            set_path(&mut table, &path, parse_env_value(&value));
+            from_env.insert(path.join("."), name);
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let origin = from_env
+                    .get(&key)
+                    .map(|var| format!("environment variable {var}"))
+                    .unwrap_or(source.clone());
+                ConfigError(format!("{origin}: {key}: {}", e.into_inner()))
+            })?;
+        Ok(config)
+    }
+
+    /// Resolves the worker policies for the registered `workers`; each broken
+    /// rule is reported with the file and the key.
+    pub fn policies<'a>(
+        &self,
+        workers: impl IntoIterator<Item = &'a str>,
+        source: &str,
+    ) -> Result<Policies, ConfigError> {
+        Policies::resolve(&self.workers, workers).map_err(|errs| {
+            ConfigError(
+                errs.iter()
+                    .map(|e| format!("{source}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        })
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("berth.db")
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+/// Environment values are strings; read numbers and booleans as such so that
+/// `BERTH_BUS__MAX_BATCH=512` sets an integer.
+fn parse_env_value(v: &str) -> toml::Value {
+    if let Ok(i) = v.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(f) = v.parse::<f64>()
+        && v.contains('.')
+    {
+        return toml::Value::Float(f);
+    }
+    match v {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(v.to_owned()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut cur = table;
+    for p in parents {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(t) = entry else {
+            return;
+        };
+        cur = t;
+    }
+    cur.insert(last.clone(), value);
+}
