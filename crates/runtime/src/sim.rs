@@ -1,0 +1,1 @@
+//! The simulated runtime (being written).

@@ -1,0 +1,195 @@
+//! The values that cross the runtime seam.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use berth_core::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// Which engine: `local`, or a pool host's configured name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct HostId(pub String);
+
+impl HostId {
+    pub fn new(s: impl Into<String>) -> Self {
+        HostId(s.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HostId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub type Labels = BTreeMap<String, String>;
+
+/// Label keys Berth puts on everything it creates.
+pub mod label {
+    pub const ORG: &str = "berth.org";
+    pub const INSTANCE: &str = "berth.instance";
+    pub const FLOW: &str = "berth.flow";
+    pub const GENERATION: &str = "berth.generation";
+    /// Present on every Berth resource; the reconciler lists by it.
+    pub const MANAGED: &str = "berth.managed";
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSpec {
+    pub name: String,
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkInfo {
+    pub id: String,
+    pub name: String,
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// The image to produce, e.g. `berth/org-a/web:g1`.
+    pub tag: String,
+    /// The base image; must exist on the host.
+    pub base: String,
+    pub env: Vec<(String, String)>,
+    pub cmd: Option<Vec<String>>,
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub id: String,
+    pub tag: String,
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildOutput {
+    pub image: ImageInfo,
+    /// The last lines of the build's output.
+    pub log_tail: Vec<String>,
+}
+
+/// Resource limits; `None` means the engine's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: Option<i64>,
+    pub nano_cpus: Option<i64>,
+    pub pids: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub labels: Labels,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ContainerState {
+    Created,
+    Running,
+    Exited { exit_code: i64, oom_killed: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub labels: Labels,
+    pub state: ContainerState,
+    /// Network name → this container's IP on it.
+    pub networks: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceKind {
+    Network,
+    Image,
+    Container,
+}
+
+/// Something on a host that carries Berth's labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub kind: ResourceKind,
+    pub name: String,
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EngineEventKind {
+    Start,
+    Die { exit_code: i64 },
+    Oom,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineEvent {
+    pub at: Timestamp,
+    pub host: HostId,
+    pub container: String,
+    pub labels: Labels,
+    pub kind: EngineEventKind,
+}
+
+/// A runtime failure, classified for the worker framework.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// The engine could not be reached or failed in a way that may pass
+    /// (connection refused, 5xx): retry.
+    #[error("engine unavailable on host {host}: {message}")]
+    Unavailable { host: HostId, message: String },
+    /// The operation did not answer in time: retry.
+    #[error("engine timed out on host {host} during {op}")]
+    Timeout { host: HostId, op: String },
+    /// Something named does not exist (a base image, a container to start).
+    #[error("{what} '{name}' not found on host {host}")]
+    NotFound {
+        host: HostId,
+        what: String,
+        name: String,
+    },
+    /// The name is taken by something that is not ours to reuse.
+    #[error("{what} '{name}' already exists on host {host}")]
+    Conflict {
+        host: HostId,
+        what: String,
+        name: String,
+    },
+    /// The engine refused the request as invalid (bad reference, bad spec).
+    #[error("invalid request to host {host}: {message}")]
+    Invalid { host: HostId, message: String },
+}
+
+impl RuntimeError {
+    /// Whether trying again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            RuntimeError::Unavailable { .. } | RuntimeError::Timeout { .. }
+        )
+    }
+
+    /// A stable code for users.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RuntimeError::Unavailable { .. } => "engine_unavailable",
+            RuntimeError::Timeout { .. } => "engine_timeout",
+            RuntimeError::NotFound { what, .. } if what == "image" => "image_not_found",
+            RuntimeError::NotFound { .. } => "not_found",
+            RuntimeError::Conflict { .. } => "conflict",
+            RuntimeError::Invalid { .. } => "invalid_request",
+        }
+    }
+}
