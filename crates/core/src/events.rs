@@ -23,3 +23,72 @@ pub struct WorkerFailed {
 
 /// Payload version of [`WorkerFailed`].
 pub const WORKER_FAILED_VERSION: u32 = 1;
+
+/// Payloads of the instance flow (DESIGN §4). Each carries the instance id
+/// and its generation; the rest lives on the instance row, which workers read
+/// (events say *that* something happened, the row says what is true now).
+pub mod instance {
+    use serde::{Deserialize, Serialize};
+
+    use crate::envelope::EventPayload;
+
+    macro_rules! payload {
+        ($(#[$doc:meta])* $name:ident, $ty:literal { $($field:ident : $fty:ty),* $(,)? }) => {
+            $(#[$doc])*
+            #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+            pub struct $name {
+                pub instance_id: String,
+                pub generation: i64,
+                $(pub $field: $fty,)*
+            }
+            impl EventPayload for $name {
+                const TYPE: &'static str = $ty;
+            }
+        };
+    }
+
+    payload!(
+        /// A user asked for an instance (or for it to start again).
+        Requested, "instance.requested" {}
+    );
+    payload!(
+        /// The org has a host for it.
+        HostReady, "host.ready" { host: String }
+    );
+    payload!(
+        /// The org's network exists on that host.
+        NetworkReady, "network.ready" { network: String }
+    );
+    payload!(
+        /// The instance's image is built on the host.
+        ImageBuilt, "image.built" { image: String }
+    );
+    payload!(
+        /// The container was created and started.
+        ContainerStarted, "container.started" { container: String }
+    );
+    payload!(
+        /// The container is on the org's network, with this IP.
+        ContainerAttached, "container.attached" { ip: String }
+    );
+    payload!(
+        /// The creation flow ended well.
+        Running, "instance.running" {}
+    );
+    payload!(
+        /// The creation flow ended badly; the row has the error.
+        Failed, "instance.failed" { code: String, step: String }
+    );
+    payload!(
+        /// A user asked to delete the instance.
+        DeleteRequested, "instance.delete.requested" {}
+    );
+    payload!(
+        /// Everything of the instance is gone.
+        Deleted, "instance.deleted" {}
+    );
+    payload!(
+        /// The container exited (engine event).
+        Exited, "instance.exited" { exit_code: i64, oom_killed: bool }
+    );
+}

@@ -3,6 +3,7 @@
 //! the bus or the container runtime.
 
 pub mod clock;
+pub mod domain;
 pub mod duration;
 pub mod envelope;
 pub mod error;

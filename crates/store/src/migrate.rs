@@ -6,11 +6,18 @@
 use anyhow::Context;
 use sqlx::{Connection, SqliteConnection};
 
-const SQLITE: &[(i64, &str, &str)] = &[(
-    1,
-    "event_log",
-    include_str!("../migrations/sqlite/0001_event_log.sql"),
-)];
+const SQLITE: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "event_log",
+        include_str!("../migrations/sqlite/0001_event_log.sql"),
+    ),
+    (
+        2,
+        "instances",
+        include_str!("../migrations/sqlite/0002_instances.sql"),
+    ),
+];
 
 pub(crate) async fn run(conn: &mut SqliteConnection) -> anyhow::Result<()> {
     sqlx::query(

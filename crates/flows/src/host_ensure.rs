@@ -1,0 +1,89 @@
+//! `host.ensure`: on `instance.requested`, gives the instance a host — the
+//! org's existing one, or a new claim from the provider — and checks that its
+//! engine answers. Emits `host.ready`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use berth_core::EventPayload;
+use berth_core::domain::{ConditionKind, InstanceStatus};
+use berth_core::events::instance as ev;
+use berth_runtime::HostId;
+use berth_store::instances;
+use berth_worker::{Ctx, HandlerError, HandlerResult, Registry, RegistryError};
+
+use crate::Deps;
+use crate::step::{self, creating, engine};
+
+pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError> {
+    reg.register("host.ensure", &[ev::Requested::TYPE], move |ctx| {
+        handle(ctx, deps.clone())
+    })?;
+    Ok(())
+}
+
+async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
+    let p: ev::Requested = ctx.payload()?;
+    let mut inst = step::load(&ctx, &p.instance_id).await?;
+    if !creating(&inst, p.generation) {
+        return Ok(ctx.done());
+    }
+    let claims: BTreeMap<HostId, Vec<String>> = {
+        let mut conn = ctx.store().pool().acquire().await?;
+        instances::claims(&mut conn)
+            .await?
+            .into_iter()
+            .map(|(h, orgs)| (HostId::new(h), orgs))
+            .collect()
+    };
+    let host = match &inst.host {
+        Some(h) => HostId::new(h.clone()),
+        None => deps.hosts.choose(&inst.org_id, &claims).ok_or_else(|| {
+            HandlerError::retryable(anyhow::anyhow!(
+                "no host is free for org {} (every pool host is claimed)",
+                inst.org_id
+            ))
+            .with_code("no_host_available")
+        })?,
+    };
+    deps.runtime.ping(&host).await.map_err(engine)?;
+
+    let now = ctx.store().now();
+    let dedicated = deps.hosts.releases_when_empty();
+    let org = inst.org_id.clone();
+    let tx = ctx.tx().await?;
+    if dedicated {
+        // Claims are checked inside the write transaction (SQLite's single
+        // writer makes this race-free): a host another org took since we
+        // chose is a retry, which chooses again.
+        let taken = instances::claims(tx.conn())
+            .await?
+            .get(host.as_str())
+            .is_some_and(|orgs| orgs.iter().any(|o| *o != org));
+        if taken {
+            return Err(HandlerError::retryable(anyhow::anyhow!(
+                "host {host} was claimed by another org meanwhile"
+            ))
+            .with_code("host_claim_conflict"));
+        }
+    }
+    instances::claim_host(tx.conn(), host.as_str(), &org, now).await?;
+    inst.host = Some(host.to_string());
+    step::save(
+        &mut ctx,
+        &mut inst,
+        Some((
+            ConditionKind::HostReady,
+            "HostClaimed",
+            &format!("on host {host}"),
+        )),
+        Some(InstanceStatus::Provisioning),
+    )
+    .await?;
+    ctx.emit_payload(&ev::HostReady {
+        instance_id: inst.id.clone(),
+        generation: inst.generation,
+        host: host.to_string(),
+    })?;
+    Ok(ctx.done())
+}

@@ -1,0 +1,62 @@
+//! `network.ensure`: on `host.ready`, makes sure the org's private network
+//! exists on the host (found, or created with Berth's labels). Emits
+//! `network.ready`. Runs in parallel with `image.build`.
+
+use std::sync::Arc;
+
+use berth_core::EventPayload;
+use berth_core::domain::ConditionKind;
+use berth_core::events::instance as ev;
+use berth_runtime::{HostId, NetworkSpec, RuntimeError};
+use berth_worker::{Ctx, HandlerResult, Registry, RegistryError};
+
+use crate::step::{self, creating, engine};
+use crate::{Deps, names};
+
+pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError> {
+    reg.register("network.ensure", &[ev::HostReady::TYPE], move |ctx| {
+        handle(ctx, deps.clone())
+    })?;
+    Ok(())
+}
+
+async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
+    let p: ev::HostReady = ctx.payload()?;
+    let mut inst = step::load(&ctx, &p.instance_id).await?;
+    if !creating(&inst, p.generation) {
+        return Ok(ctx.done());
+    }
+    let host = HostId::new(p.host.clone());
+    let name = names::network(&inst.org_id);
+    if deps
+        .runtime
+        .find_network(&host, &name)
+        .await
+        .map_err(engine)?
+        .is_none()
+    {
+        let spec = NetworkSpec {
+            name: name.clone(),
+            labels: names::network_labels(&inst.org_id),
+        };
+        match deps.runtime.create_network(&host, &spec).await {
+            // Another instance of the org created it at the same moment.
+            Ok(_) | Err(RuntimeError::Conflict { .. }) => {}
+            Err(e) => return Err(engine(e)),
+        }
+    }
+    inst.network = Some(name.clone());
+    step::save(
+        &mut ctx,
+        &mut inst,
+        Some((ConditionKind::NetworkReady, "NetworkReady", &name)),
+        None,
+    )
+    .await?;
+    ctx.emit_payload(&ev::NetworkReady {
+        instance_id: inst.id.clone(),
+        generation: inst.generation,
+        network: name,
+    })?;
+    Ok(ctx.done())
+}

@@ -1,0 +1,516 @@
+//! The instance lifecycle end to end on the simulated runtime, through the
+//! real worker framework on a real SQLite file: the happy path's event tree,
+//! a failure injected at each step (transient, then permanent), a missing
+//! base image, deletion, duplicates and replays — with the invariants of
+//! DESIGN §8 checked after every scenario.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_core::domain::{ConditionKind, InstanceName, InstanceStatus};
+use berth_core::{Clock, Envelope, IdGen, SeededRng, SystemClock};
+use berth_flows::{Deps, create_instance, delete_instance};
+use berth_runtime::faulty::{FaultKind, FaultyRuntime, Op};
+use berth_runtime::hosts::LocalProvider;
+use berth_runtime::sim::{SimConfig, SimRuntime};
+use berth_runtime::{HostId, Limits, label};
+use berth_store::instances::{self, Instance, InstanceSpec};
+use berth_store::{Store, StoreOptions};
+use berth_worker::{BusOptions, Policies, Registry, Workers, WorkersConfig};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct World {
+    _dir: tempfile::TempDir,
+    store: Store,
+    sim: Arc<SimRuntime>,
+    faulty: Arc<FaultyRuntime>,
+    workers: Option<Workers>,
+    host: HostId,
+}
+
+/// Fast retries so failure scenarios finish in milliseconds.
+const POLICIES: &str = r#"
+[workers.default]
+max_attempts = 3
+timeout = "5s"
+backoff = { initial = "1ms", max = "4ms" }
+"#;
+
+async fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(5))));
+    let store = Store::open(
+        &dir.path().join("berth.db"),
+        StoreOptions::default(),
+        clock,
+        ids,
+    )
+    .await
+    .unwrap();
+    let host = HostId::new("local");
+    let sim = Arc::new(SimRuntime::new(SimConfig::new(vec![host.clone()])));
+    sim.add_base_image(&host, "busybox");
+    let faulty = Arc::new(FaultyRuntime::new(sim.clone(), 7));
+    let deps = Arc::new(Deps {
+        runtime: faulty.clone(),
+        hosts: Arc::new(LocalProvider),
+        limits: Limits::default(),
+    });
+    let mut reg = Registry::new();
+    berth_flows::register(&mut reg, deps).unwrap();
+    #[derive(serde::Deserialize)]
+    struct Root {
+        workers: WorkersConfig,
+    }
+    let cfg: Root = toml::from_str(POLICIES).unwrap();
+    let policies = Policies::resolve(&cfg.workers, reg.names()).unwrap();
+    let workers = Workers::start(
+        store.clone(),
+        &reg,
+        &policies,
+        BusOptions {
+            rng: Arc::new(SeededRng::new(3)),
+            checkpoint_interval: None,
+            ..BusOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    World {
+        _dir: dir,
+        store,
+        sim,
+        faulty,
+        workers: Some(workers),
+        host,
+    }
+}
+
+fn spec(image: &str) -> InstanceSpec {
+    InstanceSpec {
+        image: image.into(),
+        env: BTreeMap::from([("GREETING".to_owned(), "hi".to_owned())]),
+        cmd: Some(vec!["sleep".into(), "3600".into()]),
+        ports: vec![],
+        restart: Default::default(),
+    }
+}
+
+impl World {
+    async fn create(&self, org: &str, name: &str, image: &str) -> (Instance, Envelope) {
+        create_instance(
+            &self.store,
+            org,
+            InstanceName::parse(name).unwrap(),
+            spec(image),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn get(&self, id: &str) -> Instance {
+        let mut c = self.store.pool().acquire().await.unwrap();
+        instances::get(&mut c, id).await.unwrap().unwrap()
+    }
+
+    async fn all(&self) -> Vec<Instance> {
+        let mut c = self.store.pool().acquire().await.unwrap();
+        instances::list(&mut c, None).await.unwrap()
+    }
+
+    /// Polls until the instance's status is terminal.
+    async fn settle(&self, id: &str) -> Instance {
+        let start = Instant::now();
+        loop {
+            let i = self.get(id).await;
+            if i.status.is_terminal() {
+                return i;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "instance {id} stuck in {}",
+                i.status
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Waits until the bus has nothing queued or in flight.
+    async fn quiesce(&self) {
+        let start = Instant::now();
+        loop {
+            if self.store.queue_depth().await.unwrap() == (0, 0) {
+                return;
+            }
+            assert!(start.elapsed() < DEADLINE, "the bus never drained");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(w) = self.workers.take() {
+            w.shutdown().await.unwrap();
+        }
+    }
+
+    /// DESIGN §8, on the simulated host: every flow ended; at most one
+    /// container per instance generation; nothing labelled by Berth without a
+    /// live record; nothing left of a failed or deleted instance.
+    async fn check_invariants(&self) {
+        let all = self.all().await;
+        let by_id: HashMap<&str, &Instance> = all.iter().map(|i| (i.id.as_str(), i)).collect();
+        for i in &all {
+            assert!(
+                i.status.is_terminal(),
+                "instance {} ended in {}",
+                i.name,
+                i.status
+            );
+        }
+        let live =
+            |i: &Instance| !matches!(i.status, InstanceStatus::Failed | InstanceStatus::Deleted);
+        let mut per_generation: HashMap<(String, String), usize> = HashMap::new();
+        for c in self.sim.containers(&self.host) {
+            let id = c.labels.get(label::INSTANCE).expect("labelled container");
+            let inst = by_id
+                .get(id.as_str())
+                .unwrap_or_else(|| panic!("container {} has no record", c.name));
+            assert!(
+                live(inst),
+                "container {} survives its {} instance",
+                c.name,
+                inst.status
+            );
+            let generation = c.labels.get(label::GENERATION).cloned().unwrap_or_default();
+            *per_generation.entry((id.clone(), generation)).or_default() += 1;
+        }
+        for (k, n) in per_generation {
+            assert!(n <= 1, "{n} containers for instance generation {k:?}");
+        }
+        for img in self.sim.images(&self.host) {
+            if let Some(id) = img.labels.get(label::INSTANCE) {
+                let inst = by_id
+                    .get(id.as_str())
+                    .unwrap_or_else(|| panic!("image {} has no record", img.tag));
+                assert!(
+                    live(inst),
+                    "image {} survives its {} instance",
+                    img.tag,
+                    inst.status
+                );
+            }
+        }
+        for n in self.sim.networks(&self.host) {
+            let org = n.labels.get(label::ORG).expect("labelled network");
+            assert!(
+                all.iter().any(|i| &i.org_id == org && live(i)),
+                "network {} outlives every instance of org {org}",
+                n.name
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_happy_path_emits_the_expected_event_tree() {
+    let mut w = world().await;
+    let (inst, root) = w.create("orga", "web", "busybox").await;
+    let done = w.settle(&inst.id).await;
+    assert_eq!(done.status, InstanceStatus::Running, "{:?}", done.error);
+    for k in [
+        ConditionKind::HostReady,
+        ConditionKind::NetworkReady,
+        ConditionKind::ImageBuilt,
+        ConditionKind::ContainerStarted,
+        ConditionKind::NetworkAttached,
+    ] {
+        assert!(done.conditions.holds(k), "{k:?} not true");
+    }
+    assert!(done.ip.is_some());
+    w.quiesce().await;
+    let events = w.store.events_of_flow(root.flow_id).await.unwrap();
+    let ty = |id| {
+        events
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.event_type.as_str())
+    };
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    for expected in [
+        "instance.requested",
+        "host.ready",
+        "network.ready",
+        "image.built",
+        "container.started",
+        "container.attached",
+        "instance.running",
+    ] {
+        assert_eq!(
+            types.iter().filter(|t| **t == expected).count(),
+            1,
+            "{expected} in {types:?}"
+        );
+    }
+    // The causal tree: each event was caused by its predecessor; the join
+    // (container.started) by one of the two parallel branches.
+    for e in &events {
+        let parent = e.causation_id.and_then(ty);
+        let ok = match e.event_type.as_str() {
+            "instance.requested" => parent.is_none(),
+            "host.ready" => parent == Some("instance.requested"),
+            "network.ready" | "image.built" => parent == Some("host.ready"),
+            "container.started" => matches!(parent, Some("network.ready" | "image.built")),
+            "container.attached" => parent == Some("container.started"),
+            "instance.running" => parent == Some("container.attached"),
+            _ => true,
+        };
+        assert!(ok, "{} caused by {parent:?}", e.event_type);
+        assert_eq!(e.org_id.as_deref(), Some("orga"));
+        assert_eq!(e.subject.as_deref(), Some(inst.id.as_str()));
+    }
+    w.check_invariants().await;
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn orgs_reach_their_own_instances_by_name_and_never_another_orgs() {
+    let mut w = world().await;
+    let mut ids = Vec::new();
+    for (org, name) in [
+        ("orga", "api"),
+        ("orga", "db"),
+        ("orgb", "db"),
+        ("orgb", "cache"),
+    ] {
+        ids.push(w.create(org, name, "busybox").await.0.id);
+    }
+    let mut running = Vec::new();
+    for id in &ids {
+        let i = w.settle(id).await;
+        assert_eq!(i.status, InstanceStatus::Running, "{:?}", i.error);
+        running.push(i);
+    }
+    let api = running[0].container.clone().unwrap();
+    let a_db = running[1].ip.clone().unwrap();
+    assert_eq!(
+        w.sim.resolve(&w.host, &api, "db"),
+        Some(a_db),
+        "org A's db by name"
+    );
+    assert_eq!(
+        w.sim.resolve(&w.host, &api, "cache"),
+        None,
+        "org B's cache is invisible"
+    );
+    let b_cache = running[3].container.clone().unwrap();
+    assert_eq!(w.sim.resolve(&w.host, &b_cache, "api"), None);
+    assert_eq!(
+        w.sim.resolve(&w.host, &b_cache, "db"),
+        running[2].ip.clone(),
+        "its own db"
+    );
+    assert_eq!(w.sim.networks(&w.host).len(), 2, "one network per org");
+    w.quiesce().await;
+    w.check_invariants().await;
+    w.stop().await;
+}
+
+/// Each step's engine operation, and the worker that calls it.
+const STEPS: &[(Op, &str)] = &[
+    (Op::Ping, "host.ensure"),
+    (Op::FindNetwork, "network.ensure"),
+    (Op::BuildImage, "image.build"),
+    (Op::CreateContainer, "container.start"),
+    (Op::StartContainer, "container.start"),
+    (Op::ConnectNetwork, "network.attach"),
+];
+
+#[tokio::test]
+async fn a_transient_failure_at_each_step_is_retried_to_running() {
+    for (op, worker) in STEPS {
+        let mut w = world().await;
+        w.faulty.fail_next(*op, 2, FaultKind::Transient);
+        let (inst, root) = w.create("orga", "web", "busybox").await;
+        let done = w.settle(&inst.id).await;
+        assert_eq!(
+            done.status,
+            InstanceStatus::Running,
+            "{op:?}: {:?}",
+            done.error
+        );
+        w.quiesce().await;
+        let attempts = w.store.attempts_of_flow(root.flow_id).await.unwrap();
+        let retries = attempts
+            .iter()
+            .filter(|a| a.worker == *worker && a.outcome == berth_store::Outcome::Retry)
+            .count();
+        assert_eq!(retries, 2, "{op:?}: two retried attempts of {worker}");
+        w.check_invariants().await;
+        w.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_permanent_failure_at_each_step_ends_in_its_compensation() {
+    for (op, worker) in STEPS {
+        let mut w = world().await;
+        // A neighbour of the same org, so the org's network must survive.
+        let (other, _) = w.create("orga", "other", "busybox").await;
+        assert_eq!(w.settle(&other.id).await.status, InstanceStatus::Running);
+        w.faulty.fail_next(*op, 1, FaultKind::Permanent);
+        let (inst, root) = w.create("orga", "web", "busybox").await;
+        let done = w.settle(&inst.id).await;
+        assert_eq!(done.status, InstanceStatus::Failed, "{op:?}");
+        let err = done
+            .error
+            .clone()
+            .expect("a failed instance carries its error");
+        assert_eq!(err.step, *worker, "{op:?}");
+        assert_eq!(err.code, "invalid_request", "{op:?}");
+        assert_eq!(err.attempts, 1, "{op:?}: permanent errors are not retried");
+        w.quiesce().await;
+        let events = w.store.events_of_flow(root.flow_id).await.unwrap();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let failure = format!("{worker}.failed");
+        assert!(types.contains(&failure.as_str()), "{op:?}: {types:?}");
+        assert_eq!(
+            types.iter().filter(|t| **t == "instance.failed").count(),
+            1,
+            "{types:?}"
+        );
+        assert!(!types.contains(&"instance.running"), "{types:?}");
+        assert_eq!(
+            w.get(&other.id).await.status,
+            InstanceStatus::Running,
+            "neighbour untouched"
+        );
+        w.check_invariants().await;
+        w.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_missing_base_image_fails_with_image_not_found_and_leaves_nothing() {
+    let mut w = world().await;
+    let (inst, _) = w.create("orga", "web", "no-such-image:1").await;
+    let done = w.settle(&inst.id).await;
+    assert_eq!(done.status, InstanceStatus::Failed);
+    let err = done.error.unwrap();
+    assert_eq!(err.code, "image_not_found");
+    assert_eq!(err.step, "image.build");
+    assert!(err.message.contains("'no-such-image:1'"), "{}", err.message);
+    w.quiesce().await;
+    assert!(w.sim.containers(&w.host).is_empty());
+    assert!(
+        w.sim.networks(&w.host).is_empty(),
+        "the org had nothing else"
+    );
+    w.check_invariants().await;
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_every_instance_leaves_nothing_behind() {
+    let mut w = world().await;
+    let (a, _) = w.create("orga", "a", "busybox").await;
+    let (b, _) = w.create("orga", "b", "busybox").await;
+    for id in [&a.id, &b.id] {
+        assert_eq!(w.settle(id).await.status, InstanceStatus::Running);
+    }
+    for id in [&a.id, &b.id] {
+        assert!(
+            delete_instance(&w.store, "orga", id)
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+    assert!(
+        delete_instance(&w.store, "orgb", &a.id).await.is_err(),
+        "another org cannot delete it"
+    );
+    for id in [&a.id, &b.id] {
+        assert_eq!(w.settle(id).await.status, InstanceStatus::Deleted);
+    }
+    w.quiesce().await;
+    assert!(w.sim.containers(&w.host).is_empty());
+    assert!(w.sim.networks(&w.host).is_empty());
+    assert!(w.sim.images(&w.host).is_empty());
+    assert!(
+        delete_instance(&w.store, "orga", &a.id)
+            .await
+            .unwrap()
+            .is_none(),
+        "already deleted"
+    );
+    let (again, _) = w.create("orga", "a", "busybox").await;
+    assert_eq!(
+        w.settle(&again.id).await.status,
+        InstanceStatus::Running,
+        "the name is free again"
+    );
+    w.quiesce().await;
+    w.check_invariants().await;
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_of_every_event_creates_nothing_twice() {
+    let mut w = world().await;
+    let (inst, root) = w.create("orga", "web", "busybox").await;
+    assert_eq!(w.settle(&inst.id).await.status, InstanceStatus::Running);
+    w.quiesce().await;
+    let before = w.get(&inst.id).await;
+    let events = w.store.events_of_flow(root.flow_id).await.unwrap();
+    let ops_before = w.sim.op_count();
+
+    // Every event again under a new id, as a replaying producer would send
+    // it: past the inbox, so only the workers' own idempotency stands.
+    let mut replays = Vec::new();
+    for e in &events {
+        let mut copy = e.clone();
+        copy.id = w.store.ids().event_id();
+        replays.push(copy);
+    }
+    let n = replays.len();
+    let mut tx = w.store.begin().await.unwrap();
+    let fresh = tx.publish(&replays).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(fresh.len(), n);
+    // And every delivery of the originals again, as a redelivering bus would.
+    let mut tx = w.store.begin().await.unwrap();
+    berth_store::sqlx::query(
+        "INSERT INTO deliveries (event_id, worker, round, attempt, not_before)
+         SELECT event_id, worker, 0, 0, 0 FROM inbox
+          WHERE event_id IN (SELECT id FROM events WHERE flow_id = ?1)",
+    )
+    .bind(root.flow_id.to_string())
+    .execute(tx.conn())
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    w.store
+        .notify_committed(berth_flows::WORKERS.iter().map(|s| s.to_string()));
+    w.quiesce().await;
+
+    let after = w.get(&inst.id).await;
+    assert_eq!(after.status, InstanceStatus::Running);
+    assert_eq!(after.version, before.version, "the row did not change");
+    assert_eq!(w.sim.containers(&w.host).len(), 1);
+    assert_eq!(w.sim.networks(&w.host).len(), 1);
+    assert_eq!(w.sim.images(&w.host).len(), 1);
+    let all_events = w.store.events_of_flow(root.flow_id).await.unwrap();
+    assert_eq!(
+        all_events.len(),
+        2 * n,
+        "no worker emitted anything for a duplicate"
+    );
+    // Replays may look (find_*), never create: the counts above hold.
+    assert!(w.sim.op_count() >= ops_before);
+    w.check_invariants().await;
+    w.stop().await;
+}

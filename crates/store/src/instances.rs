@@ -1,0 +1,277 @@
+//! Orgs, instances and host claims. Instance writes are guarded by
+//! `version`: a worker reads the row, decides, and writes back only if no
+//! one else wrote since — so a replayed or concurrent event changes nothing.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use berth_core::domain::{Conditions, InstanceError, InstanceName, InstanceStatus, RestartPolicy};
+use berth_core::{FlowId, Timestamp};
+use serde::{Deserialize, Serialize};
+use sqlx::{Row, SqliteConnection};
+
+/// What the user asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    pub image: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// An instance row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub org_id: String,
+    pub name: InstanceName,
+    pub spec: InstanceSpec,
+    pub status: InstanceStatus,
+    pub version: i64,
+    pub generation: i64,
+    pub host: Option<String>,
+    pub network: Option<String>,
+    pub image_tag: Option<String>,
+    pub container: Option<String>,
+    pub ip: Option<String>,
+    pub conditions: Conditions,
+    pub error: Option<InstanceError>,
+    pub exit_code: Option<i64>,
+    pub oom_killed: bool,
+    pub restarts: i64,
+    pub flow_id: FlowId,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// An insert refused because the org already has a live instance of that name.
+#[derive(Debug, thiserror::Error)]
+#[error("an instance named '{0}' already exists in this org")]
+pub struct NameTaken(pub String);
+
+const COLUMNS: &str = "id, org_id, name, spec, status, version, generation, host, network, \
+     image_tag, container, ip, conditions, error, exit_code, oom_killed, restarts, flow_id, \
+     created_at, updated_at";
+
+fn from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Instance> {
+    let name: String = r.try_get(2)?;
+    let spec: String = r.try_get(3)?;
+    let status: String = r.try_get(4)?;
+    let conditions: String = r.try_get(12)?;
+    let error: Option<String> = r.try_get(13)?;
+    let flow: String = r.try_get(17)?;
+    Ok(Instance {
+        id: r.try_get(0)?,
+        org_id: r.try_get(1)?,
+        name: InstanceName::parse(&name).context("corrupt instance name in the store")?,
+        spec: serde_json::from_str(&spec).context("corrupt instance spec in the store")?,
+        status: status
+            .parse()
+            .context("corrupt instance status in the store")?,
+        version: r.try_get(5)?,
+        generation: r.try_get(6)?,
+        host: r.try_get(7)?,
+        network: r.try_get(8)?,
+        image_tag: r.try_get(9)?,
+        container: r.try_get(10)?,
+        ip: r.try_get(11)?,
+        conditions: serde_json::from_str(&conditions)
+            .context("corrupt instance conditions in the store")?,
+        error: error
+            .map(|e| serde_json::from_str(&e))
+            .transpose()
+            .context("corrupt instance error in the store")?,
+        exit_code: r.try_get(14)?,
+        oom_killed: r.try_get(15)?,
+        restarts: r.try_get(16)?,
+        flow_id: flow.parse().context("corrupt flow id in the store")?,
+        created_at: Timestamp::from_micros(r.try_get(18)?),
+        updated_at: Timestamp::from_micros(r.try_get(19)?),
+    })
+}
+
+pub async fn insert_org(
+    conn: &mut SqliteConnection,
+    id: &str,
+    name: &str,
+    at: Timestamp,
+) -> anyhow::Result<()> {
+    sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)")
+        .bind(id)
+        .bind(name)
+        .bind(at.as_micros())
+        .execute(&mut *conn)
+        .await
+        .context("failed to create the org")?;
+    Ok(())
+}
+
+/// Inserts a new instance; [`NameTaken`] if its org has a live one so named.
+pub async fn insert(conn: &mut SqliteConnection, i: &Instance) -> anyhow::Result<()> {
+    let r = sqlx::query(&format!(
+        "INSERT INTO instances ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
+    ))
+    .bind(&i.id)
+    .bind(&i.org_id)
+    .bind(i.name.as_str())
+    .bind(serde_json::to_string(&i.spec)?)
+    .bind(i.status.as_str())
+    .bind(i.version)
+    .bind(i.generation)
+    .bind(&i.host)
+    .bind(&i.network)
+    .bind(&i.image_tag)
+    .bind(&i.container)
+    .bind(&i.ip)
+    .bind(serde_json::to_string(&i.conditions)?)
+    .bind(i.error.as_ref().map(serde_json::to_string).transpose()?)
+    .bind(i.exit_code)
+    .bind(i.oom_killed)
+    .bind(i.restarts)
+    .bind(i.flow_id.to_string())
+    .bind(i.created_at.as_micros())
+    .bind(i.updated_at.as_micros())
+    .execute(&mut *conn)
+    .await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.as_database_error()
+                .is_some_and(|d| d.is_unique_violation()) =>
+        {
+            Err(NameTaken(i.name.to_string()).into())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("failed to insert the instance")),
+    }
+}
+
+pub async fn get(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Option<Instance>> {
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM instances WHERE id = ?1"))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await
+        .context("failed to read the instance")?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Every instance of an org (all of them when `org` is `None`), oldest first.
+pub async fn list(conn: &mut SqliteConnection, org: Option<&str>) -> anyhow::Result<Vec<Instance>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM instances WHERE (?1 IS NULL OR org_id = ?1) ORDER BY created_at, id"
+    ))
+    .bind(org)
+    .fetch_all(&mut *conn)
+    .await
+    .context("failed to list instances")?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Writes `i` back if the row still has `i.version`; bumps the version.
+/// `false` means someone else changed it first: re-read and decide again.
+pub async fn update(
+    conn: &mut SqliteConnection,
+    i: &mut Instance,
+    at: Timestamp,
+) -> anyhow::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE instances SET status = ?3, version = version + 1, generation = ?4, host = ?5,
+                network = ?6, image_tag = ?7, container = ?8, ip = ?9, conditions = ?10,
+                error = ?11, exit_code = ?12, oom_killed = ?13, restarts = ?14, flow_id = ?15,
+                updated_at = ?16
+          WHERE id = ?1 AND version = ?2",
+    )
+    .bind(&i.id)
+    .bind(i.version)
+    .bind(i.status.as_str())
+    .bind(i.generation)
+    .bind(&i.host)
+    .bind(&i.network)
+    .bind(&i.image_tag)
+    .bind(&i.container)
+    .bind(&i.ip)
+    .bind(serde_json::to_string(&i.conditions)?)
+    .bind(i.error.as_ref().map(serde_json::to_string).transpose()?)
+    .bind(i.exit_code)
+    .bind(i.oom_killed)
+    .bind(i.restarts)
+    .bind(i.flow_id.to_string())
+    .bind(at.as_micros())
+    .execute(&mut *conn)
+    .await
+    .context("failed to update the instance")?;
+    if done.rows_affected() == 1 {
+        i.version += 1;
+        i.updated_at = at;
+        Ok(true)
+    } else {
+        Ok(false)
+    }
+}
+
+/// Live (not deleted) instances of `org` on `host`, other than `except`.
+pub async fn others_on_host(
+    conn: &mut SqliteConnection,
+    org: &str,
+    host: &str,
+    except: &str,
+) -> anyhow::Result<i64> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM instances
+          WHERE org_id = ?1 AND host = ?2 AND id != ?3 AND status NOT IN ('deleted', 'failed', 'deleting')",
+    )
+    .bind(org)
+    .bind(host)
+    .bind(except)
+    .fetch_one(&mut *conn)
+    .await
+    .context("failed to count the org's instances")?;
+    Ok(n)
+}
+
+/// host → orgs holding it.
+pub async fn claims(conn: &mut SqliteConnection) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    let rows = sqlx::query("SELECT host, org_id FROM host_claims ORDER BY host, org_id")
+        .fetch_all(&mut *conn)
+        .await
+        .context("failed to read host claims")?;
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in rows {
+        out.entry(r.try_get(0)?).or_default().push(r.try_get(1)?);
+    }
+    Ok(out)
+}
+
+pub async fn claim_host(
+    conn: &mut SqliteConnection,
+    host: &str,
+    org: &str,
+    at: Timestamp,
+) -> anyhow::Result<()> {
+    sqlx::query("INSERT OR IGNORE INTO host_claims (host, org_id, claimed_at) VALUES (?1, ?2, ?3)")
+        .bind(host)
+        .bind(org)
+        .bind(at.as_micros())
+        .execute(&mut *conn)
+        .await
+        .context("failed to claim the host")?;
+    Ok(())
+}
+
+pub async fn release_host(
+    conn: &mut SqliteConnection,
+    host: &str,
+    org: &str,
+) -> anyhow::Result<()> {
+    sqlx::query("DELETE FROM host_claims WHERE host = ?1 AND org_id = ?2")
+        .bind(host)
+        .bind(org)
+        .execute(&mut *conn)
+        .await
+        .context("failed to release the host")?;
+    Ok(())
+}
