@@ -18,8 +18,65 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub store: StoreConfig,
     pub bus: BusConfig,
+    pub runtime: RuntimeConfig,
+    pub hosts: HostsConfig,
     /// Retry policies: `[workers.default]` and `[workers."<name>"]`.
     pub workers: WorkersConfig,
+}
+
+/// Which container runtime runs instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// The in-memory simulated engine (no containers run): for trying Berth
+    /// out and for benchmarks.
+    Sim,
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    pub kind: RuntimeKind,
+    /// Base images the simulated engine pretends to have on every host.
+    pub sim_base_images: Vec<String>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            kind: RuntimeKind::Sim,
+            sim_base_images: vec!["busybox".into(), "berth-test-base".into()],
+        }
+    }
+}
+
+/// Where orgs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// One engine for every org; isolation by network.
+    Local,
+    /// Each org claims a dedicated host from `pool`.
+    Pool,
+}
+
+/// `[hosts]`
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostsConfig {
+    pub provider: ProviderKind,
+    /// Host names of the pool (with `provider = "pool"`).
+    pub pool: Vec<String>,
+}
+
+impl Default for HostsConfig {
+    fn default() -> Self {
+        HostsConfig {
+            provider: ProviderKind::Local,
+            pool: Vec::new(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -28,6 +85,8 @@ impl Default for Config {
             data_dir: PathBuf::from("berth-data"),
             store: StoreConfig::default(),
             bus: BusConfig::default(),
+            runtime: RuntimeConfig::default(),
+            hosts: HostsConfig::default(),
             workers: WorkersConfig::new(),
         }
     }

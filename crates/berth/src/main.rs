@@ -91,11 +91,12 @@ fn load(cli: &Cli) -> anyhow::Result<(Config, String)> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let (config, source) = load(&cli)?;
-    let registry = berth::registry();
+    let (deps, sim) = berth::deps(&config)?;
+    let registry = berth::registry(deps.clone())?;
     let policies = config.policies(registry.names(), &source)?;
     match cli.command {
         Command::Serve => {
-            let app = App::build(config, registry, policies).await?;
+            let app = App::start(config, registry, policies, deps, sim).await?;
             wait_for_signal().await?;
             app.shutdown().await
         }

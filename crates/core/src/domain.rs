@@ -152,7 +152,10 @@ impl InstanceStatus {
                 | (Requested | Provisioning, Building)
                 | (Requested | Provisioning | Building, Starting)
                 | (Starting, Running)
-                | (Requested | Provisioning | Building | Starting | Running, Failed)
+                | (
+                    Requested | Provisioning | Building | Starting | Running,
+                    Failed
+                )
                 | (Running | Exited, Stopping)
                 | (Stopping, Stopped)
                 | (Running, Exited)

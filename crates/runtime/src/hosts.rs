@@ -63,7 +63,10 @@ impl HostProvider for PoolProvider {
 
     fn choose(&self, org: &str, claims: &BTreeMap<HostId, Vec<String>>) -> Option<HostId> {
         // The org's existing host first (idempotent), else the first free one.
-        if let Some((h, _)) = claims.iter().find(|(_, orgs)| orgs.iter().any(|o| o == org)) {
+        if let Some((h, _)) = claims
+            .iter()
+            .find(|(_, orgs)| orgs.iter().any(|o| o == org))
+        {
             return Some(h.clone());
         }
         self.hosts

@@ -25,28 +25,45 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Checks that the host's engine answers.
     async fn ping(&self, host: &HostId) -> Result<(), RuntimeError>;
 
-    async fn find_network(&self, host: &HostId, name: &str)
-    -> Result<Option<NetworkInfo>, RuntimeError>;
+    async fn find_network(
+        &self,
+        host: &HostId,
+        name: &str,
+    ) -> Result<Option<NetworkInfo>, RuntimeError>;
     /// Creates a private bridge network; `Conflict` if the name is taken.
-    async fn create_network(&self, host: &HostId, spec: &NetworkSpec)
-    -> Result<NetworkInfo, RuntimeError>;
+    async fn create_network(
+        &self,
+        host: &HostId,
+        spec: &NetworkSpec,
+    ) -> Result<NetworkInfo, RuntimeError>;
     /// Removes a network; `Ok` if it does not exist.
     async fn remove_network(&self, host: &HostId, name: &str) -> Result<(), RuntimeError>;
 
-    async fn find_image(&self, host: &HostId, tag: &str) -> Result<Option<ImageInfo>, RuntimeError>;
+    async fn find_image(&self, host: &HostId, tag: &str)
+    -> Result<Option<ImageInfo>, RuntimeError>;
     /// Builds `spec.tag` from `spec.base` (which must already be on the host:
     /// nothing is pulled) plus env, cmd and labels. A missing base is
     /// `NotFound` with the base image's name.
-    async fn build_image(&self, host: &HostId, spec: &ImageSpec) -> Result<BuildOutput, RuntimeError>;
+    async fn build_image(
+        &self,
+        host: &HostId,
+        spec: &ImageSpec,
+    ) -> Result<BuildOutput, RuntimeError>;
     /// Removes an image; `Ok` if it does not exist.
     async fn remove_image(&self, host: &HostId, tag: &str) -> Result<(), RuntimeError>;
 
-    async fn find_container(&self, host: &HostId, name: &str)
-    -> Result<Option<ContainerInfo>, RuntimeError>;
+    async fn find_container(
+        &self,
+        host: &HostId,
+        name: &str,
+    ) -> Result<Option<ContainerInfo>, RuntimeError>;
     /// Creates (does not start) a container; `Conflict` if the name is taken,
     /// `NotFound` if the image is missing.
-    async fn create_container(&self, host: &HostId, spec: &ContainerSpec)
-    -> Result<ContainerInfo, RuntimeError>;
+    async fn create_container(
+        &self,
+        host: &HostId,
+        spec: &ContainerSpec,
+    ) -> Result<ContainerInfo, RuntimeError>;
     /// Starts a created or exited container; `Ok` if already running.
     async fn start_container(&self, host: &HostId, name: &str) -> Result<(), RuntimeError>;
     /// Stops a running container (SIGTERM, then SIGKILL after `grace`); `Ok`
