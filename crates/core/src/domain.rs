@@ -158,6 +158,7 @@ impl InstanceStatus {
                 )
                 | (Running | Exited, Stopping)
                 | (Stopping, Stopped)
+                | (Stopping, Starting)
                 | (Running, Exited)
                 | (Exited | Stopped | Failed, Starting)
                 | (Deleting, Deleted)

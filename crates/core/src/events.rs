@@ -88,7 +88,30 @@ pub mod instance {
         Deleted, "instance.deleted" {}
     );
     payload!(
+        /// A user asked to stop the instance.
+        StopRequested, "instance.stop.requested" {}
+    );
+    payload!(
+        /// The container is stopped.
+        Stopped, "instance.stopped" {}
+    );
+    payload!(
+        /// A user asked to start a stopped or exited instance, or to restart
+        /// a running one (`restart`), or the restart policy did.
+        StartRequested, "instance.start.requested" { restart: bool }
+    );
+    payload!(
         /// The container exited (engine event).
         Exited, "instance.exited" { exit_code: i64, oom_killed: bool }
+    );
+    payload!(
+        /// The engine reported that a container of this instance died
+        /// (published by the engine-event listener of its host).
+        ContainerDied, "engine.container.died" { exit_code: i64, oom_killed: bool, container: String }
+    );
+    payload!(
+        /// The creation flow overran its deadline and was failed by the
+        /// reconciler.
+        TimedOut, "instance.flow.timeout" {}
     );
 }

@@ -9,9 +9,11 @@
 mod compensate;
 mod container_start;
 mod delete;
+pub mod exits;
 mod host_ensure;
 mod image_build;
 mod instance_finish;
+mod lifecycle;
 pub mod names;
 mod network_attach;
 mod network_ensure;
@@ -52,6 +54,10 @@ pub const WORKERS: &[&str] = &[
     "compensate.attach",
     "compensate.finish",
     "instance.delete",
+    "instance.stop",
+    "instance.start",
+    "instance.exit",
+    "restart.policy",
 ];
 
 /// Registers every worker of the instance lifecycle.
@@ -63,7 +69,9 @@ pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError
     network_attach::register(reg, deps.clone())?;
     instance_finish::register(reg)?;
     compensate::register(reg, deps.clone())?;
-    delete::register(reg, deps)?;
+    delete::register(reg, deps.clone())?;
+    lifecycle::register(reg, deps)?;
+    exits::register(reg)?;
     Ok(())
 }
 
@@ -114,38 +122,161 @@ pub async fn create_instance(
     Ok((inst, env))
 }
 
-/// Marks an instance `deleting` and starts the delete flow, in one
-/// transaction. Deleting an instance already deleting or deleted is a no-op
-/// that returns `None`.
+/// Why a user action on an instance was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    /// No such instance in this org (another org's ids are reported the same).
+    #[error("no such instance")]
+    NotFound,
+    /// The action does not apply to the instance's current status.
+    #[error("cannot {action} an instance that is {status}")]
+    InvalidState {
+        status: InstanceStatus,
+        action: &'static str,
+    },
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Moves an instance of `org` to `to` and publishes `event`, in one
+/// transaction, when `from(status)` allows the action; a new flow id marks
+/// the action. `Ok(None)` when the instance is already where the action leads.
+async fn act(
+    store: &Store,
+    org: &str,
+    id: &str,
+    action: &'static str,
+    to: InstanceStatus,
+    already: &[InstanceStatus],
+    event: impl FnOnce(&Instance) -> anyhow::Result<NewEvent>,
+) -> Result<Option<Envelope>, FlowError> {
+    let mut tx = store.begin().await?;
+    let Some(mut inst) = instances::get(tx.conn(), id).await? else {
+        return Err(FlowError::NotFound);
+    };
+    if inst.org_id != org {
+        return Err(FlowError::NotFound);
+    }
+    if already.contains(&inst.status) {
+        return Ok(None);
+    }
+    if !inst.status.can_become(to) {
+        return Err(FlowError::InvalidState {
+            status: inst.status,
+            action,
+        });
+    }
+    inst.status = to;
+    let flow_id = store.ids().flow_id();
+    inst.flow_id = flow_id;
+    let env = store.stamp(
+        event(&inst)?.org(org).subject(&inst.id),
+        Cause::Root { flow_id },
+    );
+    if !instances::update(tx.conn(), &mut inst, store.now()).await? {
+        return Err(FlowError::Other(anyhow::anyhow!(
+            "instance {id} changed meanwhile; try again"
+        )));
+    }
+    tx.publish(std::slice::from_ref(&env)).await?;
+    tx.commit().await.context("failed to record the action")?;
+    Ok(Some(env))
+}
+
+/// Marks an instance `deleting` and starts the delete flow. `Ok(None)` if it
+/// is already being deleted or deleted.
 pub async fn delete_instance(
     store: &Store,
     org: &str,
     id: &str,
-) -> anyhow::Result<Option<Envelope>> {
-    let mut tx = store.begin().await?;
-    let Some(mut inst) = instances::get(tx.conn(), id).await? else {
-        anyhow::bail!("no instance {id}");
-    };
-    if inst.org_id != org {
-        anyhow::bail!("no instance {id}");
-    }
-    if !inst.status.can_become(InstanceStatus::Deleting) {
-        return Ok(None);
-    }
-    inst.status = InstanceStatus::Deleting;
-    let flow_id = store.ids().flow_id();
-    inst.flow_id = flow_id;
-    let event = NewEvent::of(&ev::DeleteRequested {
-        instance_id: inst.id.clone(),
-        generation: inst.generation,
-    })?
-    .org(org)
-    .subject(&inst.id);
-    let env = store.stamp(event, Cause::Root { flow_id });
-    if !instances::update(tx.conn(), &mut inst, store.now()).await? {
-        anyhow::bail!("instance {id} changed while being deleted; try again");
-    }
-    tx.publish(std::slice::from_ref(&env)).await?;
-    tx.commit().await.context("failed to record the delete")?;
-    Ok(Some(env))
+) -> Result<Option<Envelope>, FlowError> {
+    act(
+        store,
+        org,
+        id,
+        "delete",
+        InstanceStatus::Deleting,
+        &[InstanceStatus::Deleting, InstanceStatus::Deleted],
+        |i| {
+            Ok(NewEvent::of(&ev::DeleteRequested {
+                instance_id: i.id.clone(),
+                generation: i.generation,
+            })?)
+        },
+    )
+    .await
+}
+
+/// Stops a running (or exited) instance's container. `Ok(None)` if it is
+/// already stopping or stopped.
+pub async fn stop_instance(
+    store: &Store,
+    org: &str,
+    id: &str,
+) -> Result<Option<Envelope>, FlowError> {
+    act(
+        store,
+        org,
+        id,
+        "stop",
+        InstanceStatus::Stopping,
+        &[InstanceStatus::Stopping, InstanceStatus::Stopped],
+        |i| {
+            Ok(NewEvent::of(&ev::StopRequested {
+                instance_id: i.id.clone(),
+                generation: i.generation,
+            })?)
+        },
+    )
+    .await
+}
+
+/// Starts a stopped or exited instance's container again. `Ok(None)` if it
+/// is already starting or running.
+pub async fn start_instance(
+    store: &Store,
+    org: &str,
+    id: &str,
+) -> Result<Option<Envelope>, FlowError> {
+    act(
+        store,
+        org,
+        id,
+        "start",
+        InstanceStatus::Starting,
+        &[InstanceStatus::Starting, InstanceStatus::Running],
+        |i| {
+            Ok(NewEvent::of(&ev::StartRequested {
+                instance_id: i.id.clone(),
+                generation: i.generation,
+                restart: false,
+            })?)
+        },
+    )
+    .await
+}
+
+/// Stops and starts a running instance's container (or starts a stopped or
+/// exited one).
+pub async fn restart_instance(
+    store: &Store,
+    org: &str,
+    id: &str,
+) -> Result<Option<Envelope>, FlowError> {
+    act(
+        store,
+        org,
+        id,
+        "restart",
+        InstanceStatus::Stopping,
+        &[],
+        |i| {
+            Ok(NewEvent::of(&ev::StartRequested {
+                instance_id: i.id.clone(),
+                generation: i.generation,
+                restart: true,
+            })?)
+        },
+    )
+    .await
 }

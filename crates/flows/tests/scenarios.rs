@@ -9,9 +9,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_core::domain::{ConditionKind, InstanceName, InstanceStatus};
+use berth_core::domain::{ConditionKind, InstanceName, InstanceStatus, RestartPolicy};
 use berth_core::{Clock, Envelope, IdGen, SeededRng, SystemClock};
-use berth_flows::{Deps, create_instance, delete_instance};
+use berth_flows::{
+    Deps, FlowError, create_instance, delete_instance, restart_instance, start_instance,
+    stop_instance,
+};
+use berth_runtime::ContainerState;
 use berth_runtime::faulty::{FaultKind, FaultyRuntime, Op};
 use berth_runtime::hosts::LocalProvider;
 use berth_runtime::sim::{SimConfig, SimRuntime};
@@ -25,6 +29,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 struct World {
     _dir: tempfile::TempDir,
     store: Store,
+    deps: Arc<Deps>,
     sim: Arc<SimRuntime>,
     faulty: Arc<FaultyRuntime>,
     workers: Option<Workers>,
@@ -61,7 +66,7 @@ async fn world() -> World {
         limits: Limits::default(),
     });
     let mut reg = Registry::new();
-    berth_flows::register(&mut reg, deps).unwrap();
+    berth_flows::register(&mut reg, deps.clone()).unwrap();
     #[derive(serde::Deserialize)]
     struct Root {
         workers: WorkersConfig,
@@ -83,6 +88,7 @@ async fn world() -> World {
     World {
         _dir: dir,
         store,
+        deps,
         sim,
         faulty,
         workers: Some(workers),
@@ -91,12 +97,16 @@ async fn world() -> World {
 }
 
 fn spec(image: &str) -> InstanceSpec {
+    spec_with(image, RestartPolicy::No)
+}
+
+fn spec_with(image: &str, restart: RestartPolicy) -> InstanceSpec {
     InstanceSpec {
         image: image.into(),
         env: BTreeMap::from([("GREETING".to_owned(), "hi".to_owned())]),
         cmd: Some(vec!["sleep".into(), "3600".into()]),
         ports: vec![],
-        restart: Default::default(),
+        restart,
     }
 }
 
@@ -120,6 +130,44 @@ impl World {
     async fn all(&self) -> Vec<Instance> {
         let mut c = self.store.pool().acquire().await.unwrap();
         instances::list(&mut c, None).await.unwrap()
+    }
+
+    /// Polls until the instance has `status`.
+    async fn until(&self, id: &str, status: InstanceStatus) -> Instance {
+        let start = Instant::now();
+        loop {
+            let i = self.get(id).await;
+            if i.status == status {
+                return i;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "instance {id} stuck in {}, wanted {status}",
+                i.status
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn container_state(&self, name: &str) -> Option<ContainerState> {
+        self.sim
+            .containers(&self.host)
+            .into_iter()
+            .find(|c| c.name == name)
+            .map(|c| c.state)
+    }
+
+    /// Starts the host's engine-event listener, as the app does.
+    fn listen(&self) -> tokio_util::sync::CancellationToken {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let bus = self.workers.as_ref().unwrap().bus();
+        tokio::spawn(berth_flows::exits::listen(
+            bus,
+            self.deps.clone(),
+            self.host.clone(),
+            cancel.clone(),
+        ));
+        cancel
     }
 
     /// Polls until the instance's status is terminal.
@@ -512,5 +560,150 @@ async fn a_duplicate_of_every_event_creates_nothing_twice() {
     // Replays may look (find_*), never create: the counts above hold.
     assert!(w.sim.op_count() >= ops_before);
     w.check_invariants().await;
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn stop_start_and_restart_move_the_container_and_the_status() {
+    let mut w = world().await;
+    let (inst, _) = w.create("orga", "web", "busybox").await;
+    let running = w.settle(&inst.id).await;
+    let container = running.container.clone().unwrap();
+    assert!(
+        stop_instance(&w.store, "orga", &inst.id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    w.until(&inst.id, InstanceStatus::Stopped).await;
+    assert!(matches!(
+        w.container_state(&container),
+        Some(ContainerState::Exited { .. })
+    ));
+    assert!(
+        stop_instance(&w.store, "orga", &inst.id)
+            .await
+            .unwrap()
+            .is_none(),
+        "already stopped"
+    );
+    assert!(
+        start_instance(&w.store, "orga", &inst.id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    w.until(&inst.id, InstanceStatus::Running).await;
+    assert_eq!(w.container_state(&container), Some(ContainerState::Running));
+    assert!(
+        start_instance(&w.store, "orga", &inst.id)
+            .await
+            .unwrap()
+            .is_none(),
+        "already running"
+    );
+    let starts_before = w.sim.event_history(&w.host).len();
+    assert!(
+        restart_instance(&w.store, "orga", &inst.id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    w.quiesce().await;
+    let after = w.until(&inst.id, InstanceStatus::Running).await;
+    assert!(
+        w.sim.event_history(&w.host).len() > starts_before,
+        "the engine saw a stop and a start"
+    );
+    assert_eq!(
+        after.container,
+        Some(container.clone()),
+        "same container, same generation"
+    );
+    assert!(matches!(
+        stop_instance(&w.store, "orgb", &inst.id).await,
+        Err(FlowError::NotFound)
+    ));
+    let (bad, _) = w.create("orga", "bad", "missing:1").await;
+    assert_eq!(w.settle(&bad.id).await.status, InstanceStatus::Failed);
+    assert!(matches!(
+        stop_instance(&w.store, "orga", &bad.id).await,
+        Err(FlowError::InvalidState {
+            status: InstanceStatus::Failed,
+            action: "stop"
+        })
+    ));
+    w.quiesce().await;
+    w.check_invariants().await;
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn a_container_that_exits_makes_its_instance_exited_with_the_code() {
+    let mut w = world().await;
+    let listener = w.listen();
+    let (inst, _) = w.create("orga", "job", "busybox").await;
+    let container = w.settle(&inst.id).await.container.unwrap();
+    w.sim.kill(&w.host, &container, 3, false).unwrap();
+    let exited = w.until(&inst.id, InstanceStatus::Exited).await;
+    assert_eq!(exited.exit_code, Some(3));
+    assert!(!exited.oom_killed);
+    w.quiesce().await;
+    assert_eq!(
+        w.get(&inst.id).await.status,
+        InstanceStatus::Exited,
+        "restart policy no: stays down"
+    );
+
+    let (hog, _) = w.create("orga", "hog", "busybox").await;
+    let c = w.settle(&hog.id).await.container.unwrap();
+    w.sim.kill(&w.host, &c, 137, true).unwrap();
+    let killed = w.until(&hog.id, InstanceStatus::Exited).await;
+    assert_eq!(killed.exit_code, Some(137));
+    assert!(killed.oom_killed, "the OOM event was seen");
+    listener.cancel();
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn on_failure_restarts_up_to_its_limit() {
+    let mut w = world().await;
+    let listener = w.listen();
+    let (inst, _) = create_instance(
+        &w.store,
+        "orga",
+        InstanceName::parse("flaky").unwrap(),
+        spec_with("busybox", RestartPolicy::OnFailure { max: Some(1) }),
+    )
+    .await
+    .unwrap();
+    let container = w.settle(&inst.id).await.container.unwrap();
+    w.sim.kill(&w.host, &container, 1, false).unwrap();
+    // Exited, then restarted after the back-off.
+    let start = Instant::now();
+    loop {
+        let i = w.get(&inst.id).await;
+        if i.status == InstanceStatus::Running && i.restarts == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "not restarted: {} restarts={}",
+            i.status,
+            i.restarts
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(w.container_state(&container), Some(ContainerState::Running));
+    w.sim.kill(&w.host, &container, 1, false).unwrap();
+    let down = w.until(&inst.id, InstanceStatus::Exited).await;
+    w.quiesce().await;
+    assert_eq!(
+        w.get(&inst.id).await.status,
+        InstanceStatus::Exited,
+        "the limit of 1 is reached"
+    );
+    assert_eq!(down.restarts, 1);
+    listener.cancel();
     w.stop().await;
 }

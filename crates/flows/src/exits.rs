@@ -1,0 +1,167 @@
+//! Containers that stop on their own. A listener per host turns the engine's
+//! die/oom events for Berth's containers into `engine.container.died`
+//! events; `instance.exit` records the instance `exited` with the exit code
+//! (and whether the kernel killed it for memory); `restart.policy` applies
+//! the instance's restart policy (`no`, `on-failure[:max]`, `always`) with
+//! back-off between restarts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_core::domain::{InstanceStatus, RestartPolicy};
+use berth_core::events::instance as ev;
+use berth_core::{EventPayload, NewEvent, Timestamp};
+use berth_runtime::{EngineEventKind, HostId, label};
+use berth_store::{Cause, Store};
+use berth_worker::{Bus, Ctx, HandlerResult, Registry, RegistryError};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::Deps;
+use crate::step;
+
+pub fn register(reg: &mut Registry) -> Result<(), RegistryError> {
+    reg.register("instance.exit", &[ev::ContainerDied::TYPE], exit)?;
+    reg.register("restart.policy", &[ev::Exited::TYPE], restart)?;
+    Ok(())
+}
+
+async fn exit(mut ctx: Ctx) -> HandlerResult {
+    let p: ev::ContainerDied = ctx.payload()?;
+    let mut inst = step::load(&ctx, &p.instance_id).await?;
+    // Only the current generation's container, and only while it should be
+    // running: a stop or restart we asked for also makes the engine say "die".
+    if inst.generation != p.generation
+        || inst.status != InstanceStatus::Running
+        || inst.container.as_deref() != Some(p.container.as_str())
+    {
+        return Ok(ctx.done());
+    }
+    inst.exit_code = Some(p.exit_code);
+    inst.oom_killed = p.oom_killed;
+    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Exited)).await?;
+    ctx.emit_payload(&ev::Exited {
+        instance_id: inst.id.clone(),
+        generation: inst.generation,
+        exit_code: p.exit_code,
+        oom_killed: p.oom_killed,
+    })?;
+    Ok(ctx.done())
+}
+
+/// Delay before restart number `n` (from 0): 100 ms doubling to at most a
+/// minute, as Docker backs off a crash-looping container.
+pub fn restart_delay(n: i64) -> Duration {
+    let exp = u32::try_from(n.clamp(0, 20)).unwrap_or(20);
+    Duration::from_millis(100u64 << exp).min(Duration::from_secs(60))
+}
+
+async fn restart(mut ctx: Ctx) -> HandlerResult {
+    let p: ev::Exited = ctx.payload()?;
+    let mut inst = step::load(&ctx, &p.instance_id).await?;
+    if inst.generation != p.generation || inst.status != InstanceStatus::Exited {
+        return Ok(ctx.done());
+    }
+    let wanted = match inst.spec.restart {
+        RestartPolicy::No => false,
+        RestartPolicy::Always => true,
+        RestartPolicy::OnFailure { max } => {
+            p.exit_code != 0 && max.is_none_or(|m| inst.restarts < i64::from(m))
+        }
+    };
+    if !wanted {
+        return Ok(ctx.done());
+    }
+    let delay = restart_delay(inst.restarts);
+    inst.restarts += 1;
+    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Starting)).await?;
+    let at = ctx.store().now().plus(delay);
+    ctx.emit(
+        NewEvent::of(&ev::StartRequested {
+            instance_id: inst.id.clone(),
+            generation: inst.generation,
+            restart: false,
+        })?
+        .not_before(at),
+    );
+    Ok(ctx.done())
+}
+
+/// Follows `host`'s engine events until cancelled, publishing a
+/// `engine.container.died` event for each death of a Berth container. After a
+/// dropped connection it resubscribes from the last event seen, so nothing
+/// is missed; a repeated event is harmless (the worker checks the row).
+pub async fn listen(bus: Bus, deps: Arc<Deps>, host: HostId, cancel: CancellationToken) {
+    let store: Store = bus.store().clone();
+    let mut since: Timestamp = store.now();
+    let mut pause = Duration::from_millis(100);
+    // Engines report an OOM kill as its own event just before the die.
+    let mut oom_pending: std::collections::HashSet<String> = Default::default();
+    loop {
+        let mut events = deps.runtime.events(&host, label::INSTANCE, Some(since));
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return,
+                n = events.next() => n,
+            };
+            match next {
+                None => break,
+                Some(Err(e)) => {
+                    warn!(%host, error = %e, "engine event stream failed; resubscribing");
+                    break;
+                }
+                Some(Ok(e)) => {
+                    pause = Duration::from_millis(100);
+                    since = since.max(e.at);
+                    let exit_code = match e.kind {
+                        EngineEventKind::Oom => {
+                            oom_pending.insert(e.container.clone());
+                            continue;
+                        }
+                        EngineEventKind::Die { exit_code } => exit_code,
+                        EngineEventKind::Start => {
+                            debug!(%host, container = %e.container, "container started");
+                            continue;
+                        }
+                    };
+                    let oom_killed = oom_pending.remove(&e.container);
+                    let (Some(id), Some(org)) =
+                        (e.labels.get(label::INSTANCE), e.labels.get(label::ORG))
+                    else {
+                        continue;
+                    };
+                    let generation = e
+                        .labels
+                        .get(label::GENERATION)
+                        .and_then(|g| g.parse().ok())
+                        .unwrap_or(0);
+                    let event = match NewEvent::of(&ev::ContainerDied {
+                        instance_id: id.clone(),
+                        generation,
+                        exit_code,
+                        oom_killed,
+                        container: e.container.clone(),
+                    }) {
+                        Ok(ev) => ev.org(org.clone()).subject(id.clone()),
+                        Err(err) => {
+                            warn!(error = %err, "cannot encode an engine event");
+                            continue;
+                        }
+                    };
+                    let flow_id = store.ids().flow_id();
+                    if let Err(err) = bus.publish(event, Cause::Root { flow_id }).await {
+                        warn!(%host, error = %format!("{err:#}"), "cannot publish an engine event; resubscribing");
+                        break;
+                    }
+                    info!(%host, container = %e.container, exit_code, "container died");
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
