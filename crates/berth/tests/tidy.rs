@@ -43,3 +43,60 @@ fn every_module_opens_with_a_doc_line() {
         missing.join("\n")
     );
 }
+
+/// Codes written in the source as `with_code("…")`, `ErrorInfo::new("…", …)`,
+/// `code: "…"`, or, in a file defining `fn code(&self)`, its match arms.
+fn error_codes_in(text: &str) -> Vec<String> {
+    let mut markers = vec!["with_code(", "ErrorInfo::new(", "code: \""];
+    if text.contains("fn code(&self)") {
+        markers.push("=> ");
+    }
+    let mut out = Vec::new();
+    for marker in markers {
+        let mut rest = text;
+        while let Some(i) = rest.find(marker) {
+            rest = &rest[i + marker.len()..];
+            let tail = rest.trim_start();
+            let Some(tail) = tail.strip_prefix('"').or(marker.ends_with('"').then_some(tail)) else {
+                continue;
+            };
+            let code: String = tail
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            if !code.is_empty() && tail[code.len()..].starts_with('"') {
+                out.push(code);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_error_code_has_a_page_under_docs_errors() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    // The crates whose errors reach an instance's `error.code` (the HTTP
+    // API's request errors are documented in its OpenAPI document).
+    let mut files = Vec::new();
+    for krate in ["core", "store", "worker", "runtime", "flows", "docker"] {
+        let src = root.join("crates").join(krate).join("src");
+        if src.exists() {
+            rust_files(&src, &mut files);
+        }
+    }
+    let mut codes = std::collections::BTreeSet::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for c in error_codes_in(&text) {
+            codes.insert(c);
+        }
+    }
+    for expected in ["image_not_found", "flow_timeout", "engine_unavailable", "timeout", "conflict", "commit_failed"] {
+        assert!(codes.contains(expected), "the scan missed {expected}: {codes:?}");
+    }
+    let missing: Vec<&String> = codes
+        .iter()
+        .filter(|c| !root.join("docs/errors").join(format!("{c}.md")).exists())
+        .collect();
+    assert!(missing.is_empty(), "error codes without a page under docs/errors/: {missing:?}");
+}

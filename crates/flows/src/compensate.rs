@@ -26,6 +26,7 @@ pub const TABLE: &[(&str, &str)] = &[
     ("compensate.container", "container.start.failed"),
     ("compensate.attach", "network.attach.failed"),
     ("compensate.finish", "instance.finish.failed"),
+    ("compensate.timeout", crate::reconciler::TIMEOUT_EVENT),
 ];
 
 pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError> {

@@ -15,7 +15,7 @@ use berth_runtime::{ContainerSpec, HostId, RuntimeError};
 use berth_worker::{Ctx, HandlerError, HandlerResult, Registry, RegistryError};
 use serde::Deserialize;
 
-use crate::step::{self, creating, engine};
+use crate::step::{self, Saved, creating, engine};
 use crate::{Deps, names};
 
 pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError> {
@@ -79,13 +79,23 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         .await
         .map_err(engine)?;
     inst.container = Some(name.clone());
-    step::save(
+    let saved = step::save_step(
         &mut ctx,
         &mut inst,
-        Some((ConditionKind::ContainerStarted, "Started", &name)),
+        p.generation,
+        (ConditionKind::ContainerStarted, "Started", &name),
         Some(InstanceStatus::Starting),
     )
     .await?;
+    if saved == Saved::Stale {
+        // The flow ended while we started the container: nothing may run
+        // for an instance that is failed or being deleted.
+        deps.runtime
+            .remove_container(&host, &name)
+            .await
+            .map_err(engine)?;
+        return Ok(ctx.done());
+    }
     ctx.emit_payload(&ev::ContainerStarted {
         instance_id: inst.id.clone(),
         generation: inst.generation,

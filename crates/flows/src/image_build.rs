@@ -11,7 +11,7 @@ use berth_core::events::instance as ev;
 use berth_runtime::{HostId, ImageSpec, RuntimeError};
 use berth_worker::{Ctx, HandlerError, HandlerResult, Registry, RegistryError};
 
-use crate::step::{self, creating, engine};
+use crate::step::{self, Saved, creating, engine};
 use crate::{Deps, names};
 
 pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError> {
@@ -60,13 +60,23 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         }
     }
     inst.image_tag = Some(tag.clone());
-    step::save(
+    let saved = step::save_step(
         &mut ctx,
         &mut inst,
-        Some((ConditionKind::ImageBuilt, "Built", &tag)),
+        p.generation,
+        (ConditionKind::ImageBuilt, "Built", &tag),
         Some(InstanceStatus::Building),
     )
     .await?;
+    if saved == Saved::Stale {
+        // The other branch failed (or a delete began) while we built: its
+        // clean-up may have run before our image existed, so remove it here.
+        deps.runtime
+            .remove_image(&host, &tag)
+            .await
+            .map_err(engine)?;
+        return Ok(ctx.done());
+    }
     ctx.emit_payload(&ev::ImageBuilt {
         instance_id: inst.id.clone(),
         generation: inst.generation,

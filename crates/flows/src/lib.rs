@@ -17,6 +17,7 @@ mod lifecycle;
 pub mod names;
 mod network_attach;
 mod network_ensure;
+pub mod reconciler;
 mod step;
 
 use std::sync::Arc;
@@ -53,6 +54,7 @@ pub const WORKERS: &[&str] = &[
     "compensate.container",
     "compensate.attach",
     "compensate.finish",
+    "compensate.timeout",
     "instance.delete",
     "instance.stop",
     "instance.start",

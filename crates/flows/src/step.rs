@@ -32,6 +32,37 @@ pub fn engine(e: RuntimeError) -> HandlerError {
     }
 }
 
+/// What became of a step's write.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Saved {
+    Yes,
+    /// The instance left creation meanwhile (failed by the other branch, or
+    /// being deleted): the step must undo what it made and emit nothing.
+    Stale,
+}
+
+/// [`save`] for a creation step: a lost race against something that ended
+/// the creation is [`Saved::Stale`] rather than an error.
+pub async fn save_step(
+    ctx: &mut Ctx,
+    i: &mut Instance,
+    generation: i64,
+    condition: (ConditionKind, &str, &str),
+    status: Option<InstanceStatus>,
+) -> Result<Saved, HandlerError> {
+    match save(ctx, i, Some(condition), status).await {
+        Ok(()) => Ok(Saved::Yes),
+        Err(e) => {
+            let now = load(ctx, &i.id).await?;
+            if creating(&now, generation) {
+                Err(e)
+            } else {
+                Ok(Saved::Stale)
+            }
+        }
+    }
+}
+
 /// Records a finished step: the condition, an optional new status, in the
 /// handler's transaction, guarded by the version read. A lost race is
 /// retryable: the next attempt re-reads and sees what the winner did.

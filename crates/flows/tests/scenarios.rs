@@ -45,6 +45,10 @@ backoff = { initial = "1ms", max = "4ms" }
 "#;
 
 async fn world() -> World {
+    world_with(POLICIES).await
+}
+
+async fn world_with(policies_toml: &str) -> World {
     let dir = tempfile::tempdir().unwrap();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(5))));
@@ -71,7 +75,7 @@ async fn world() -> World {
     struct Root {
         workers: WorkersConfig,
     }
-    let cfg: Root = toml::from_str(POLICIES).unwrap();
+    let cfg: Root = toml::from_str(policies_toml).unwrap();
     let policies = Policies::resolve(&cfg.workers, reg.names()).unwrap();
     let workers = Workers::start(
         store.clone(),
@@ -705,5 +709,137 @@ async fn on_failure_restarts_up_to_its_limit() {
     );
     assert_eq!(down.restarts, 1);
     listener.cancel();
+    w.stop().await;
+}
+
+fn reconciler() -> berth_flows::reconciler::Reconciler {
+    berth_flows::reconciler::Reconciler::new(berth_flows::reconciler::ReconcilerConfig {
+        period: Duration::from_secs(3600),
+        grace: Duration::ZERO,
+        flow_deadline: Duration::ZERO,
+        max_republish: 1,
+    })
+}
+
+#[tokio::test]
+async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else() {
+    use berth_runtime::{ContainerRuntime, ContainerSpec, ImageSpec, NetworkSpec};
+    let mut w = world().await;
+    let (inst, _) = w.create("orga", "web", "busybox").await;
+    assert_eq!(w.settle(&inst.id).await.status, InstanceStatus::Running);
+    w.quiesce().await;
+    // What a crashed flow could leave: resources of an instance and an org
+    // that have no record.
+    let mut labels = berth_runtime::Labels::new();
+    labels.insert(label::MANAGED.into(), "true".into());
+    labels.insert(label::ORG.into(), "ghostorg".into());
+    labels.insert(label::INSTANCE.into(), "ghost".into());
+    labels.insert(label::GENERATION.into(), "1".into());
+    let rt: &dyn ContainerRuntime = &*w.sim;
+    rt.create_network(
+        &w.host,
+        &NetworkSpec {
+            name: "berth-ghostorg".into(),
+            labels: labels.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    rt.build_image(
+        &w.host,
+        &ImageSpec {
+            tag: "berth/ghostorg/ghost:g1".into(),
+            base: "busybox".into(),
+            env: vec![],
+            cmd: None,
+            labels: labels.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    rt.create_container(
+        &w.host,
+        &ContainerSpec {
+            name: "berth-ghost".into(),
+            image: "berth/ghostorg/ghost:g1".into(),
+            labels,
+            limits: Limits::default(),
+        },
+    )
+    .await
+    .unwrap();
+    rt.start_container(&w.host, "berth-ghost").await.unwrap();
+
+    let bus = w.workers.as_ref().unwrap().bus();
+    let mut r = reconciler();
+    let first = r.pass(&bus, &w.deps).await.unwrap();
+    assert!(first.removed.is_empty(), "seen once: not removed yet");
+    let second = r.pass(&bus, &w.deps).await.unwrap();
+    let mut removed: Vec<String> = second.removed.iter().map(|(_, _, n)| n.clone()).collect();
+    removed.sort();
+    assert_eq!(
+        removed,
+        vec!["berth-ghost", "berth-ghostorg", "berth/ghostorg/ghost:g1"]
+    );
+    assert_eq!(w.get(&inst.id).await.status, InstanceStatus::Running);
+    assert_eq!(
+        w.sim.containers(&w.host).len(),
+        1,
+        "the live instance's container stays"
+    );
+    w.check_invariants().await;
+    w.stop().await;
+}
+
+const NO_FAILURE_EVENT: &str = r#"
+[workers.default]
+max_attempts = 3
+timeout = "5s"
+backoff = { initial = "1ms", max = "4ms" }
+[workers."host.ensure"]
+max_attempts = 1
+on_exhausted = ""
+"#;
+
+#[tokio::test]
+async fn a_stuck_flow_is_nudged_forward_by_the_reconciler() {
+    let mut w = world_with(NO_FAILURE_EVENT).await;
+    w.faulty.fail_next(Op::Ping, 1, FaultKind::Permanent);
+    let (inst, _) = w.create("orga", "web", "busybox").await;
+    w.quiesce().await;
+    assert_eq!(
+        w.get(&inst.id).await.status,
+        InstanceStatus::Requested,
+        "stuck: dead letter, no failure event"
+    );
+    let bus = w.workers.as_ref().unwrap().bus();
+    let mut r = reconciler();
+    let report = r.pass(&bus, &w.deps).await.unwrap();
+    assert_eq!(report.republished, vec![inst.id.clone()]);
+    assert_eq!(w.settle(&inst.id).await.status, InstanceStatus::Running);
+    w.quiesce().await;
+    w.check_invariants().await;
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn a_flow_that_stays_stuck_fails_with_flow_timeout() {
+    let mut w = world_with(NO_FAILURE_EVENT).await;
+    w.faulty.fail_next(Op::Ping, 10, FaultKind::Permanent);
+    let (inst, _) = w.create("orga", "web", "busybox").await;
+    w.quiesce().await;
+    let bus = w.workers.as_ref().unwrap().bus();
+    let mut r = reconciler();
+    assert_eq!(r.pass(&bus, &w.deps).await.unwrap().republished.len(), 1);
+    w.quiesce().await;
+    let report = r.pass(&bus, &w.deps).await.unwrap();
+    assert_eq!(report.timed_out, vec![inst.id.clone()]);
+    let failed = w.settle(&inst.id).await;
+    assert_eq!(failed.status, InstanceStatus::Failed);
+    let err = failed.error.unwrap();
+    assert_eq!(err.code, "flow_timeout");
+    assert_eq!(err.step, "reconciler");
+    w.quiesce().await;
+    w.check_invariants().await;
     w.stop().await;
 }

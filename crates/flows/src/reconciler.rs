@@ -1,0 +1,246 @@
+//! The reconciler: the safety net under the event-driven flows. On a period
+//! it (1) lists every resource labelled by Berth on every host and removes
+//! those without a live record once they have stayed orphaned past a grace
+//! period (a resource seen once may belong to a flow that has not recorded
+//! it yet), and (2) re-publishes, as a fresh copy, the last event of any
+//! instance stuck in a non-terminal state past the flow deadline — the
+//! workers are idempotent, so a copy only moves forward what stalled — and
+//! after `max_republish` copies fails the flow with `flow_timeout`, which the
+//! `compensate.timeout` worker cleans up like any other failure.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_core::events::{WORKER_FAILED_VERSION, WorkerFailed};
+use berth_core::{ErrorInfo, NewEvent, Timestamp};
+use berth_runtime::{HostId, ResourceKind, RuntimeError, label};
+use berth_store::instances::{self, Instance};
+use berth_store::{Cause, Store};
+use berth_worker::Bus;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::Deps;
+
+/// The failure event the reconciler emits for a flow past its deadline.
+pub const TIMEOUT_EVENT: &str = "instance.flow.timeout";
+
+#[derive(Debug, Clone)]
+pub struct ReconcilerConfig {
+    /// Time between passes.
+    pub period: Duration,
+    /// How long a resource must stay orphaned before it is removed.
+    pub grace: Duration,
+    /// How long an instance may stay in a non-terminal state without change.
+    pub flow_deadline: Duration,
+    /// Copies of a stuck flow's last event before the flow is failed.
+    pub max_republish: u32,
+}
+
+impl Default for ReconcilerConfig {
+    fn default() -> Self {
+        ReconcilerConfig {
+            period: Duration::from_secs(30),
+            grace: Duration::from_secs(120),
+            flow_deadline: Duration::from_secs(600),
+            max_republish: 3,
+        }
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    pub removed: Vec<(HostId, ResourceKind, String)>,
+    pub republished: Vec<String>,
+    pub timed_out: Vec<String>,
+}
+
+/// Memory between passes: when each orphan was first seen, and how often
+/// each stuck instance's flow was nudged.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    config: ReconcilerConfig,
+    first_seen: HashMap<(HostId, ResourceKind, String), Timestamp>,
+    nudged: HashMap<String, (i64, u32)>,
+}
+
+impl Reconciler {
+    pub fn new(config: ReconcilerConfig) -> Self {
+        Reconciler {
+            config,
+            ..Default::default()
+        }
+    }
+
+    /// Runs passes until cancelled; a failed pass is logged and the next one
+    /// tries again.
+    pub async fn run(mut self, bus: Bus, deps: Arc<Deps>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.config.period) => {}
+            }
+            match self.pass(&bus, &deps).await {
+                Ok(r) if r != PassReport::default() => info!(
+                    removed = r.removed.len(),
+                    republished = r.republished.len(),
+                    timed_out = r.timed_out.len(),
+                    "reconciler pass"
+                ),
+                Ok(_) => {}
+                Err(e) => warn!(error = %format!("{e:#}"), "reconciler pass failed"),
+            }
+        }
+    }
+
+    pub async fn pass(&mut self, bus: &Bus, deps: &Deps) -> anyhow::Result<PassReport> {
+        let store = bus.store();
+        let all = {
+            let mut c = store.pool().acquire().await?;
+            instances::list(&mut c, None).await?
+        };
+        let mut report = PassReport::default();
+        self.sweep(store, deps, &all, &mut report).await?;
+        self.unstick(bus, &all, &mut report).await?;
+        Ok(report)
+    }
+
+    async fn sweep(
+        &mut self,
+        store: &Store,
+        deps: &Deps,
+        all: &[Instance],
+        report: &mut PassReport,
+    ) -> anyhow::Result<()> {
+        let now = store.now();
+        let by_id: HashMap<&str, &Instance> = all.iter().map(|i| (i.id.as_str(), i)).collect();
+        let live = |i: &Instance| !matches!(i.status.as_str(), "failed" | "deleted");
+        let mut still = HashMap::new();
+        for host in deps.hosts.hosts() {
+            let resources = match deps.runtime.list_labelled(&host, label::MANAGED).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(%host, error = %e, "cannot list Berth's resources; skipping the host");
+                    continue;
+                }
+            };
+            for r in resources {
+                let orphan = match r.kind {
+                    ResourceKind::Network => r
+                        .labels
+                        .get(label::ORG)
+                        .is_none_or(|org| !all.iter().any(|i| &i.org_id == org && live(i))),
+                    ResourceKind::Container | ResourceKind::Image => {
+                        match r
+                            .labels
+                            .get(label::INSTANCE)
+                            .and_then(|id| by_id.get(id.as_str()))
+                        {
+                            None => true,
+                            Some(i) => {
+                                !live(i)
+                                    || r.labels.get(label::GENERATION)
+                                        != Some(&i.generation.to_string())
+                            }
+                        }
+                    }
+                };
+                if !orphan {
+                    continue;
+                }
+                let key = (host.clone(), r.kind, r.name.clone());
+                let first = self.first_seen.get(&key).copied().unwrap_or(now);
+                if now.since(first) >= self.config.grace && self.first_seen.contains_key(&key) {
+                    let done = match r.kind {
+                        ResourceKind::Container => {
+                            deps.runtime.remove_container(&host, &r.name).await
+                        }
+                        ResourceKind::Image => deps.runtime.remove_image(&host, &r.name).await,
+                        ResourceKind::Network => deps.runtime.remove_network(&host, &r.name).await,
+                    };
+                    match done {
+                        Ok(()) => {
+                            info!(%host, kind = ?r.kind, name = %r.name, "removed an orphan");
+                            report.removed.push(key);
+                            continue;
+                        }
+                        // A network still in use is removed on a later pass.
+                        Err(RuntimeError::Conflict { .. }) => {}
+                        Err(e) => {
+                            warn!(%host, name = %r.name, error = %e, "cannot remove an orphan")
+                        }
+                    }
+                }
+                still.insert(key, first);
+            }
+        }
+        self.first_seen = still;
+        Ok(())
+    }
+
+    async fn unstick(
+        &mut self,
+        bus: &Bus,
+        all: &[Instance],
+        report: &mut PassReport,
+    ) -> anyhow::Result<()> {
+        let store = bus.store();
+        let now = store.now();
+        let mut seen = HashMap::new();
+        for i in all {
+            let busy =
+                i.status.is_creating() || matches!(i.status.as_str(), "deleting" | "stopping");
+            if !busy || now.since(i.updated_at) < self.config.flow_deadline {
+                continue;
+            }
+            // Nudges count per version of the row: progress resets them.
+            let (version, count) = self
+                .nudged
+                .get(&i.id)
+                .copied()
+                .filter(|(v, _)| *v == i.version)
+                .unwrap_or((i.version, 0));
+            let events = store.events_of_flow(i.flow_id).await?;
+            let Some(last) = events.last() else {
+                continue;
+            };
+            if count < self.config.max_republish {
+                let mut copy = last.clone();
+                copy.id = store.ids().event_id();
+                copy.created_at = now;
+                copy.not_before = None;
+                bus.publish_all(vec![copy]).await?;
+                warn!(instance = %i.id, event = %last.event_type, nudge = count + 1, "flow stuck; re-published its last event");
+                report.republished.push(i.id.clone());
+                seen.insert(i.id.clone(), (version, count + 1));
+            } else if i.status.is_creating() {
+                let payload = WorkerFailed {
+                    worker: "reconciler".into(),
+                    event_id: last.id,
+                    event_type: last.event_type.clone(),
+                    attempts: count,
+                    reason: "flow_timeout".into(),
+                    error: ErrorInfo::new(
+                        "flow_timeout",
+                        format!(
+                            "the flow made no progress for {} after {count} re-tries of its last step ({})",
+                            humantime::format_duration(self.config.flow_deadline),
+                            last.event_type
+                        ),
+                    ),
+                };
+                let ev = NewEvent::with_type(TIMEOUT_EVENT, WORKER_FAILED_VERSION, &payload)?;
+                bus.publish(ev, Cause::Event(last)).await?;
+                warn!(instance = %i.id, "flow timed out");
+                report.timed_out.push(i.id.clone());
+                seen.insert(i.id.clone(), (version, count + 1));
+            } else {
+                seen.insert(i.id.clone(), (version, count));
+            }
+        }
+        self.nudged = seen;
+        Ok(())
+    }
+}
