@@ -2,6 +2,7 @@
 //! last line on stdout, one JSON object with the numbers.
 
 mod bus;
+mod flows;
 mod report;
 
 use std::process::ExitCode;
@@ -20,6 +21,8 @@ enum Command {
     /// The embedded bus: publish → dispatch → no-op handler → acknowledge,
     /// on a real SQLite file in WAL mode.
     Bus(bus::Args),
+    /// The instance creation flow, event-driven vs a synchronous baseline.
+    Flows(flows::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Bus(args) => bus::run(args).await,
+            Command::Flows(args) => flows::run(args).await,
         }
     });
     match result {

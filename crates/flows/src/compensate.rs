@@ -13,6 +13,7 @@ use berth_core::events::WorkerFailed;
 use berth_core::events::instance as ev;
 use berth_runtime::{HostId, RuntimeError};
 use berth_store::instances::{self, Instance};
+use berth_store::writes::Write;
 use berth_worker::{Ctx, HandlerError, HandlerResult, Registry, RegistryError};
 
 use crate::step::{self, engine};
@@ -62,10 +63,12 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         cause: (!f.error.chain.is_empty()).then(|| f.error.chain.join(": ")),
     });
     if let Some(host) = release {
-        let tx = ctx.tx().await?;
-        instances::release_host(tx.conn(), host.as_str(), &inst.org_id).await?;
+        ctx.write(Write::ReleaseHost {
+            host: host.to_string(),
+            org: inst.org_id.clone(),
+        });
     }
-    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Failed)).await?;
+    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Failed));
     ctx.emit_payload(&ev::Failed {
         instance_id: inst.id.clone(),
         generation: inst.generation,

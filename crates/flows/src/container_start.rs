@@ -15,7 +15,7 @@ use berth_runtime::{ContainerSpec, HostId, RuntimeError};
 use berth_worker::{Ctx, HandlerError, HandlerResult, Registry, RegistryError};
 use serde::Deserialize;
 
-use crate::step::{self, Saved, creating, engine};
+use crate::step::{self, creating, engine};
 use crate::{Deps, names};
 
 pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError> {
@@ -40,6 +40,18 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         .payload_as()
         .map_err(HandlerError::malformed)?;
     let mut inst = step::load(&ctx, &p.instance_id).await?;
+    if step::abandoned(&inst, p.generation) {
+        // An earlier attempt may have started it after the clean-up ran:
+        // nothing may run for an instance that is failed or being deleted.
+        if let Some(host) = inst.host.clone() {
+            let name = names::container(&inst);
+            deps.runtime
+                .remove_container(&HostId::new(host), &name)
+                .await
+                .map_err(engine)?;
+        }
+        return Ok(ctx.done());
+    }
     if !creating(&inst, p.generation)
         || !inst.conditions.holds(ConditionKind::NetworkReady)
         || !inst.conditions.holds(ConditionKind::ImageBuilt)
@@ -79,23 +91,12 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         .await
         .map_err(engine)?;
     inst.container = Some(name.clone());
-    let saved = step::save_step(
+    step::save(
         &mut ctx,
         &mut inst,
-        p.generation,
-        (ConditionKind::ContainerStarted, "Started", &name),
+        Some((ConditionKind::ContainerStarted, "Started", &name)),
         Some(InstanceStatus::Starting),
-    )
-    .await?;
-    if saved == Saved::Stale {
-        // The flow ended while we started the container: nothing may run
-        // for an instance that is failed or being deleted.
-        deps.runtime
-            .remove_container(&host, &name)
-            .await
-            .map_err(engine)?;
-        return Ok(ctx.done());
-    }
+    );
     ctx.emit_payload(&ev::ContainerStarted {
         instance_id: inst.id.clone(),
         generation: inst.generation,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use berth_core::EventPayload;
 use berth_core::domain::InstanceStatus;
 use berth_core::events::instance as ev;
-use berth_store::instances;
+use berth_store::writes::Write;
 use berth_worker::{Ctx, HandlerResult, Registry, RegistryError};
 
 use crate::Deps;
@@ -32,10 +32,12 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
     }
     let release = clean_up(&ctx, &deps, &inst).await?;
     if let Some(host) = release {
-        let tx = ctx.tx().await?;
-        instances::release_host(tx.conn(), host.as_str(), &inst.org_id).await?;
+        ctx.write(Write::ReleaseHost {
+            host: host.to_string(),
+            org: inst.org_id.clone(),
+        });
     }
-    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Deleted)).await?;
+    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Deleted));
     ctx.emit_payload(&ev::Deleted {
         instance_id: inst.id.clone(),
         generation: inst.generation,

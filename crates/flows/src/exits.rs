@@ -40,7 +40,7 @@ async fn exit(mut ctx: Ctx) -> HandlerResult {
     }
     inst.exit_code = Some(p.exit_code);
     inst.oom_killed = p.oom_killed;
-    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Exited)).await?;
+    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Exited));
     ctx.emit_payload(&ev::Exited {
         instance_id: inst.id.clone(),
         generation: inst.generation,
@@ -75,7 +75,7 @@ async fn restart(mut ctx: Ctx) -> HandlerResult {
     }
     let delay = restart_delay(inst.restarts);
     inst.restarts += 1;
-    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Starting)).await?;
+    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Starting));
     let at = ctx.store().now().plus(delay);
     ctx.emit(
         NewEvent::of(&ev::StartRequested {

@@ -10,6 +10,7 @@ use berth_core::domain::{ConditionKind, InstanceStatus};
 use berth_core::events::instance as ev;
 use berth_runtime::HostId;
 use berth_store::instances;
+use berth_store::writes::Write;
 use berth_worker::{Ctx, HandlerError, HandlerResult, Registry, RegistryError};
 
 use crate::Deps;
@@ -48,26 +49,13 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
     };
     deps.runtime.ping(&host).await.map_err(engine)?;
 
-    let now = ctx.store().now();
-    let dedicated = deps.hosts.releases_when_empty();
-    let org = inst.org_id.clone();
-    let tx = ctx.tx().await?;
-    if dedicated {
-        // Claims are checked inside the write transaction (SQLite's single
-        // writer makes this race-free): a host another org took since we
-        // chose is a retry, which chooses again.
-        let taken = instances::claims(tx.conn())
-            .await?
-            .get(host.as_str())
-            .is_some_and(|orgs| orgs.iter().any(|o| *o != org));
-        if taken {
-            return Err(HandlerError::retryable(anyhow::anyhow!(
-                "host {host} was claimed by another org meanwhile"
-            ))
-            .with_code("host_claim_conflict"));
-        }
-    }
-    instances::claim_host(tx.conn(), host.as_str(), &org, now).await?;
+    // The claim is guarded: with dedicated hosts, a host another org took
+    // since we chose makes this attempt a retry, which chooses again.
+    ctx.write(Write::ClaimHost {
+        host: host.to_string(),
+        org: inst.org_id.clone(),
+        exclusive: deps.hosts.releases_when_empty(),
+    });
     inst.host = Some(host.to_string());
     step::save(
         &mut ctx,
@@ -78,8 +66,7 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
             &format!("on host {host}"),
         )),
         Some(InstanceStatus::Provisioning),
-    )
-    .await?;
+    );
     ctx.emit_payload(&ev::HostReady {
         instance_id: inst.id.clone(),
         generation: inst.generation,

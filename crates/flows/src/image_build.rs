@@ -11,7 +11,7 @@ use berth_core::events::instance as ev;
 use berth_runtime::{HostId, ImageSpec, RuntimeError};
 use berth_worker::{Ctx, HandlerError, HandlerResult, Registry, RegistryError};
 
-use crate::step::{self, Saved, creating, engine};
+use crate::step::{self, creating, engine};
 use crate::{Deps, names};
 
 pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError> {
@@ -24,11 +24,19 @@ pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError
 async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
     let p: ev::HostReady = ctx.payload()?;
     let mut inst = step::load(&ctx, &p.instance_id).await?;
+    let host = HostId::new(p.host.clone());
+    let tag = names::image(&inst);
+    if step::abandoned(&inst, p.generation) {
+        // An earlier attempt may have built it after the clean-up ran.
+        deps.runtime
+            .remove_image(&host, &tag)
+            .await
+            .map_err(engine)?;
+        return Ok(ctx.done());
+    }
     if !creating(&inst, p.generation) {
         return Ok(ctx.done());
     }
-    let host = HostId::new(p.host.clone());
-    let tag = names::image(&inst);
     if deps
         .runtime
         .find_image(&host, &tag)
@@ -60,23 +68,12 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         }
     }
     inst.image_tag = Some(tag.clone());
-    let saved = step::save_step(
+    step::save(
         &mut ctx,
         &mut inst,
-        p.generation,
-        (ConditionKind::ImageBuilt, "Built", &tag),
+        Some((ConditionKind::ImageBuilt, "Built", &tag)),
         Some(InstanceStatus::Building),
-    )
-    .await?;
-    if saved == Saved::Stale {
-        // The other branch failed (or a delete began) while we built: its
-        // clean-up may have run before our image existed, so remove it here.
-        deps.runtime
-            .remove_image(&host, &tag)
-            .await
-            .map_err(engine)?;
-        return Ok(ctx.done());
-    }
+    );
     ctx.emit_payload(&ev::ImageBuilt {
         instance_id: inst.id.clone(),
         generation: inst.generation,

@@ -19,7 +19,7 @@ async fn handle(mut ctx: Ctx) -> HandlerResult {
     if !creating(&inst, p.generation) {
         return Ok(ctx.done());
     }
-    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Running)).await?;
+    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Running));
     ctx.emit_payload(&ev::Running {
         instance_id: inst.id.clone(),
         generation: inst.generation,

@@ -29,8 +29,9 @@ use berth_core::{Envelope, NewEvent};
 use berth_runtime::hosts::HostProvider;
 use berth_runtime::{ContainerRuntime, Limits};
 use berth_store::instances::{self, Instance, InstanceSpec};
+use berth_store::writes::Write;
 use berth_store::{Cause, Store};
-use berth_worker::{Registry, RegistryError};
+use berth_worker::{Bus, Registry, RegistryError};
 
 /// What the workers need besides the store.
 pub struct Deps {
@@ -77,18 +78,11 @@ pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError
     Ok(())
 }
 
-/// Records a new instance and its `instance.requested` event in one
-/// transaction; returns the row and the event (whose flow id identifies the
-/// whole creation). Fails with [`instances::NameTaken`] on a duplicate name.
-pub async fn create_instance(
-    store: &Store,
-    org: &str,
-    name: InstanceName,
-    spec: InstanceSpec,
-) -> anyhow::Result<(Instance, Envelope)> {
+/// A fresh instance record (not yet saved): `requested`, generation 1, a new
+/// flow id.
+pub fn new_instance(store: &Store, org: &str, name: InstanceName, spec: InstanceSpec) -> Instance {
     let now = store.now();
-    let flow_id = store.ids().flow_id();
-    let inst = Instance {
+    Instance {
         id: store.ids().ulid().to_string().to_ascii_lowercase(),
         org_id: org.to_owned(),
         name,
@@ -106,10 +100,61 @@ pub async fn create_instance(
         exit_code: None,
         oom_killed: false,
         restarts: 0,
-        flow_id,
+        flow_id: store.ids().flow_id(),
         created_at: now,
         updated_at: now,
-    };
+    }
+}
+
+/// [`create_instance`] through the bus: the instance row and its event are
+/// written in the dispatcher's group commit, so concurrent creations share
+/// commits. Same result and errors.
+pub async fn create_instance_on(
+    bus: &Bus,
+    org: &str,
+    name: InstanceName,
+    spec: InstanceSpec,
+) -> anyhow::Result<(Instance, Envelope)> {
+    let store = bus.store();
+    let inst = new_instance(store, org, name, spec);
+    let event = NewEvent::of(&ev::Requested {
+        instance_id: inst.id.clone(),
+        generation: inst.generation,
+    })?
+    .org(org)
+    .subject(&inst.id);
+    let env = store.stamp(
+        event,
+        Cause::Root {
+            flow_id: inst.flow_id,
+        },
+    );
+    match bus
+        .publish_with(
+            vec![env.clone()],
+            vec![Write::InsertInstance(Box::new(inst.clone()))],
+        )
+        .await
+    {
+        Ok(_) => Ok((inst, env)),
+        Err(e) if e.downcast_ref::<berth_worker::Rejected>().is_some() => {
+            Err(instances::NameTaken(inst.name.to_string()).into())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Records a new instance and its `instance.requested` event in one
+/// transaction; returns the row and the event (whose flow id identifies the
+/// whole creation). Fails with [`instances::NameTaken`] on a duplicate name.
+pub async fn create_instance(
+    store: &Store,
+    org: &str,
+    name: InstanceName,
+    spec: InstanceSpec,
+) -> anyhow::Result<(Instance, Envelope)> {
+    let inst = new_instance(store, org, name, spec);
+    let flow_id = inst.flow_id;
     let event = NewEvent::of(&ev::Requested {
         instance_id: inst.id.clone(),
         generation: inst.generation,

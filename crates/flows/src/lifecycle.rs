@@ -52,7 +52,7 @@ async fn stop(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         .stop_container(&host, &container, STOP_GRACE)
         .await
         .map_err(engine)?;
-    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Stopped)).await?;
+    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Stopped));
     ctx.emit_payload(&ev::Stopped {
         instance_id: inst.id.clone(),
         generation: inst.generation,
@@ -85,7 +85,7 @@ async fn start(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         .map_err(engine)?;
     inst.exit_code = None;
     inst.oom_killed = false;
-    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Running)).await?;
+    step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Running));
     ctx.emit_payload(&ev::Running {
         instance_id: inst.id.clone(),
         generation: inst.generation,

@@ -51,8 +51,7 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         &mut inst,
         Some((ConditionKind::NetworkAttached, "Attached", &ip)),
         None,
-    )
-    .await?;
+    );
     ctx.emit_payload(&ev::ContainerAttached {
         instance_id: inst.id.clone(),
         generation: inst.generation,

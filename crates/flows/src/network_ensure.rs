@@ -51,8 +51,7 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         &mut inst,
         Some((ConditionKind::NetworkReady, "NetworkReady", &name)),
         None,
-    )
-    .await?;
+    );
     ctx.emit_payload(&ev::NetworkReady {
         instance_id: inst.id.clone(),
         generation: inst.generation,

@@ -4,6 +4,7 @@
 use berth_core::domain::{ConditionKind, InstanceStatus};
 use berth_runtime::RuntimeError;
 use berth_store::instances::{self, Instance};
+use berth_store::writes::Write;
 use berth_worker::{Ctx, HandlerError};
 
 /// The instance the event is about. A missing one is fatal: retrying cannot
@@ -32,46 +33,16 @@ pub fn engine(e: RuntimeError) -> HandlerError {
     }
 }
 
-/// What became of a step's write.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Saved {
-    Yes,
-    /// The instance left creation meanwhile (failed by the other branch, or
-    /// being deleted): the step must undo what it made and emit nothing.
-    Stale,
-}
-
-/// [`save`] for a creation step: a lost race against something that ended
-/// the creation is [`Saved::Stale`] rather than an error.
-pub async fn save_step(
-    ctx: &mut Ctx,
-    i: &mut Instance,
-    generation: i64,
-    condition: (ConditionKind, &str, &str),
-    status: Option<InstanceStatus>,
-) -> Result<Saved, HandlerError> {
-    match save(ctx, i, Some(condition), status).await {
-        Ok(()) => Ok(Saved::Yes),
-        Err(e) => {
-            let now = load(ctx, &i.id).await?;
-            if creating(&now, generation) {
-                Err(e)
-            } else {
-                Ok(Saved::Stale)
-            }
-        }
-    }
-}
-
-/// Records a finished step: the condition, an optional new status, in the
-/// handler's transaction, guarded by the version read. A lost race is
-/// retryable: the next attempt re-reads and sees what the winner did.
-pub async fn save(
+/// Records a finished step: sets the condition and (if the state machine
+/// allows) the new status, and declares the row's guarded write. It commits
+/// with the acknowledgement in the dispatcher's group commit; if another
+/// step wrote the row first, the attempt is retried and re-reads it.
+pub fn save(
     ctx: &mut Ctx,
     i: &mut Instance,
     condition: Option<(ConditionKind, &str, &str)>,
     status: Option<InstanceStatus>,
-) -> Result<(), HandlerError> {
+) {
     let now = ctx.store().now();
     if let Some((kind, reason, message)) = condition {
         i.conditions.set(kind, true, reason, message, now);
@@ -82,14 +53,17 @@ pub async fn save(
     {
         i.status = s;
     }
-    let tx = ctx.tx().await?;
-    if instances::update(tx.conn(), i, now).await? {
-        Ok(())
-    } else {
-        Err(HandlerError::retryable(anyhow::anyhow!(
-            "instance {} changed concurrently; re-reading",
-            i.id
-        ))
-        .with_code("concurrent_update"))
-    }
+    ctx.write(Write::Instance(Box::new(i.clone())));
+}
+
+/// Whether the creation of `generation` was abandoned (the other branch
+/// failed, or a delete began): a step that finds this must remove what an
+/// earlier attempt of its own may have made, since the clean-up may have run
+/// before that existed.
+pub fn abandoned(i: &Instance, generation: i64) -> bool {
+    i.generation == generation
+        && matches!(
+            i.status,
+            InstanceStatus::Failed | InstanceStatus::Deleting | InstanceStatus::Deleted
+        )
 }

@@ -843,3 +843,32 @@ async fn a_flow_that_stays_stuck_fails_with_flow_timeout() {
     w.check_invariants().await;
     w.stop().await;
 }
+
+#[tokio::test]
+async fn a_name_is_unique_among_an_orgs_live_instances_on_both_paths() {
+    let mut w = world().await;
+    let bus = w.workers.as_ref().unwrap().bus();
+    let name = || InstanceName::parse("dup").unwrap();
+    create_instance(&w.store, "orga", name(), spec("busybox"))
+        .await
+        .unwrap();
+    let e = berth_flows::create_instance_on(&bus, "orga", name(), spec("busybox"))
+        .await
+        .unwrap_err();
+    assert!(e.downcast_ref::<instances::NameTaken>().is_some(), "{e:#}");
+    let e = create_instance(&w.store, "orga", name(), spec("busybox"))
+        .await
+        .unwrap_err();
+    assert!(e.downcast_ref::<instances::NameTaken>().is_some(), "{e:#}");
+    berth_flows::create_instance_on(&bus, "orgb", name(), spec("busybox"))
+        .await
+        .unwrap();
+    w.quiesce().await;
+    assert_eq!(
+        w.all().await.len(),
+        2,
+        "nothing written by the refused creations"
+    );
+    w.check_invariants().await;
+    w.stop().await;
+}

@@ -54,7 +54,7 @@ pub struct Instance {
 #[error("an instance named '{0}' already exists in this org")]
 pub struct NameTaken(pub String);
 
-const COLUMNS: &str = "id, org_id, name, spec, status, version, generation, host, network, \
+pub(crate) const COLUMNS: &str = "id, org_id, name, spec, status, version, generation, host, network, \
      image_tag, container, ip, conditions, error, exit_code, oom_killed, restarts, flow_id, \
      created_at, updated_at";
 
@@ -109,6 +109,33 @@ pub async fn insert_org(
         .await
         .context("failed to create the org")?;
     Ok(())
+}
+
+/// The values of [`COLUMNS`] for `i`, in order.
+pub(crate) fn insert_args(i: &Instance) -> anyhow::Result<Vec<crate::ops::Arg>> {
+    use crate::ops::Arg;
+    Ok(vec![
+        Arg::from(i.id.as_str()),
+        Arg::from(i.org_id.as_str()),
+        Arg::from(i.name.as_str()),
+        Arg::Text(serde_json::to_string(&i.spec)?),
+        Arg::from(i.status.as_str()),
+        Arg::Int(i.version),
+        Arg::Int(i.generation),
+        Arg::from(i.host.as_deref()),
+        Arg::from(i.network.as_deref()),
+        Arg::from(i.image_tag.as_deref()),
+        Arg::from(i.container.as_deref()),
+        Arg::from(i.ip.as_deref()),
+        Arg::Text(serde_json::to_string(&i.conditions)?),
+        Arg::from(i.error.as_ref().map(serde_json::to_string).transpose()?),
+        Arg::from(i.exit_code),
+        Arg::Int(i64::from(i.oom_killed)),
+        Arg::Int(i.restarts),
+        Arg::Text(i.flow_id.to_string()),
+        Arg::Int(i.created_at.as_micros()),
+        Arg::Int(i.updated_at.as_micros()),
+    ])
 }
 
 /// Inserts a new instance; [`NameTaken`] if its org has a live one so named.

@@ -10,6 +10,7 @@ pub mod instances;
 mod migrate;
 pub mod model;
 pub mod ops;
+pub mod writes;
 mod store;
 
 pub use model::*;

@@ -59,6 +59,11 @@ struct Inner {
     /// wakes on commit instead of polling; `woken` says for which workers.
     committed: Notify,
     woken: Mutex<HashSet<String>>,
+    /// One writer at a time, in arrival order. SQLite allows a single writer
+    /// and makes the others wait in its busy handler, which sleeps and polls
+    /// — unfair and slow with hundreds of waiters; queueing here first means
+    /// SQLite never sees contention from this process.
+    write_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A cheap-to-clone handle on the database.
@@ -146,6 +151,7 @@ impl Store {
                 subscriptions: RwLock::new(Arc::new(Subscriptions::new())),
                 committed: Notify::new(),
                 woken: Mutex::new(HashSet::new()),
+                write_gate: Arc::new(tokio::sync::Mutex::new(())),
             }),
         })
     }
@@ -259,10 +265,17 @@ impl Store {
         }
     }
 
+    /// Waits for this process's turn to write; hold the guard for the whole
+    /// write transaction (the dispatcher does, around each group commit).
+    pub async fn write_gate(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.inner.write_gate.clone().lock_owned().await
+    }
+
     /// Begins a write transaction. `BEGIN IMMEDIATE` takes SQLite's write lock
     /// up front, so two writers queue on `busy_timeout` instead of failing
     /// with SQLITE_BUSY when a reader tries to upgrade.
     pub async fn begin(&self) -> anyhow::Result<Tx> {
+        let gate = self.write_gate().await;
         let tx = self
             .inner
             .pool
@@ -273,6 +286,7 @@ impl Store {
             tx,
             store: self.clone(),
             woken: Vec::new(),
+            _gate: gate,
         })
     }
 
@@ -392,6 +406,8 @@ pub struct Tx {
     store: Store,
     /// Workers that got deliveries in this transaction: woken on commit.
     woken: Vec<String>,
+    /// This process's write turn, released when the transaction ends.
+    _gate: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl std::fmt::Debug for Tx {
@@ -425,8 +441,14 @@ impl Tx {
     }
 
     pub async fn commit(self) -> anyhow::Result<()> {
-        let Tx { tx, store, woken } = self;
+        let Tx {
+            tx,
+            store,
+            woken,
+            _gate,
+        } = self;
         tx.commit().await.context("failed to commit")?;
+        drop(_gate);
         if !woken.is_empty() {
             store.notify_committed(woken);
         }

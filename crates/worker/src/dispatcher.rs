@@ -19,6 +19,7 @@ use std::time::Duration;
 use berth_core::events::{WORKER_FAILED_VERSION, WorkerFailed};
 use berth_core::{Envelope, ErrorInfo, EventId, NewEvent, SeededRng, Timestamp};
 use berth_store::ops::{self, NewDeadLetter, Script};
+use berth_store::writes::Write;
 use berth_store::{AttemptRecord, Cause, Claimed, DeadReason, Lease, NewDelivery, Outcome, Store};
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
@@ -47,13 +48,20 @@ pub struct Stats {
 
 pub(crate) struct PublishReq {
     pub envs: Vec<Envelope>,
+    /// Writes to commit with the events; if a guard fails, neither happens
+    /// and the publisher gets [`crate::Rejected`].
+    pub writes: Vec<Write>,
     pub reply: oneshot::Sender<anyhow::Result<HashSet<EventId>>>,
 }
 
 /// How one attempt ended, as reported by its task.
 enum Finished {
-    /// Succeeded without a transaction of its own: commit in the group.
-    Ok(Vec<NewEvent>),
+    /// Succeeded without a transaction of its own: commit in the group, with
+    /// the writes it declared.
+    Ok {
+        emitted: Vec<NewEvent>,
+        writes: Vec<Write>,
+    },
     /// Succeeded and committed in the handler's own transaction.
     Committed,
     /// Already processed (in the inbox): acknowledge, do not run.
@@ -341,11 +349,15 @@ impl Dispatcher {
             .turn_micros
             .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
-            Ok((starts, inserted)) => {
+            Ok((starts, inserted, rejected)) => {
                 let completions = std::mem::take(&mut self.completions);
                 self.count(&completions);
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
-                for p in publishes {
+                for (i, p) in publishes.into_iter().enumerate() {
+                    if rejected.contains(&i) {
+                        let _ = p.reply.send(Err(anyhow::Error::new(crate::Rejected)));
+                        continue;
+                    }
                     let mine = p
                         .envs
                         .iter()
@@ -382,7 +394,7 @@ impl Dispatcher {
     fn count(&self, completions: &[Completion]) {
         for c in completions {
             let counter = match &c.finished {
-                Finished::Ok(_) | Finished::Committed => &self.stats.handled,
+                Finished::Ok { .. } | Finished::Committed => &self.stats.handled,
                 Finished::Duplicate => &self.stats.duplicates,
                 Finished::Failed {
                     outcome: Outcome::Timeout,
@@ -398,11 +410,77 @@ impl Dispatcher {
         &mut self,
         now: Timestamp,
         publishes: &[PublishReq],
-    ) -> anyhow::Result<(Vec<Start>, HashSet<EventId>)> {
+    ) -> anyhow::Result<(Vec<Start>, HashSet<EventId>, HashSet<usize>)> {
         let store = self.store.clone();
         let lease = self.lease(now);
+        // One writer at a time in this process, for the whole turn.
+        let gate = self.store.write_gate().await;
         let mut script = Script::new();
         script.push("BEGIN IMMEDIATE", []);
+        // Phase A: the guarded writes handlers declared. A handler whose
+        // guards all fail becomes a retry; one whose guards partly pass would
+        // leave half its writes, so the transaction is rolled back and redone
+        // without it.
+        // Publish requests' writes are tagged after the completions'.
+        let base = self.completions.len();
+        let mut rejected: HashSet<usize> = HashSet::new();
+        loop {
+            let guarded: Vec<(usize, &Write)> = self
+                .completions
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| match &c.finished {
+                    Finished::Ok { writes, .. } => Some((i, writes)),
+                    _ => None,
+                })
+                .chain(
+                    publishes
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| !rejected.contains(i))
+                        .map(|(i, p)| (base + i, &p.writes)),
+                )
+                .flat_map(|(i, ws)| ws.iter().filter(|w| w.is_guarded()).map(move |w| (i, w)))
+                .collect();
+            if guarded.is_empty() {
+                break;
+            }
+            let mut needed: HashMap<usize, usize> = HashMap::new();
+            for (i, _) in &guarded {
+                *needed.entry(*i).or_default() += 1;
+            }
+            script.guarded_writes(&guarded, now)?;
+            let rows = match std::mem::take(&mut script).run(&mut self.conn).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = Script::rollback(&mut self.conn).await;
+                    return Err(
+                        anyhow::Error::new(e).context("the dispatcher's transaction failed")
+                    );
+                }
+            };
+            let mut passed: HashMap<usize, usize> = HashMap::new();
+            for i in berth_store::writes::passed_guards(&guarded, &rows)? {
+                *passed.entry(i).or_default() += 1;
+            }
+            let mut partial = false;
+            for (i, n) in &needed {
+                let got = passed.get(i).copied().unwrap_or(0);
+                if got < *n {
+                    partial |= got > 0;
+                    if *i < base {
+                        self.completions[*i].finished = concurrent_update();
+                    } else {
+                        rejected.insert(*i - base);
+                    }
+                }
+            }
+            if !partial {
+                break;
+            }
+            let _ = Script::rollback(&mut self.conn).await;
+            script.push("BEGIN IMMEDIATE", []);
+        }
 
         // 1. Finished attempts.
         let mut inbox: Vec<(Arc<str>, EventId)> = Vec::new();
@@ -430,7 +508,7 @@ impl Dispatcher {
             };
             match &c.finished {
                 Finished::Committed => {}
-                Finished::Ok(emitted) => {
+                Finished::Ok { emitted, .. } => {
                     attempts.push(record(Outcome::Ok, None, None));
                     inbox.push((w.name.clone(), c.env.id));
                     delete.push((c.env.id, w.name.clone()));
@@ -526,12 +604,34 @@ impl Dispatcher {
             resched.iter().map(|(e, w, t)| (*e, &**w, *t)).collect();
         script.reschedule(&resched_rows);
         script.insert_dead_letters(&dead);
+        let plain: Vec<&Write> = self
+            .completions
+            .iter()
+            .filter_map(|c| match &c.finished {
+                Finished::Ok { writes, .. } => Some(writes.iter().filter(|w| !w.is_guarded())),
+                _ => None,
+            })
+            .flatten()
+            .chain(
+                publishes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !rejected.contains(i))
+                    .flat_map(|(_, p)| p.writes.iter().filter(|w| !w.is_guarded())),
+            )
+            .collect();
+        script.plain_writes(&plain, now);
 
         // 2. Everything to publish: events emitted by finished attempts and
         // failure events (fresh ids), and publish requests (which may repeat
         // an id already in the log: checked first when the last turn tripped
         // over one).
-        let mut requested: Vec<&Envelope> = publishes.iter().flat_map(|p| p.envs.iter()).collect();
+        let mut requested: Vec<&Envelope> = publishes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !rejected.contains(i))
+            .flat_map(|(_, p)| p.envs.iter())
+            .collect();
         if self.check_known && !requested.is_empty() {
             let ids: Vec<EventId> = requested.iter().map(|e| e.id).collect();
             let known = ops::known_events(&mut self.conn, &ids).await?;
@@ -638,6 +738,7 @@ impl Dispatcher {
                 return Err(anyhow::Error::new(e).context("the dispatcher's transaction failed"));
             }
         };
+        drop(gate);
         self.stats
             .commit_micros
             .fetch_add(c0.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -696,7 +797,7 @@ impl Dispatcher {
                 .dead_letters
                 .fetch_add(dead_count, Ordering::Relaxed);
         }
-        Ok((starts, seen))
+        Ok((starts, seen, rejected))
     }
 
     /// Reads the envelopes of deliveries claimed without one in memory (work
@@ -832,6 +933,7 @@ impl HandlerTask {
         let started_at = self.store.now();
         let t0 = tokio::time::Instant::now();
         let ctx = Ctx {
+            writes: Vec::new(),
             env: self.env.clone(),
             worker: self.name.clone(),
             store: self.store.clone(),
@@ -866,14 +968,20 @@ impl HandlerTask {
                     error: e.info(),
                 },
                 Ok(Ok(Ok(done))) => match done.tx {
-                    None => Finished::Ok(done.emitted),
-                    Some(tx) => self.commit_own(tx, done.emitted, started_at, t0.elapsed()).await,
+                    None => Finished::Ok {
+                        emitted: done.emitted,
+                        writes: done.writes,
+                    },
+                    Some(tx) => {
+                        self.commit_own(tx, done.emitted, done.writes, started_at, t0.elapsed())
+                            .await
+                    }
                 },
             },
         };
         let duration = t0.elapsed();
         match &finished {
-            Finished::Ok(_) | Finished::Committed => debug!(?duration, "handled"),
+            Finished::Ok { .. } | Finished::Committed => debug!(?duration, "handled"),
             Finished::Duplicate => debug!("already processed; skipped"),
             Finished::Abandoned => warn!("attempt abandoned by shutdown"),
             Finished::Failed { outcome, error, .. } => {
@@ -896,16 +1004,20 @@ impl HandlerTask {
         &self,
         mut tx: berth_store::Tx,
         emitted: Vec<NewEvent>,
+        writes: Vec<Write>,
         started_at: Timestamp,
         duration: Duration,
     ) -> Finished {
-        let result: anyhow::Result<bool> = async {
+        let result: anyhow::Result<Option<Finished>> = async {
             let now = self.store.now();
             if !ops::inbox_hits(tx.conn(), &self.name, &[self.env.id])
                 .await?
                 .is_empty()
             {
-                return Ok(false);
+                return Ok(Some(Finished::Duplicate));
+            }
+            if !berth_store::writes::apply(tx.conn(), &writes, now).await? {
+                return Ok(Some(concurrent_update()));
             }
             let mut s = Script::new();
             s.insert_inbox(&[(&*self.name, self.env.id)], now);
@@ -928,12 +1040,12 @@ impl HandlerTask {
                 .collect();
             tx.publish(&envs).await?;
             tx.commit().await?;
-            Ok(true)
+            Ok(None)
         }
         .await;
         match result {
-            Ok(true) => Finished::Committed,
-            Ok(false) => Finished::Duplicate,
+            Ok(None) => Finished::Committed,
+            Ok(Some(f)) => f,
             Err(e) => Finished::Failed {
                 outcome: Outcome::Retry,
                 kind: FailureKind::Retryable,
@@ -961,4 +1073,17 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 fn is_duplicate_event(e: &berth_store::sqlx::Error) -> bool {
     e.as_database_error()
         .is_some_and(|d| d.is_unique_violation() && d.message().contains("events.id"))
+}
+
+/// A step whose guarded write lost to a concurrent change: retried, so that
+/// its next attempt re-reads the record.
+fn concurrent_update() -> Finished {
+    Finished::Failed {
+        outcome: Outcome::Retry,
+        kind: FailureKind::Retryable,
+        error: ErrorInfo::new(
+            "concurrent_update",
+            "the record changed while the step ran; retrying with a fresh read",
+        ),
+    }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_core::{Envelope, ErrorInfo, EventPayload, NewEvent};
+use berth_store::writes::Write;
 use berth_store::{Store, Tx};
 
 /// The result of one attempt.
@@ -25,6 +26,7 @@ pub struct Ctx {
     pub(crate) store: Store,
     pub(crate) tx: Option<Tx>,
     pub(crate) emitted: Vec<NewEvent>,
+    pub(crate) writes: Vec<Write>,
 }
 
 impl fmt::Debug for Ctx {
@@ -84,6 +86,15 @@ impl Ctx {
         }
     }
 
+    /// Declares a write, applied with the acknowledgement in the dispatcher's
+    /// group commit (or in the handler's own transaction, if it opened one).
+    /// A guarded write whose guard fails makes the attempt a retryable
+    /// failure, with none of its writes or events applied. This is the fast
+    /// path: prefer it to [`Ctx::tx`] for the writes it can express.
+    pub fn write(&mut self, w: Write) {
+        self.writes.push(w);
+    }
+
     /// Emits an event; it is published only if the attempt succeeds.
     pub fn emit(&mut self, event: NewEvent) {
         self.emitted.push(event);
@@ -101,6 +112,7 @@ impl Ctx {
         Done {
             tx: self.tx,
             emitted: self.emitted,
+            writes: self.writes,
         }
     }
 }
@@ -110,6 +122,7 @@ impl Ctx {
 pub struct Done {
     pub(crate) tx: Option<Tx>,
     pub(crate) emitted: Vec<NewEvent>,
+    pub(crate) writes: Vec<Write>,
 }
 
 impl fmt::Debug for Done {

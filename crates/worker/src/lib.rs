@@ -30,6 +30,12 @@ pub use registry::{Registry, RegistryError, WorkerSpec};
 
 use dispatcher::{Dispatcher, DispatcherConfig, PublishReq};
 
+/// A publish whose guarded write did not hold (e.g. the name was taken):
+/// nothing of it was written.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("a guarded write of the publish did not hold; nothing was written")]
+pub struct Rejected;
+
 /// Knobs of the embedded dispatcher that are not per-worker policy.
 #[derive(Debug, Clone)]
 pub struct BusOptions {
@@ -98,9 +104,25 @@ impl Bus {
     /// Publishes envelopes (already stamped) in one group commit; returns the
     /// ids that were new (an id already in the log is a duplicate: ignored).
     pub async fn publish_all(&self, envs: Vec<Envelope>) -> anyhow::Result<HashSet<EventId>> {
+        self.publish_with(envs, Vec::new()).await
+    }
+
+    /// Publishes envelopes together with `writes`, in the same group commit:
+    /// the way to record state and the event announcing it at the price of a
+    /// share of one commit. If a guarded write's guard fails, nothing of the
+    /// request is written and the error is [`Rejected`].
+    pub async fn publish_with(
+        &self,
+        envs: Vec<Envelope>,
+        writes: Vec<berth_store::writes::Write>,
+    ) -> anyhow::Result<HashSet<EventId>> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(PublishReq { envs, reply })
+            .send(PublishReq {
+                envs,
+                writes,
+                reply,
+            })
             .await
             .map_err(|_| anyhow::anyhow!("the bus has shut down"))?;
         rx.await

@@ -1,0 +1,362 @@
+//! `berth-bench flows`: the instance creation flow, event-driven, against a
+//! synchronous baseline on the same runtime in the same process.
+//!
+//! The event-driven side creates `--count` instances with at most
+//! `--concurrency` in flight, each through `create_instance` and the
+//! workers, and measures create → `instance.running` (a watcher worker on
+//! that event wakes the waiting task). The baseline is the seed's ten-line
+//! function — save, ensure host, ensure network, build, save, create+start,
+//! save, attach, save IP, notify — called directly with the same runtime,
+//! store and concurrency.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use berth_core::domain::{ConditionKind, InstanceName, InstanceStatus};
+use berth_core::events::instance as ev;
+use berth_core::{Clock, EventPayload, IdGen, SeededRng, SystemClock};
+use berth_flows::{Deps, names};
+use berth_runtime::hosts::LocalProvider;
+use berth_runtime::sim::{SimConfig, SimLatency, SimRuntime};
+use berth_runtime::{
+    ContainerRuntime, ContainerSpec, HostId, ImageSpec, Limits, NetworkSpec, RuntimeError,
+};
+use berth_store::instances::{self, Instance, InstanceSpec};
+use berth_store::{Store, StoreOptions, Synchronous};
+use berth_worker::{BusOptions, Ctx, Policies, PolicyConfig, Registry, Workers, WorkersConfig};
+use tokio::sync::{Semaphore, oneshot};
+
+use crate::report::{peak_rss_mb, per_second, quantile, table};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// `sim` (the docker runtime is measured by its own crate's bench).
+    #[arg(long, default_value = "sim")]
+    runtime: String,
+    /// Instances created by each side.
+    #[arg(long, default_value_t = 5000)]
+    count: usize,
+    /// Creations in flight at once, on each side.
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Simulated latency of every engine operation.
+    #[arg(long, default_value_t = 0)]
+    op_latency_ms: u64,
+    /// SQLite `synchronous`: full or normal.
+    #[arg(long, default_value = "full")]
+    synchronous: String,
+}
+
+type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<bool>>>>;
+
+pub async fn run(args: Args) -> anyhow::Result<String> {
+    if args.runtime != "sim" {
+        anyhow::bail!("--runtime must be sim, got '{}'", args.runtime);
+    }
+    let synchronous = match args.synchronous.as_str() {
+        "full" => Synchronous::Full,
+        "normal" => Synchronous::Normal,
+        other => anyhow::bail!("--synchronous must be full or normal, got '{other}'"),
+    };
+    let tmp = tempfile::tempdir().context("cannot create the benchmark directory")?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let rng = Arc::new(SeededRng::new(1));
+    let ids = Arc::new(IdGen::new(clock.clone(), rng.clone()));
+    let store = Store::open(
+        &tmp.path().join("bench.db"),
+        StoreOptions {
+            synchronous,
+            ..StoreOptions::default()
+        },
+        clock,
+        ids,
+    )
+    .await?;
+    let host = HostId::new("local");
+    let sim = Arc::new(SimRuntime::new(
+        SimConfig::new(vec![host.clone()]).with_latency(SimLatency::uniform(
+            Duration::from_millis(args.op_latency_ms),
+        )),
+    ));
+    sim.add_base_image(&host, "busybox");
+    let deps = Arc::new(Deps {
+        runtime: sim.clone(),
+        hosts: Arc::new(LocalProvider),
+        limits: Limits::default(),
+    });
+    let mut reg = Registry::new();
+    berth_flows::register(&mut reg, deps.clone())?;
+    let waiters: Waiters = Arc::default();
+    let w = waiters.clone();
+    reg.register(
+        "bench.watch",
+        &[ev::Running::TYPE, ev::Failed::TYPE],
+        move |ctx: Ctx| {
+            let w = w.clone();
+            async move {
+                let ok = ctx.envelope().event_type == ev::Running::TYPE;
+                if let Some(id) = ctx.envelope().subject.as_deref()
+                    && let Some(tx) = w.lock().unwrap_or_else(|p| p.into_inner()).remove(id)
+                {
+                    let _ = tx.send(ok);
+                }
+                Ok(ctx.done())
+            }
+        },
+    )?;
+    // Every worker may hold as many deliveries as there are flows in flight.
+    let conc = i64::try_from(args.concurrency.max(16)).unwrap_or(1024);
+    let mut cfg = WorkersConfig::new();
+    cfg.insert(
+        "default".into(),
+        PolicyConfig {
+            concurrency: Some(conc),
+            ..PolicyConfig::default()
+        },
+    );
+    let policies = Policies::resolve(&cfg, reg.names())
+        .map_err(|e| anyhow::anyhow!("bad bench policy: {e:?}"))?;
+    let workers = Workers::start(
+        store.clone(),
+        &reg,
+        &policies,
+        BusOptions {
+            rng,
+            ..BusOptions::default()
+        },
+    )
+    .await?;
+
+    // Event-driven.
+    let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..args.count {
+        let permit = sem.clone().acquire_owned().await?;
+        let store = store.clone();
+        let bus = workers.bus();
+        let waiters = waiters.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let name = InstanceName::parse(&format!("i{n}"))?;
+            let start = Instant::now();
+            let (tx, rx) = oneshot::channel();
+            let (inst, _) = berth_flows::create_instance_on(&bus, "bench", name, spec()).await?;
+            waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(inst.id.clone(), tx);
+            // The flow may have ended before the waiter was in place.
+            let now = {
+                let mut c = store.pool().acquire().await?;
+                instances::get(&mut c, &inst.id).await?
+            };
+            let ok = match now.map(|i| i.status) {
+                Some(s) if s.is_terminal() => {
+                    waiters
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&inst.id);
+                    s == InstanceStatus::Running
+                }
+                _ => rx.await.unwrap_or(false),
+            };
+            anyhow::ensure!(ok, "instance {} failed", inst.id);
+            anyhow::Ok(start.elapsed().as_micros() as u64)
+        });
+        while let Some(r) = tasks.try_join_next() {
+            r??;
+        }
+    }
+    let mut lat = Vec::with_capacity(args.count);
+    while let Some(r) = tasks.join_next().await {
+        lat.push(r??);
+    }
+    let elapsed = t0.elapsed();
+    workers.shutdown().await?;
+
+    // The synchronous baseline on the same runtime and store.
+    let t1 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..args.count {
+        let permit = sem.clone().acquire_owned().await?;
+        let store = store.clone();
+        let rt: Arc<dyn ContainerRuntime> = sim.clone();
+        let host = host.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let start = Instant::now();
+            create_synchronously(&store, &*rt, &host, n).await?;
+            anyhow::Ok(start.elapsed().as_micros() as u64)
+        });
+        while let Some(r) = tasks.try_join_next() {
+            r??;
+        }
+    }
+    let mut base = Vec::with_capacity(args.count);
+    while let Some(r) = tasks.join_next().await {
+        base.push(r??);
+    }
+    let base_elapsed = t1.elapsed();
+    store.pool().close().await;
+
+    lat.sort_unstable();
+    base.sort_unstable();
+    let ms = |us: u64| us as f64 / 1000.0;
+    let p50 = ms(quantile(&lat, 0.5));
+    let p99 = ms(quantile(&lat, 0.99));
+    let b50 = ms(quantile(&base, 0.5));
+    let b99 = ms(quantile(&base, 0.99));
+    let flows_per_s = per_second(args.count as u64, elapsed);
+    let base_per_s = per_second(args.count as u64, base_elapsed);
+    let ratio = if b50 > 0.0 { p50 / b50 } else { 0.0 };
+    let rss = peak_rss_mb().unwrap_or(0.0);
+    table(
+        "berth-bench flows",
+        &[
+            (
+                "runtime",
+                format!("sim, {} ms per operation", args.op_latency_ms),
+            ),
+            (
+                "flows × concurrency",
+                format!("{} × {}", args.count, args.concurrency),
+            ),
+            ("event-driven flows/s", format!("{flows_per_s:.0}")),
+            (
+                "  create→running p50 / p99",
+                format!("{p50:.2} ms / {p99:.2} ms"),
+            ),
+            ("synchronous flows/s", format!("{base_per_s:.0}")),
+            (
+                "  create→running p50 / p99",
+                format!("{b50:.2} ms / {b99:.2} ms"),
+            ),
+            ("ratio p50 (event / sync)", format!("{ratio:.3}")),
+            ("peak RSS", format!("{rss:.1} MiB")),
+        ],
+    );
+    Ok(serde_json::json!({
+        "bench": "flows",
+        "runtime": args.runtime,
+        "count": args.count,
+        "concurrency": args.concurrency,
+        "op_latency_ms": args.op_latency_ms,
+        "flows_per_s": flows_per_s.round(),
+        "create_to_running_p50_ms": (p50 * 100.0).round() / 100.0,
+        "create_to_running_p99_ms": (p99 * 100.0).round() / 100.0,
+        "baseline_flows_per_s": base_per_s.round(),
+        "baseline_p50_ms": (b50 * 100.0).round() / 100.0,
+        "baseline_p99_ms": (b99 * 100.0).round() / 100.0,
+        "ratio_p50": (ratio * 1000.0).round() / 1000.0,
+        "peak_rss_mb": (rss * 10.0).round() / 10.0,
+    })
+    .to_string())
+}
+
+fn spec() -> InstanceSpec {
+    InstanceSpec {
+        image: "busybox".into(),
+        env: Default::default(),
+        cmd: Some(vec!["sleep".into(), "3600".into()]),
+        ports: vec![],
+        restart: Default::default(),
+    }
+}
+
+/// The seed's synchronous function: every step in sequence, each record
+/// saved as it goes, no retries and no compensation.
+async fn create_synchronously(
+    store: &Store,
+    rt: &dyn ContainerRuntime,
+    host: &HostId,
+    n: usize,
+) -> anyhow::Result<()> {
+    let engine = |e: RuntimeError| anyhow::anyhow!(e);
+    // save instance
+    let mut inst = berth_flows::new_instance(
+        store,
+        "baseline",
+        InstanceName::parse(&format!("b{n}"))?,
+        spec(),
+    );
+    let mut tx = store.begin().await?;
+    instances::insert(tx.conn(), &inst).await?;
+    tx.commit().await?;
+    // ensure host
+    rt.ping(host).await.map_err(engine)?;
+    inst.host = Some(host.to_string());
+    // ensure network
+    let net = names::network(&inst.org_id);
+    if rt.find_network(host, &net).await.map_err(engine)?.is_none() {
+        match rt
+            .create_network(
+                host,
+                &NetworkSpec {
+                    name: net.clone(),
+                    labels: names::network_labels(&inst.org_id),
+                },
+            )
+            .await
+        {
+            Ok(_) | Err(RuntimeError::Conflict { .. }) => {}
+            Err(e) => return Err(engine(e)),
+        }
+    }
+    inst.network = Some(net.clone());
+    // build image, save build
+    let tag = names::image(&inst);
+    rt.build_image(
+        host,
+        &ImageSpec {
+            tag: tag.clone(),
+            base: inst.spec.image.clone(),
+            env: vec![],
+            cmd: inst.spec.cmd.clone(),
+            labels: names::instance_labels(&inst),
+        },
+    )
+    .await
+    .map_err(engine)?;
+    inst.image_tag = Some(tag.clone());
+    save(store, &mut inst, ConditionKind::ImageBuilt).await?;
+    // create + start container, save container
+    let name = names::container(&inst);
+    rt.create_container(
+        host,
+        &ContainerSpec {
+            name: name.clone(),
+            image: tag,
+            labels: names::instance_labels(&inst),
+            limits: Limits::default(),
+        },
+    )
+    .await
+    .map_err(engine)?;
+    rt.start_container(host, &name).await.map_err(engine)?;
+    inst.container = Some(name.clone());
+    save(store, &mut inst, ConditionKind::ContainerStarted).await?;
+    // attach, save IP
+    let ip = rt
+        .connect_network(host, &net, &name, inst.name.as_str())
+        .await
+        .map_err(engine)?;
+    inst.ip = Some(ip);
+    inst.status = InstanceStatus::Running;
+    save(store, &mut inst, ConditionKind::NetworkAttached).await?;
+    // notify: nothing listens in the seed either.
+    Ok(())
+}
+
+async fn save(store: &Store, inst: &mut Instance, cond: ConditionKind) -> anyhow::Result<()> {
+    inst.conditions.set(cond, true, "Done", "", store.now());
+    let mut tx = store.begin().await?;
+    anyhow::ensure!(
+        instances::update(tx.conn(), inst, store.now()).await?,
+        "lost update on {}",
+        inst.id
+    );
+    tx.commit().await
+}
