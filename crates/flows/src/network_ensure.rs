@@ -8,6 +8,7 @@ use berth_core::EventPayload;
 use berth_core::domain::ConditionKind;
 use berth_core::events::instance as ev;
 use berth_runtime::{HostId, NetworkSpec, RuntimeError};
+use berth_store::instances;
 use berth_worker::{Ctx, HandlerResult, Registry, RegistryError};
 
 use crate::step::{self, creating, engine};
@@ -23,11 +24,27 @@ pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError
 async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
     let p: ev::HostReady = ctx.payload()?;
     let mut inst = step::load(&ctx, &p.instance_id).await?;
+    let host = HostId::new(p.host.clone());
+    let name = names::network(&inst.org_id);
+    if step::abandoned(&inst, p.generation) {
+        // The other branch failed first: its clean-up may have looked for the
+        // network before an earlier attempt of ours created it. Remove it
+        // unless the org has something else on the host.
+        let others = {
+            let mut conn = ctx.store().pool().acquire().await?;
+            instances::others_on_host(&mut conn, &inst.org_id, host.as_str(), &inst.id).await?
+        };
+        if others == 0 {
+            match deps.runtime.remove_network(&host, &name).await {
+                Ok(()) | Err(RuntimeError::Conflict { .. }) => {}
+                Err(e) => return Err(engine(e)),
+            }
+        }
+        return Ok(ctx.done());
+    }
     if !creating(&inst, p.generation) {
         return Ok(ctx.done());
     }
-    let host = HostId::new(p.host.clone());
-    let name = names::network(&inst.org_id);
     if deps
         .runtime
         .find_network(&host, &name)

@@ -1,0 +1,597 @@
+//! The Docker runtime's operations on the engine of this machine, one by one:
+//! connecting, building without pulling, containers (limits, isolation,
+//! idempotent removal), networks (aliases, duplicates, detaching), engine
+//! events (start, die with the exit code, replay from `since`), logs (tail,
+//! follow) and the labelled sweep.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use berth_docker::DockerRuntime;
+use berth_docker::bollard::query_parameters::{InspectContainerOptions, KillContainerOptions};
+use berth_runtime::{
+    ContainerRuntime, ContainerSpec, ContainerState, EngineEvent, EngineEventKind, HostId,
+    ImageSpec, Labels, Limits, NetworkSpec, ResourceKind, RuntimeError,
+};
+use common::{BASE, Sweep, exec, local, reaches, unique, until};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+const TEST_LABEL: &str = "berth.test";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn labels(run: &str) -> Labels {
+    Labels::from([(TEST_LABEL.to_owned(), run.to_owned())])
+}
+
+fn image_spec(run: &str, name: &str, cmd: &[&str]) -> ImageSpec {
+    ImageSpec {
+        tag: format!("berth-test/{run}/{name}:1"),
+        base: BASE.to_owned(),
+        env: vec![],
+        cmd: Some(cmd.iter().map(|s| (*s).to_owned()).collect()),
+        labels: labels(run),
+    }
+}
+
+fn container_spec(run: &str, name: &str, image: &str) -> ContainerSpec {
+    ContainerSpec {
+        name: format!("berth-test-{run}-{name}"),
+        image: image.to_owned(),
+        labels: labels(run),
+        limits: Limits::default(),
+    }
+}
+
+/// Builds an image running `cmd` and creates a container from it.
+async fn container(rt: &DockerRuntime, run: &str, name: &str, cmd: &[&str]) -> String {
+    let host = local();
+    let built = rt
+        .build_image(&host, &image_spec(run, name, cmd))
+        .await
+        .unwrap();
+    let spec = container_spec(run, name, &built.image.tag);
+    rt.create_container(&host, &spec).await.unwrap();
+    spec.name
+}
+
+async fn next_event(
+    events: &mut BoxStream<'static, Result<EngineEvent, RuntimeError>>,
+) -> EngineEvent {
+    tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("no engine event in time")
+        .expect("the event stream ended")
+        .expect("an event, not an error")
+}
+
+#[tokio::test]
+async fn connecting_where_no_engine_answers_says_where() {
+    let host = HostId::new("h1");
+    for endpoint in [
+        "unix:///nonexistent/docker.sock",
+        "tcp://127.0.0.1:1",
+        "ftp://example",
+    ] {
+        let Err(e) = DockerRuntime::connect(vec![(host.clone(), endpoint.to_owned())]).await else {
+            panic!("{endpoint} connected");
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("no Docker engine at {endpoint}: ")),
+            "{msg}"
+        );
+        assert!(msg.len() > endpoint.len() + 22, "the cause is given: {msg}");
+        assert!(RuntimeError::from(e).is_retryable());
+    }
+}
+
+#[tokio::test]
+async fn the_api_version_is_negotiated_down_to_the_engines() {
+    let Some(rt) = common::engine().await else {
+        return;
+    };
+    let v = rt.api_version(&local()).unwrap();
+    let (major, minor) = v.split_once('.').unwrap();
+    assert_eq!(major, "1");
+    assert!(minor.parse::<u32>().unwrap() >= 24, "{v}");
+    eprintln!("engine API {v} at {}", rt.endpoint(&local()).unwrap());
+    rt.ping(&local()).await.unwrap();
+    let unknown = rt.ping(&HostId::new("nowhere")).await.unwrap_err();
+    assert_eq!(unknown.code(), "engine_unavailable");
+}
+
+#[tokio::test]
+async fn an_image_gets_env_cmd_and_labels_from_a_generated_dockerfile() {
+    let Some(rt) = common::engine().await else {
+        return;
+    };
+    let run = unique("img");
+    let _sweep = Sweep::new(TEST_LABEL, &[&run]);
+    let host = local();
+    let tricky = r#"a "quoted" $HOME and \ backslash"#;
+    let mut spec = image_spec(
+        &run,
+        "env",
+        &["sh", "-c", "echo \"$GREETING\"; echo \"$TRICKY\""],
+    );
+    spec.env = vec![
+        ("GREETING".to_owned(), "hi there".to_owned()),
+        ("TRICKY".to_owned(), tricky.to_owned()),
+    ];
+    spec.labels.insert("berth.org".to_owned(), "o".to_owned());
+
+    let built = rt.build_image(&host, &spec).await.unwrap();
+    assert_eq!(built.image.tag, spec.tag);
+    assert!(built.image.id.starts_with("sha256:"), "{:?}", built.image);
+    assert_eq!(built.image.labels.get(TEST_LABEL), Some(&run));
+    assert!(
+        built
+            .log_tail
+            .iter()
+            .any(|l| l.contains("Successfully tagged")),
+        "{:?}",
+        built.log_tail
+    );
+    assert!(built.log_tail.len() <= 20);
+    let found = rt.find_image(&host, &spec.tag).await.unwrap().unwrap();
+    assert_eq!(found.id, built.image.id);
+    assert_eq!(found.labels.get("berth.org").map(String::as_str), Some("o"));
+
+    // The env and the command made it, taken literally.
+    let name = container_spec(&run, "env", &spec.tag).name;
+    rt.create_container(&host, &container_spec(&run, "env", &spec.tag))
+        .await
+        .unwrap();
+    rt.start_container(&host, &name).await.unwrap();
+    let lines = until(WAIT, "the container's output", || async {
+        let lines: Vec<String> = rt
+            .logs(&host, &name, 10, false)
+            .map(|l| l.unwrap())
+            .collect()
+            .await;
+        (lines.len() >= 2).then_some(lines)
+    })
+    .await;
+    assert_eq!(lines, vec!["hi there".to_owned(), tricky.to_owned()]);
+
+    // Rebuilding replaces the tag; removing twice is fine.
+    rt.build_image(&host, &spec).await.unwrap();
+    rt.remove_container(&host, &name).await.unwrap();
+    rt.remove_image(&host, &spec.tag).await.unwrap();
+    rt.remove_image(&host, &spec.tag).await.unwrap();
+    assert!(rt.find_image(&host, &spec.tag).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_missing_base_is_image_not_found_and_nothing_is_pulled() {
+    let Some(rt) = common::engine().await else {
+        return;
+    };
+    let run = unique("nobase");
+    let _sweep = Sweep::new(TEST_LABEL, &[&run]);
+    let host = local();
+    let mut spec = image_spec(&run, "web", &["true"]);
+    spec.base = format!("berth-no-such-base-{run}:1");
+    let err = rt.build_image(&host, &spec).await.unwrap_err();
+    assert_eq!(err.code(), "image_not_found", "{err}");
+    assert!(
+        matches!(&err, RuntimeError::NotFound { what, name, .. } if what == "image" && *name == spec.base),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+    assert!(rt.find_image(&host, &spec.tag).await.unwrap().is_none());
+
+    // A reference the engine cannot parse, and a value a Dockerfile cannot
+    // hold, are invalid requests, not missing images.
+    spec.base = "Upper/Case:1".to_owned();
+    let err = rt.build_image(&host, &spec).await.unwrap_err();
+    assert_eq!(err.code(), "invalid_request", "{err}");
+    let mut spec = image_spec(&run, "web", &["true"]);
+    spec.env = vec![("A".to_owned(), "two\nlines".to_owned())];
+    let err = rt.build_image(&host, &spec).await.unwrap_err();
+    assert_eq!(err.code(), "invalid_request", "{err}");
+
+    // A container of a missing image is image_not_found too.
+    let err = rt
+        .create_container(&host, &container_spec(&run, "x", "berth-no-such-image:1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "image_not_found", "{err}");
+}
+
+#[tokio::test]
+async fn containers_get_their_limits_no_privileges_and_no_network_until_attached() {
+    let Some(rt) = common::engine().await else {
+        return;
+    };
+    let run = unique("ctr");
+    let _sweep = Sweep::new(TEST_LABEL, &[&run]);
+    let host = local();
+    let docker = rt.client(&host).unwrap();
+    let built = rt
+        .build_image(&host, &image_spec(&run, "c", &["sleep", "3600"]))
+        .await
+        .unwrap();
+    let mut spec = container_spec(&run, "c", &built.image.tag);
+    spec.limits = Limits {
+        memory_bytes: Some(64 * 1024 * 1024),
+        nano_cpus: Some(500_000_000),
+        pids: Some(64),
+    };
+    let created = rt.create_container(&host, &spec).await.unwrap();
+    assert_eq!(created.name, spec.name);
+    assert_eq!(created.image, spec.image);
+    assert_eq!(created.state, ContainerState::Created);
+    assert_eq!(created.labels.get(TEST_LABEL), Some(&run));
+    assert!(created.networks.is_empty(), "{:?}", created.networks);
+
+    let inspected = docker
+        .inspect_container(&spec.name, None::<InspectContainerOptions>)
+        .await
+        .unwrap();
+    let hc = inspected.host_config.unwrap();
+    assert_eq!(hc.memory, Some(64 * 1024 * 1024));
+    assert_eq!(hc.nano_cpus, Some(500_000_000));
+    assert_eq!(hc.pids_limit, Some(64));
+    assert_eq!(hc.privileged, Some(false));
+    assert_eq!(hc.network_mode.as_deref(), Some("none"));
+    assert!(hc.binds.unwrap_or_default().is_empty());
+    assert!(hc.mounts.unwrap_or_default().is_empty());
+
+    let again = rt.create_container(&host, &spec).await.unwrap_err();
+    assert_eq!(again.code(), "conflict", "{again}");
+
+    rt.start_container(&host, &spec.name).await.unwrap();
+    rt.start_container(&host, &spec.name).await.unwrap();
+    let running = rt.find_container(&host, &spec.name).await.unwrap().unwrap();
+    assert_eq!(running.state, ContainerState::Running);
+    // Only loopback: the container is on no network yet.
+    let (code, out) = exec(docker, &spec.name, &["cat", "/proc/net/route"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1, "no route but the header: {out}");
+
+    rt.stop_container(&host, &spec.name, Duration::ZERO)
+        .await
+        .unwrap();
+    let stopped = rt.find_container(&host, &spec.name).await.unwrap().unwrap();
+    assert!(
+        matches!(
+            stopped.state,
+            ContainerState::Exited {
+                exit_code: 137,
+                oom_killed: false
+            }
+        ),
+        "{:?}",
+        stopped.state
+    );
+    rt.stop_container(&host, &spec.name, Duration::ZERO)
+        .await
+        .unwrap();
+
+    let missing = format!("berth-test-{run}-missing");
+    let err = rt.start_container(&host, &missing).await.unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::NotFound { what, .. } if what == "container"),
+        "{err:?}"
+    );
+    let err = rt
+        .stop_container(&host, &missing, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "not_found");
+    assert!(rt.find_container(&host, &missing).await.unwrap().is_none());
+
+    // Removal stops a running container first, and repeats.
+    rt.start_container(&host, &spec.name).await.unwrap();
+    rt.remove_container(&host, &spec.name).await.unwrap();
+    rt.remove_container(&host, &spec.name).await.unwrap();
+    assert!(
+        rt.find_container(&host, &spec.name)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn networks_attach_by_alias_once_and_refuse_duplicates() {
+    let Some(rt) = common::engine().await else {
+        return;
+    };
+    let run = unique("net");
+    let _sweep = Sweep::new(TEST_LABEL, &[&run]);
+    let host = local();
+    let docker = rt.client(&host).unwrap();
+    let net = format!("berth-test-{run}");
+    let spec = NetworkSpec {
+        name: net.clone(),
+        labels: labels(&run),
+    };
+
+    // Racing creates (API 1.41 would accept duplicates): one network.
+    let results = futures::future::join_all((0..4).map(|_| rt.create_network(&host, &spec))).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 1, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| e.code() == "conflict"),
+        "{results:?}"
+    );
+    let found = rt.find_network(&host, &net).await.unwrap().unwrap();
+    assert_eq!(found.labels.get(TEST_LABEL), Some(&run));
+    let same_name = rt
+        .list_labelled(&host, TEST_LABEL)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == ResourceKind::Network && r.name == net)
+        .count();
+    assert_eq!(same_name, 1);
+
+    let server = container(&rt, &run, "srv", &["httpd", "-f", "-p", "8080"]).await;
+    let client = container(&rt, &run, "cli", &["sleep", "3600"]).await;
+    for c in [&server, &client] {
+        rt.start_container(&host, c).await.unwrap();
+    }
+    let ip = rt
+        .connect_network(&host, &net, &server, "web")
+        .await
+        .unwrap();
+    assert!(!ip.is_empty());
+    assert_eq!(
+        rt.connect_network(&host, &net, &server, "web")
+            .await
+            .unwrap(),
+        ip,
+        "attaching twice gives the same IP"
+    );
+    let info = rt.find_container(&host, &server).await.unwrap().unwrap();
+    assert_eq!(info.networks, BTreeMap::from([(net.clone(), ip.clone())]));
+
+    rt.connect_network(&host, &net, &client, "cli")
+        .await
+        .unwrap();
+    assert!(reaches(docker, &client, "web", 8080).await, "by alias");
+    assert!(reaches(docker, &client, &ip, 8080).await, "by IP");
+
+    // A container attached before it starts gets its address at start.
+    let late = container(&rt, &run, "late", &["httpd", "-f", "-p", "8080"]).await;
+    rt.connect_network(&host, &net, &late, "late")
+        .await
+        .unwrap();
+    rt.start_container(&host, &late).await.unwrap();
+    let late_ip = rt
+        .find_container(&host, &late)
+        .await
+        .unwrap()
+        .unwrap()
+        .networks[&net]
+        .clone();
+    assert!(!late_ip.is_empty());
+    assert!(reaches(docker, &client, "late", 8080).await);
+
+    let err = rt.remove_network(&host, &net).await.unwrap_err();
+    assert_eq!(err.code(), "conflict", "in use: {err}");
+    rt.disconnect_network(&host, &net, &server).await.unwrap();
+    rt.disconnect_network(&host, &net, &server).await.unwrap();
+    assert!(!reaches(docker, &client, "web", 8080).await, "detached");
+    rt.disconnect_network(&host, &net, "berth-test-no-such-container")
+        .await
+        .unwrap();
+    let err = rt
+        .connect_network(&host, &format!("{net}-missing"), &server, "web")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::NotFound { what, .. } if what == "network"),
+        "{err:?}"
+    );
+
+    for c in [&server, &client, &late] {
+        rt.remove_container(&host, c).await.unwrap();
+    }
+    rt.remove_network(&host, &net).await.unwrap();
+    rt.remove_network(&host, &net).await.unwrap();
+    assert!(rt.find_network(&host, &net).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn engine_events_report_start_and_die_and_replay_from_since() {
+    let Some(rt) = common::engine().await else {
+        return;
+    };
+    let run = unique("ev");
+    let _sweep = Sweep::new(TEST_LABEL, &[&run]);
+    let host = local();
+    // A label key only this run's containers carry, so other tests' events
+    // stay out of this stream.
+    let key = format!("berth.test.{run}");
+    let mut spec = image_spec(&run, "ev", &["sh", "-c", "exit 3"]);
+    spec.labels.insert(key.clone(), "yes".to_owned());
+    let built = rt.build_image(&host, &spec).await.unwrap();
+    let name = container_spec(&run, "ev", &built.image.tag).name;
+    rt.create_container(&host, &container_spec(&run, "ev", &built.image.tag))
+        .await
+        .unwrap();
+
+    let mut live = rt.events(&host, &key, None);
+    rt.start_container(&host, &name).await.unwrap();
+    let start = next_event(&mut live).await;
+    assert_eq!(start.kind, EngineEventKind::Start);
+    assert_eq!(start.container, name);
+    assert_eq!(start.host, host);
+    assert_eq!(start.labels.get(&key).map(String::as_str), Some("yes"));
+    assert_eq!(start.labels.get(TEST_LABEL), Some(&run));
+    let die = next_event(&mut live).await;
+    assert_eq!(die.kind, EngineEventKind::Die { exit_code: 3 });
+    assert!(die.at >= start.at);
+    let exited = rt.find_container(&host, &name).await.unwrap().unwrap();
+    assert!(
+        matches!(exited.state, ContainerState::Exited { exit_code: 3, .. }),
+        "{:?}",
+        exited.state
+    );
+
+    // Resubscribing from the last seen time misses nothing.
+    let mut replay = rt.events(&host, &key, Some(start.at));
+    assert_eq!(next_event(&mut replay).await, start);
+    assert_eq!(next_event(&mut replay).await, die);
+
+    // Killed from outside: a die with the signal's exit code.
+    let mut spec = image_spec(&run, "kill", &["sleep", "3600"]);
+    spec.labels.insert(key.clone(), "yes".to_owned());
+    let built = rt.build_image(&host, &spec).await.unwrap();
+    let victim = container_spec(&run, "kill", &built.image.tag);
+    rt.create_container(&host, &victim).await.unwrap();
+    rt.start_container(&host, &victim.name).await.unwrap();
+    assert_eq!(next_event(&mut live).await.kind, EngineEventKind::Start);
+    rt.client(&host)
+        .unwrap()
+        .kill_container(&victim.name, None::<KillContainerOptions>)
+        .await
+        .unwrap();
+    let killed = next_event(&mut live).await;
+    assert_eq!(killed.container, victim.name);
+    assert_eq!(killed.kind, EngineEventKind::Die { exit_code: 137 });
+}
+
+#[tokio::test]
+async fn logs_give_the_tail_then_follow() {
+    let Some(rt) = common::engine().await else {
+        return;
+    };
+    let run = unique("logs");
+    let _sweep = Sweep::new(TEST_LABEL, &[&run]);
+    let host = local();
+    // Docker copies stdout and stderr separately, so their relative order
+    // in the log is only certain with time between them.
+    let script = "echo err >&2; sleep 0.3; echo one; echo two; echo three; \
+                  while [ ! -e /tmp/go ]; do sleep 0.05; done; echo four; sleep 3600";
+    let name = container(&rt, &run, "logs", &["sh", "-c", script]).await;
+    rt.start_container(&host, &name).await.unwrap();
+    let all = until(WAIT, "four lines of output", || async {
+        let all: Vec<String> = rt
+            .logs(&host, &name, usize::MAX, false)
+            .map(|l| l.unwrap())
+            .collect()
+            .await;
+        (all.len() >= 4).then_some(all)
+    })
+    .await;
+    assert_eq!(all, ["err", "one", "two", "three"], "stderr included");
+    let last2: Vec<String> = rt
+        .logs(&host, &name, 2, false)
+        .map(|l| l.unwrap())
+        .collect()
+        .await;
+    assert_eq!(last2, ["two", "three"]);
+
+    let mut follow = rt.logs(&host, &name, 1, true);
+    let first = tokio::time::timeout(WAIT, follow.next()).await.unwrap();
+    assert_eq!(first.unwrap().unwrap(), "three");
+    let (code, _) = exec(rt.client(&host).unwrap(), &name, &["touch", "/tmp/go"]).await;
+    assert_eq!(code, 0);
+    let next = tokio::time::timeout(WAIT, follow.next()).await.unwrap();
+    assert_eq!(next.unwrap().unwrap(), "four");
+
+    let err = rt
+        .logs(&host, &format!("{name}-missing"), 5, false)
+        .next()
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), "not_found", "{err}");
+}
+
+#[tokio::test]
+async fn the_labelled_sweep_lists_networks_images_and_containers() {
+    let Some(rt) = common::engine().await else {
+        return;
+    };
+    let run = unique("list");
+    let _sweep = Sweep::new(TEST_LABEL, &[&run]);
+    let host = local();
+    let net = format!("berth-test-{run}");
+    rt.create_network(
+        &host,
+        &NetworkSpec {
+            name: net.clone(),
+            labels: labels(&run),
+        },
+    )
+    .await
+    .unwrap();
+    let name = container(&rt, &run, "l", &["true"]).await;
+    let mut mine: Vec<(ResourceKind, String)> = rt
+        .list_labelled(&host, TEST_LABEL)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.labels.get(TEST_LABEL) == Some(&run))
+        .map(|r| (r.kind, r.name))
+        .collect();
+    mine.sort_by_key(|(k, n)| (format!("{k:?}"), n.clone()));
+    assert_eq!(
+        mine,
+        vec![
+            (ResourceKind::Container, name),
+            (ResourceKind::Image, format!("berth-test/{run}/l:1")),
+            (ResourceKind::Network, net),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn duplicate_networks_made_elsewhere_resolve_to_one_and_are_all_removed() {
+    let Some(rt) = common::engine().await else {
+        return;
+    };
+    let run = unique("dup");
+    let _sweep = Sweep::new(TEST_LABEL, &[&run]);
+    let host = local();
+    let docker = rt.client(&host).unwrap();
+    let net = format!("berth-test-{run}");
+    // Another process's duplicates, made behind the runtime's back (engines
+    // before API 1.44 accept them; newer ones refuse the second).
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let request = berth_docker::bollard::models::NetworkCreateRequest {
+            name: net.clone(),
+            labels: Some(labels(&run).into_iter().collect()),
+            ..Default::default()
+        };
+        if let Ok(created) = docker.create_network(request).await {
+            ids.push(created.id);
+        }
+    }
+    ids.sort();
+    assert!(!ids.is_empty());
+    let found = rt.find_network(&host, &net).await.unwrap().unwrap();
+    assert_eq!(found.id, ids[0], "the lowest id");
+    let err = rt
+        .create_network(
+            &host,
+            &NetworkSpec {
+                name: net.clone(),
+                labels: labels(&run),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "conflict");
+
+    let c = container(&rt, &run, "c", &["sleep", "3600"]).await;
+    rt.start_container(&host, &c).await.unwrap();
+    let ip = rt.connect_network(&host, &net, &c, "c").await.unwrap();
+    assert!(!ip.is_empty());
+    rt.remove_container(&host, &c).await.unwrap();
+    rt.remove_network(&host, &net).await.unwrap();
+    assert!(rt.find_network(&host, &net).await.unwrap().is_none());
+}
