@@ -133,6 +133,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut lat = Vec::with_capacity(args.count);
     for n in 0..args.count {
         let permit = sem.clone().acquire_owned().await?;
         let store = store.clone();
@@ -167,10 +168,9 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
             anyhow::Ok(start.elapsed().as_micros() as u64)
         });
         while let Some(r) = tasks.try_join_next() {
-            r??;
+            lat.push(r??);
         }
     }
-    let mut lat = Vec::with_capacity(args.count);
     while let Some(r) = tasks.join_next().await {
         lat.push(r??);
     }
@@ -180,6 +180,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     // The synchronous baseline on the same runtime and store.
     let t1 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut base = Vec::with_capacity(args.count);
     for n in 0..args.count {
         let permit = sem.clone().acquire_owned().await?;
         let store = store.clone();
@@ -192,16 +193,22 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
             anyhow::Ok(start.elapsed().as_micros() as u64)
         });
         while let Some(r) = tasks.try_join_next() {
-            r??;
+            base.push(r??);
         }
     }
-    let mut base = Vec::with_capacity(args.count);
     while let Some(r) = tasks.join_next().await {
         base.push(r??);
     }
     let base_elapsed = t1.elapsed();
     store.pool().close().await;
 
+    anyhow::ensure!(
+        lat.len() == args.count && base.len() == args.count,
+        "lost measurements: {} and {} of {}",
+        lat.len(),
+        base.len(),
+        args.count
+    );
     lat.sort_unstable();
     base.sort_unstable();
     let ms = |us: u64| us as f64 / 1000.0;

@@ -57,7 +57,10 @@ fn error_codes_in(text: &str) -> Vec<String> {
         while let Some(i) = rest.find(marker) {
             rest = &rest[i + marker.len()..];
             let tail = rest.trim_start();
-            let Some(tail) = tail.strip_prefix('"').or(marker.ends_with('"').then_some(tail)) else {
+            let Some(tail) = tail
+                .strip_prefix('"')
+                .or(marker.ends_with('"').then_some(tail))
+            else {
                 continue;
             };
             let code: String = tail
@@ -91,12 +94,25 @@ fn every_error_code_has_a_page_under_docs_errors() {
             codes.insert(c);
         }
     }
-    for expected in ["image_not_found", "flow_timeout", "engine_unavailable", "timeout", "conflict", "commit_failed"] {
-        assert!(codes.contains(expected), "the scan missed {expected}: {codes:?}");
+    for expected in [
+        "image_not_found",
+        "flow_timeout",
+        "engine_unavailable",
+        "timeout",
+        "conflict",
+        "commit_failed",
+    ] {
+        assert!(
+            codes.contains(expected),
+            "the scan missed {expected}: {codes:?}"
+        );
     }
     let missing: Vec<&String> = codes
         .iter()
         .filter(|c| !root.join("docs/errors").join(format!("{c}.md")).exists())
         .collect();
-    assert!(missing.is_empty(), "error codes without a page under docs/errors/: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "error codes without a page under docs/errors/: {missing:?}"
+    );
 }

@@ -50,7 +50,11 @@ impl Script {
     /// Appends guarded writes; each that passes returns a row, which
     /// [`passed_guards`] maps back to the `usize` tag (the owner) it was
     /// given with.
-    pub fn guarded_writes(&mut self, writes: &[(usize, &Write)], at: berth_core::Timestamp) -> anyhow::Result<()> {
+    pub fn guarded_writes(
+        &mut self,
+        writes: &[(usize, &Write)],
+        at: berth_core::Timestamp,
+    ) -> anyhow::Result<()> {
         for (tag, w) in writes {
             let tag = Arg::Int(i64::try_from(*tag).unwrap_or(i64::MAX));
             match w {
@@ -158,7 +162,11 @@ pub async fn apply(
     writes: &[Write],
     at: berth_core::Timestamp,
 ) -> anyhow::Result<bool> {
-    let guarded: Vec<(usize, &Write)> = writes.iter().filter(|w| w.is_guarded()).map(|w| (0, w)).collect();
+    let guarded: Vec<(usize, &Write)> = writes
+        .iter()
+        .filter(|w| w.is_guarded())
+        .map(|w| (0, w))
+        .collect();
     let plain: Vec<&Write> = writes.iter().filter(|w| !w.is_guarded()).collect();
     let mut s = Script::new();
     s.guarded_writes(&guarded, at)?;

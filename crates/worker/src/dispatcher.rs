@@ -1075,12 +1075,14 @@ fn is_duplicate_event(e: &berth_store::sqlx::Error) -> bool {
         .is_some_and(|d| d.is_unique_violation() && d.message().contains("events.id"))
 }
 
-/// A step whose guarded write lost to a concurrent change: retried, so that
-/// its next attempt re-reads the record.
+/// A step whose guarded write lost to a concurrent change: retried at once
+/// (losing an optimistic race is not a fault to back off from — the parallel
+/// branches of a flow meet this routinely), so that its next attempt re-reads
+/// the record.
 fn concurrent_update() -> Finished {
     Finished::Failed {
         outcome: Outcome::Retry,
-        kind: FailureKind::Retryable,
+        kind: FailureKind::RetryAfter(Duration::ZERO),
         error: ErrorInfo::new(
             "concurrent_update",
             "the record changed while the step ran; retrying with a fresh read",
