@@ -17,6 +17,7 @@ mod lifecycle;
 pub mod names;
 mod network_attach;
 mod network_ensure;
+pub mod notify;
 pub mod reconciler;
 mod step;
 

@@ -49,6 +49,10 @@ async fn world() -> World {
 }
 
 async fn world_with(policies_toml: &str) -> World {
+    world_full(policies_toml, Vec::new()).await
+}
+
+async fn world_full(policies_toml: &str, hooks: Vec<berth_flows::notify::Webhook>) -> World {
     let dir = tempfile::tempdir().unwrap();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(5))));
@@ -71,6 +75,9 @@ async fn world_with(policies_toml: &str) -> World {
     });
     let mut reg = Registry::new();
     berth_flows::register(&mut reg, deps.clone()).unwrap();
+    for h in hooks {
+        berth_flows::notify::register(&mut reg, h).unwrap();
+    }
     #[derive(serde::Deserialize)]
     struct Root {
         workers: WorkersConfig,
@@ -868,6 +875,91 @@ async fn a_name_is_unique_among_an_orgs_live_instances_on_both_paths() {
         w.all().await.len(),
         2,
         "nothing written by the refused creations"
+    );
+    w.check_invariants().await;
+    w.stop().await;
+}
+
+/// A webhook receiver on loopback answering `status`, recording each request
+/// as (signature header, body).
+async fn receiver(status: u16) -> (String, Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, StatusCode};
+    let seen: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let s = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let s = s.clone();
+            async move {
+                let sig = headers
+                    .get(berth_flows::notify::SIGNATURE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                s.lock().unwrap().push((sig, body.to_vec()));
+                StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), seen)
+}
+
+#[tokio::test]
+async fn a_webhook_that_fails_forever_delays_no_flow_and_fails_no_instance() {
+    let (good_url, good) = receiver(200).await;
+    let (bad_url, bad) = receiver(500).await;
+    let hook = |name: &str, url: String| berth_flows::notify::Webhook {
+        name: name.into(),
+        url,
+        secret: "s3cret".into(),
+        timeout: Duration::from_secs(5),
+    };
+    let policies = format!(
+        "{POLICIES}\n[workers.\"notify.down\"]\nmax_attempts = 3\nbackoff = {{ initial = \"1ms\", max = \"2ms\" }}\n"
+    );
+    let mut w = world_full(&policies, vec![hook("up", good_url), hook("down", bad_url)]).await;
+    let mut ids = Vec::new();
+    for name in ["a", "bb", "ccc"] {
+        ids.push(w.create("orga", name, "busybox").await.0.id);
+    }
+    for id in &ids {
+        assert_eq!(w.settle(id).await.status, InstanceStatus::Running);
+    }
+    w.quiesce().await;
+    for id in &ids {
+        assert_eq!(
+            w.get(id).await.status,
+            InstanceStatus::Running,
+            "still running"
+        );
+    }
+    let good = good.lock().unwrap().clone();
+    assert_eq!(good.len(), 3, "one notification per running instance");
+    for (sig, body) in &good {
+        assert_eq!(
+            sig,
+            &berth_flows::notify::sign("s3cret", body),
+            "signed body"
+        );
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["type"], "instance.running");
+        assert_eq!(v["org_id"], "orga");
+        assert!(ids.iter().any(|id| v["instance_id"] == id.as_str()));
+    }
+    assert_eq!(
+        bad.lock().unwrap().len(),
+        9,
+        "three attempts for each of three events"
+    );
+    let dead = w.store.dead_letters(None, true, 50).await.unwrap();
+    assert_eq!(dead.len(), 3);
+    assert!(
+        dead.iter()
+            .all(|d| d.worker == "notify.down" && d.error.code == "webhook_failed")
     );
     w.check_invariants().await;
     w.stop().await;
