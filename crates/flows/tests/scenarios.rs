@@ -880,12 +880,14 @@ async fn a_name_is_unique_among_an_orgs_live_instances_on_both_paths() {
     w.stop().await;
 }
 
-/// A webhook receiver on loopback answering `status`, recording each request
-/// as (signature header, body).
-async fn receiver(status: u16) -> (String, Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+/// What a receiver saw: (signature header, body) per request.
+type Seen = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A webhook receiver on loopback answering `status`.
+async fn receiver(status: u16) -> (String, Seen) {
     use axum::body::Bytes;
     use axum::http::{HeaderMap, StatusCode};
-    let seen: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let s = seen.clone();
     let app = axum::Router::new().route(
         "/hook",
