@@ -32,7 +32,8 @@ use crate::report::{peak_rss_mb, per_second, quantile, table};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// `sim` (the docker runtime is measured by its own crate's bench).
+    /// `sim` (in memory) or `docker` (the local engine; base image
+    /// `berth-test-base:latest`, made by scripts/test-image.sh).
     #[arg(long, default_value = "sim")]
     runtime: String,
     /// Instances created by each side.
@@ -52,8 +53,8 @@ pub struct Args {
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<bool>>>>;
 
 pub async fn run(args: Args) -> anyhow::Result<String> {
-    if args.runtime != "sim" {
-        anyhow::bail!("--runtime must be sim, got '{}'", args.runtime);
+    if args.runtime != "sim" && args.runtime != "docker" {
+        anyhow::bail!("--runtime must be sim or docker, got '{}'", args.runtime);
     }
     let synchronous = match args.synchronous.as_str() {
         "full" => Synchronous::Full,
@@ -75,14 +76,27 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     )
     .await?;
     let host = HostId::new("local");
-    let sim = Arc::new(SimRuntime::new(
-        SimConfig::new(vec![host.clone()]).with_latency(SimLatency::uniform(
-            Duration::from_millis(args.op_latency_ms),
-        )),
-    ));
-    sim.add_base_image(&host, "busybox");
+    // Each run's orgs are new, so runs on a real engine never collide and
+    // their resources can be swept afterwards.
+    let run_id = format!("{:x}", std::process::id());
+    let (runtime, base_image): (Arc<dyn ContainerRuntime>, &str) = if args.runtime == "docker" {
+        let docker = berth_docker::DockerRuntime::local()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        (Arc::new(docker), DOCKER_BASE)
+    } else {
+        let sim = Arc::new(SimRuntime::new(
+            SimConfig::new(vec![host.clone()]).with_latency(SimLatency::uniform(
+                Duration::from_millis(args.op_latency_ms),
+            )),
+        ));
+        sim.add_base_image(&host, "busybox");
+        (sim, "busybox")
+    };
+    let event_org = format!("bench{run_id}");
+    let base_org = format!("baseline{run_id}");
     let deps = Arc::new(Deps {
-        runtime: sim.clone(),
+        runtime: runtime.clone(),
         hosts: Arc::new(LocalProvider),
         limits: Limits::default(),
     });
@@ -139,12 +153,14 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         let store = store.clone();
         let bus = workers.bus();
         let waiters = waiters.clone();
+        let org = event_org.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let name = InstanceName::parse(&format!("i{n}"))?;
             let start = Instant::now();
             let (tx, rx) = oneshot::channel();
-            let (inst, _) = berth_flows::create_instance_on(&bus, "bench", name, spec()).await?;
+            let (inst, _) =
+                berth_flows::create_instance_on(&bus, &org, name, spec(base_image)).await?;
             waiters
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -184,12 +200,13 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     for n in 0..args.count {
         let permit = sem.clone().acquire_owned().await?;
         let store = store.clone();
-        let rt: Arc<dyn ContainerRuntime> = sim.clone();
+        let rt = runtime.clone();
         let host = host.clone();
+        let org = base_org.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let start = Instant::now();
-            create_synchronously(&store, &*rt, &host, n).await?;
+            create_synchronously(&store, &*rt, &host, &org, base_image, n).await?;
             anyhow::Ok(start.elapsed().as_micros() as u64)
         });
         while let Some(r) = tasks.try_join_next() {
@@ -201,6 +218,9 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     }
     let base_elapsed = t1.elapsed();
     store.pool().close().await;
+    if args.runtime == "docker" {
+        sweep(&*runtime, &host, &[&event_org, &base_org]).await;
+    }
 
     anyhow::ensure!(
         lat.len() == args.count && base.len() == args.count,
@@ -225,7 +245,11 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         &[
             (
                 "runtime",
-                format!("sim, {} ms per operation", args.op_latency_ms),
+                if args.runtime == "docker" {
+                    "docker (the local engine)".to_owned()
+                } else {
+                    format!("sim, {} ms per operation", args.op_latency_ms)
+                },
             ),
             (
                 "flows × concurrency",
@@ -263,9 +287,41 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     .to_string())
 }
 
-fn spec() -> InstanceSpec {
+/// The base image of `--runtime docker`.
+const DOCKER_BASE: &str = "berth-test-base:latest";
+
+/// Removes every resource the run's orgs left on the engine.
+async fn sweep(rt: &dyn ContainerRuntime, host: &HostId, orgs: &[&str]) {
+    let Ok(all) = rt.list_labelled(host, berth_runtime::label::ORG).await else {
+        eprintln!("warning: could not list the run's resources to remove them");
+        return;
+    };
+    let ours = |r: &berth_runtime::Resource| {
+        r.labels
+            .get(berth_runtime::label::ORG)
+            .is_some_and(|o| orgs.contains(&o.as_str()))
+    };
+    for kind in [
+        berth_runtime::ResourceKind::Container,
+        berth_runtime::ResourceKind::Image,
+        berth_runtime::ResourceKind::Network,
+    ] {
+        for r in all.iter().filter(|r| r.kind == kind && ours(r)) {
+            let done = match kind {
+                berth_runtime::ResourceKind::Container => rt.remove_container(host, &r.name).await,
+                berth_runtime::ResourceKind::Image => rt.remove_image(host, &r.name).await,
+                berth_runtime::ResourceKind::Network => rt.remove_network(host, &r.name).await,
+            };
+            if let Err(e) = done {
+                eprintln!("warning: could not remove {}: {e}", r.name);
+            }
+        }
+    }
+}
+
+fn spec(image: &str) -> InstanceSpec {
     InstanceSpec {
-        image: "busybox".into(),
+        image: image.into(),
         env: Default::default(),
         cmd: Some(vec!["sleep".into(), "3600".into()]),
         ports: vec![],
@@ -279,15 +335,17 @@ async fn create_synchronously(
     store: &Store,
     rt: &dyn ContainerRuntime,
     host: &HostId,
+    org: &str,
+    base: &str,
     n: usize,
 ) -> anyhow::Result<()> {
     let engine = |e: RuntimeError| anyhow::anyhow!(e);
     // save instance
     let mut inst = berth_flows::new_instance(
         store,
-        "baseline",
+        org,
         InstanceName::parse(&format!("b{n}"))?,
-        spec(),
+        spec(base),
     );
     let mut tx = store.begin().await?;
     instances::insert(tx.conn(), &inst).await?;

@@ -42,6 +42,7 @@ struct World {
     _dir: tempfile::TempDir,
     store: Store,
     docker: Arc<DockerRuntime>,
+    deps: Arc<Deps>,
     workers: Option<Workers>,
 }
 
@@ -67,7 +68,7 @@ async fn world(runtime: Arc<dyn ContainerRuntime>, docker: Arc<DockerRuntime>) -
         },
     });
     let mut reg = Registry::new();
-    berth_flows::register(&mut reg, deps).unwrap();
+    berth_flows::register(&mut reg, deps.clone()).unwrap();
     #[derive(serde::Deserialize)]
     struct Root {
         workers: WorkersConfig,
@@ -90,6 +91,7 @@ async fn world(runtime: Arc<dyn ContainerRuntime>, docker: Arc<DockerRuntime>) -
         _dir: dir,
         store,
         docker,
+        deps,
         workers: Some(workers),
     }
 }
@@ -397,5 +399,103 @@ async fn flows_complete_through_engine_failures_and_lost_replies() {
     }
     assert_eq!(faulty.injected(), planned);
     assert_eq!(w.leftovers(&org).await, vec![]);
+    w.stop().await;
+}
+
+/// Polls until `check` holds for the instance, or fails naming `what`.
+async fn until_instance(
+    w: &World,
+    id: &str,
+    what: &str,
+    check: impl Fn(&Instance) -> bool,
+) -> Instance {
+    let start = Instant::now();
+    loop {
+        let i = w.get(id).await;
+        if check(&i) {
+            return i;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{what}: instance is {} (exit {:?}, restarts {})",
+            i.status,
+            i.exit_code,
+            i.restarts
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_container_killed_from_outside_is_exited_and_on_failure_restarts_it() {
+    let Some(docker) = common::engine().await else {
+        return;
+    };
+    let org = unique("k");
+    let _sweep = Sweep::new(label::ORG, &[&org]);
+    let mut w = world(docker.clone(), docker).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::spawn(berth_flows::exits::listen(
+        w.workers.as_ref().unwrap().bus(),
+        w.deps.clone(),
+        common::local(),
+        cancel.clone(),
+    ));
+    let plain = w.create(&org, "plain", common::BASE).await;
+    let mut restarting_spec = spec(common::BASE);
+    restarting_spec.restart = berth_core::domain::RestartPolicy::OnFailure { max: Some(1) };
+    let restarting = create_instance(
+        &w.store,
+        &org,
+        InstanceName::parse("restarting").unwrap(),
+        restarting_spec,
+    )
+    .await
+    .unwrap()
+    .0;
+    let plain = w.settle(&plain.id).await;
+    let restarting = w.settle(&restarting.id).await;
+    assert_eq!(plain.status, InstanceStatus::Running, "{:?}", plain.error);
+    assert_eq!(
+        restarting.status,
+        InstanceStatus::Running,
+        "{:?}",
+        restarting.error
+    );
+
+    for i in [&plain, &restarting] {
+        let out = std::process::Command::new("docker")
+            .args(["kill", i.container.as_deref().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "docker kill: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let exited = until_instance(&w, &plain.id, "plain exits", |i| {
+        i.status == InstanceStatus::Exited
+    })
+    .await;
+    assert_eq!(exited.exit_code, Some(137), "SIGKILL");
+    let back = until_instance(&w, &restarting.id, "restarting comes back", |i| {
+        i.status == InstanceStatus::Running && i.restarts == 1
+    })
+    .await;
+    assert_eq!(
+        back.container, restarting.container,
+        "the same container, restarted"
+    );
+    let (code, _) = common::exec(
+        w.docker.client(&common::local()).unwrap(),
+        back.container.as_deref().unwrap(),
+        &["true"],
+    )
+    .await;
+    assert_eq!(code, 0, "the restarted container runs");
+    cancel.cancel();
+    let _ = listener.await;
+    w.quiesce().await;
     w.stop().await;
 }
