@@ -3,6 +3,7 @@
 //! error names its source (file or variable), the key and the rule broken.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,6 +17,14 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Directory of Berth's state; the SQLite file is `<data_dir>/berth.db`.
     pub data_dir: PathBuf,
+    /// Address the HTTP API listens on (`--listen`, `BERTH_LISTEN`); port 0
+    /// picks a free one.
+    pub listen: SocketAddr,
+    /// The admin token (`BERTH_ADMIN_TOKEN`), which creates orgs. Unset: one
+    /// is generated at first start, printed once, and kept hashed. Never
+    /// printed by `berth config`.
+    #[serde(skip_serializing)]
+    pub admin_token: Option<Secret>,
     pub store: StoreConfig,
     pub bus: BusConfig,
     pub runtime: RuntimeConfig,
@@ -31,7 +40,40 @@ pub enum RuntimeKind {
     /// The in-memory simulated engine (no containers run): for trying Berth
     /// out and for benchmarks.
     Sim,
+    /// The local Docker engine.
+    Docker,
 }
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sim" => Ok(RuntimeKind::Sim),
+            "docker" => Ok(RuntimeKind::Docker),
+            other => Err(format!("unknown runtime '{other}': expected docker or sim")),
+        }
+    }
+}
+
+/// A secret setting: compared and used, never shown (`Debug` prints `***`).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The shortest admin token accepted: shorter ones can be guessed.
+pub const MIN_ADMIN_TOKEN: usize = 16;
 
 /// `[runtime]`
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -83,6 +125,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("berth-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7077)),
+            admin_token: None,
             store: StoreConfig::default(),
             bus: BusConfig::default(),
             runtime: RuntimeConfig::default(),
@@ -165,12 +209,11 @@ impl Default for BusConfig {
 pub struct ConfigError(pub String);
 
 /// Environment variables that are not configuration keys.
-const ENV_NOT_KEYS: &[&str] = &[
-    "BERTH_LOG",
-    "BERTH_LOG_FORMAT",
-    "BERTH_ADMIN_TOKEN",
-    "BERTH_CONFIG",
-];
+const ENV_NOT_KEYS: &[&str] = &["BERTH_LOG", "BERTH_LOG_FORMAT", "BERTH_CONFIG"];
+
+/// Variables whose value is always a string, whatever it looks like (a
+/// token of digits must not become an integer).
+const ENV_STRINGS: &[&str] = &["BERTH_ADMIN_TOKEN"];
 
 impl Config {
     /// Loads defaults ← `file` (if given) ← `BERTH_…` variables from `env`.
@@ -201,7 +244,12 @@ impl Config {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
-            set_path(&mut table, &path, parse_env_value(&value));
+            let value = if ENV_STRINGS.contains(&name.as_str()) {
+                toml::Value::String(value)
+            } else {
+                parse_env_value(&value)
+            };
+            set_path(&mut table, &path, value);
             from_env.insert(path.join("."), name);
         }
         let config: Config =
@@ -213,6 +261,23 @@ impl Config {
                     .unwrap_or(source.clone());
                 ConfigError(format!("{origin}: {key}: {}", e.into_inner()))
             })?;
+        if let Some(t) = &config.admin_token {
+            let t = t.expose();
+            if t.len() < MIN_ADMIN_TOKEN
+                || t.len() > 512
+                || !t.bytes().all(|b| b.is_ascii_graphic())
+            {
+                let origin = from_env
+                    .get("admin_token")
+                    .map(|var| format!("environment variable {var}"))
+                    .unwrap_or(source.clone());
+                return Err(ConfigError(format!(
+                    "{origin}: admin_token: must be {MIN_ADMIN_TOKEN} to 512 visible ASCII characters \
+                     (got {} characters; the value is not shown)",
+                    t.chars().count()
+                )));
+            }
+        }
         Ok(config)
     }
 

@@ -28,8 +28,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run Berth: the workers on the embedded bus, until SIGINT or SIGTERM.
-    Serve,
+    /// Run Berth: the workers on the embedded bus and the HTTP API, until
+    /// SIGINT or SIGTERM.
+    Serve {
+        /// Address of the HTTP API (overrides `listen`; default
+        /// 127.0.0.1:7077).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Container runtime: docker or sim (overrides `runtime.kind`).
+        #[arg(long, value_name = "docker|sim")]
+        runtime: Option<berth::config::RuntimeKind>,
+    },
     /// Print each worker's effective retry policy with its worst cases.
     Policies {
         /// One JSON object per worker instead of a table.
@@ -81,6 +90,14 @@ fn load(cli: &Cli) -> anyhow::Result<(Config, String)> {
     if let Some(dir) = &cli.data_dir {
         config.data_dir = dir.clone();
     }
+    if let Command::Serve { listen, runtime } = &cli.command {
+        if let Some(addr) = listen {
+            config.listen = *addr;
+        }
+        if let Some(kind) = runtime {
+            config.runtime.kind = *kind;
+        }
+    }
     let source = cli
         .config
         .as_ref()
@@ -95,8 +112,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let registry = berth::registry(deps.clone())?;
     let policies = config.policies(registry.names(), &source)?;
     match cli.command {
-        Command::Serve => {
-            let app = App::start(config, registry, policies, deps, sim).await?;
+        Command::Serve { .. } => {
+            let mut app = App::start(config, registry, policies, deps, sim).await?;
+            if let Some(token) = app.generated_admin_token.take() {
+                // Printed once, to the terminal and not the log: only its
+                // hash is kept.
+                println!(
+                    "Generated the admin token (shown only now; set BERTH_ADMIN_TOKEN to replace it):\n\n    {token}\n"
+                );
+            }
+            println!("berth API listening on http://{}", app.api_addr());
             wait_for_signal().await?;
             app.shutdown().await
         }

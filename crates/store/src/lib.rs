@@ -10,8 +10,9 @@ pub mod instances;
 mod migrate;
 pub mod model;
 pub mod ops;
-pub mod writes;
 mod store;
+pub mod tenancy;
+pub mod writes;
 
 pub use model::*;
 pub use store::{Cause, Published, Redrive, Store, StoreOptions, Synchronous, Tx, publish};

@@ -17,6 +17,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "instances",
         include_str!("../migrations/sqlite/0002_instances.sql"),
     ),
+    (
+        3,
+        "tenancy",
+        include_str!("../migrations/sqlite/0003_tenancy.sql"),
+    ),
 ];
 
 pub(crate) async fn run(conn: &mut SqliteConnection) -> anyhow::Result<()> {

@@ -1,0 +1,274 @@
+//! `GET /v1/events`: the org's status changes and errors over a WebSocket,
+//! read from the event log (so nothing is lost and a client resumes exactly
+//! where it left off with `?after=<event id>`). Only events whose `org_id`
+//! is the token's org are ever read.
+
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::response::Response;
+use berth_core::events::WorkerFailed;
+use berth_core::{Envelope, EventId};
+use berth_store::instances;
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::ApiState;
+use crate::auth::OrgAuth;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::ApiQuery;
+use crate::views::{InstanceErrorView, Status};
+
+/// Events read from the log per query.
+const BATCH: u32 = 256;
+
+/// Query of the event stream. (No `Debug`: it may hold a token.)
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Resume after this event id (the `id` of the last message received);
+    /// without it the stream starts with what happens from now on.
+    after: Option<String>,
+    /// The org token, for clients that cannot set the Authorization header
+    /// on a WebSocket (browsers).
+    #[allow(dead_code)] // Read by the auth extractor; declared for the document.
+    access_token: Option<String>,
+}
+
+/// One message of the stream (a text frame of JSON).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StreamMessage {
+    /// The event's id: the cursor to resume after.
+    pub id: String,
+    /// `status` (the instance changed status) or `error` (a step failed for
+    /// good; the instance's own `status` message with `failed` follows).
+    pub kind: String,
+    /// The event type, e.g. `image.built`, `instance.failed`, `image.build.failed`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub instance_id: Option<String>,
+    pub flow_id: String,
+    /// The new status, for `status` messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// What failed: code, message, step and attempts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<InstanceErrorView>,
+    /// RFC 3339.
+    pub at: String,
+}
+
+/// The org's status changes and errors, live, as a WebSocket.
+#[utoipa::path(
+    get, path = "/v1/events", operation_id = "event_stream", tag = "events",
+    params(EventsQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 101, description = "Switching to a WebSocket; each text frame is one message", body = StreamMessage),
+        (status = 400, description = "`websocket_required` (not an upgrade request), `invalid_parameter`", body = ErrorBody),
+        (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
+        (status = 404, description = "`not_found`: `after` names no event of this org", body = ErrorBody),
+    )
+)]
+pub async fn events(
+    State(state): State<ApiState>,
+    auth: OrgAuth,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let cursor = {
+        let mut conn = state.conn().await?;
+        match q.after.as_deref() {
+            None => berth_store::tenancy::last_seq(&mut conn).await?,
+            Some(after) => {
+                let not_found = || ApiError::not_found("event", "after", after);
+                let id: EventId = after.parse().map_err(|_| not_found())?;
+                berth_store::tenancy::event_seq_in_org(&mut conn, &auth.org_id, id)
+                    .await?
+                    .ok_or_else(not_found)?
+            }
+        }
+    };
+    let ws = ws.map_err(|r| {
+        ApiError::new(
+            r.status(),
+            "websocket_required",
+            format!("/v1/events is a WebSocket; {}", r.body_text()),
+        )
+    })?;
+    crate::check_running(&state)?;
+    let tracker = state.inner.tracker.clone();
+    let org = auth.org_id;
+    Ok(ws.on_upgrade(move |socket| tracker.track_future(session(state, org, cursor, socket))))
+}
+
+/// Sends the org's messages after `cursor`, then live ones, until the
+/// client leaves or the server shuts down.
+async fn session(state: ApiState, org: String, mut cursor: i64, socket: WebSocket) {
+    let (mut tx, mut rx) = socket.split();
+    let mut feed = state.inner.feed.subscribe();
+    let cancel = state.inner.cancel.clone();
+    loop {
+        // Drain what is in the log after the cursor.
+        loop {
+            let batch = {
+                let read = async {
+                    let mut conn = state.store().pool().acquire().await?;
+                    berth_store::tenancy::org_events_after(&mut conn, &org, cursor, BATCH).await
+                };
+                match read.await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "event stream cannot read the log");
+                        let _ = tx
+                            .send(Message::Close(Some(CloseFrame {
+                                code: close_code::ERROR,
+                                reason: "cannot read the event log".into(),
+                            })))
+                            .await;
+                        return;
+                    }
+                }
+            };
+            let n = batch.len();
+            for (seq, env) in batch {
+                cursor = seq;
+                let Some(msg) = message(&state, &env).await else {
+                    continue;
+                };
+                let Ok(text) = serde_json::to_string(&msg) else {
+                    continue;
+                };
+                if tx.send(Message::Text(text.into())).await.is_err() {
+                    return;
+                }
+            }
+            if n < BATCH as usize {
+                break;
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = tx
+                    .send(Message::Close(Some(CloseFrame {
+                        code: close_code::AWAY,
+                        reason: "the server is shutting down".into(),
+                    })))
+                    .await;
+                return;
+            }
+            r = feed.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            m = rx.next() => match m {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                // Pings are answered by the socket itself; text from the
+                // client means nothing here.
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+/// The status an event of the instance flow records.
+fn status_of(env: &Envelope) -> Option<Status> {
+    Some(match env.event_type.as_str() {
+        "instance.requested" => Status::Requested,
+        "host.ready" => Status::Provisioning,
+        "image.built" => Status::Building,
+        "container.started" => Status::Starting,
+        "instance.running" => Status::Running,
+        "instance.failed" => Status::Failed,
+        "instance.stop.requested" => Status::Stopping,
+        "instance.stopped" => Status::Stopped,
+        "instance.exited" => Status::Exited,
+        "instance.delete.requested" => Status::Deleting,
+        "instance.deleted" => Status::Deleted,
+        "instance.start.requested" => {
+            #[derive(Deserialize)]
+            struct P {
+                #[serde(default)]
+                restart: bool,
+            }
+            // A restart first stops the container.
+            match env.payload_as::<P>() {
+                Ok(P { restart: true }) => Status::Stopping,
+                _ => Status::Starting,
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// The message for an event, if it is a status change or an error.
+async fn message(state: &ApiState, env: &Envelope) -> Option<StreamMessage> {
+    let base = |kind: &str| StreamMessage {
+        id: env.id.to_string(),
+        kind: kind.to_owned(),
+        event_type: env.event_type.clone(),
+        instance_id: env.subject.clone(),
+        flow_id: env.flow_id.to_string(),
+        status: None,
+        error: None,
+        at: env.created_at.to_string(),
+    };
+    if let Some(status) = status_of(env) {
+        let mut m = base("status");
+        m.status = Some(status);
+        if env.event_type == "instance.failed" {
+            m.error = failed_error(state, env).await;
+        }
+        return Some(m);
+    }
+    if env.event_type.ends_with(".failed")
+        && let Ok(f) = env.payload_as::<WorkerFailed>()
+    {
+        let mut m = base("error");
+        m.error = Some(InstanceErrorView {
+            code: f.error.code.clone(),
+            message: f.error.message.clone(),
+            step: f.worker,
+            attempts: f.attempts,
+            cause: (!f.error.chain.is_empty()).then(|| f.error.chain.join(": ")),
+        });
+        return Some(m);
+    }
+    None
+}
+
+/// The error of an `instance.failed` event: code and step from the event,
+/// words and attempts from the instance (which the compensation wrote in
+/// the same transaction).
+async fn failed_error(state: &ApiState, env: &Envelope) -> Option<InstanceErrorView> {
+    #[derive(Deserialize)]
+    struct P {
+        code: String,
+        step: String,
+    }
+    let p: P = env.payload_as().ok()?;
+    let stored = match &env.subject {
+        Some(id) => {
+            let mut conn = state.store().pool().acquire().await.ok()?;
+            instances::get(&mut conn, id)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|i| i.error)
+        }
+        None => None,
+    };
+    Some(match stored {
+        Some(e) if e.code == p.code && e.step == p.step => InstanceErrorView::from(&e),
+        _ => InstanceErrorView {
+            message: format!("step {} failed: {}", p.step, p.code),
+            code: p.code,
+            step: p.step,
+            attempts: 0,
+            cause: None,
+        },
+    })
+}

@@ -1,0 +1,338 @@
+//! Berth's HTTP API (axum): instances and their actions, flow traces, dead
+//! letters, the org's event stream over a WebSocket, orgs and tokens, the
+//! OpenAPI document (generated from the handlers' annotations, so no route
+//! can be missing from it), health and Prometheus metrics.
+//!
+//! Every request but `/healthz`, `/metrics` and `/v1/openapi.json` carries a
+//! bearer token; an org token scopes everything to its org, and another
+//! org's ids answer 404 exactly like ids that do not exist.
+
+pub mod auth;
+pub mod error;
+mod events;
+mod extract;
+mod feed;
+mod instances;
+mod metrics;
+mod orgs;
+mod system;
+mod trace;
+pub mod validate;
+pub mod views;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use berth_runtime::ContainerRuntime;
+use berth_store::Store;
+use berth_worker::Bus;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span};
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::ApiError;
+
+pub use error::{ApiError as Error, ErrorBody, ErrorDetail};
+
+/// The response header carrying the id of the flow a request started.
+pub const FLOW_HEADER: &str = "berth-flow-id";
+
+/// What the API works with.
+pub struct ApiDeps {
+    pub store: Store,
+    pub bus: Bus,
+    /// For container logs.
+    pub runtime: Arc<dyn ContainerRuntime>,
+}
+
+impl std::fmt::Debug for ApiDeps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiDeps").finish_non_exhaustive()
+    }
+}
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    bus: Bus,
+    runtime: Arc<dyn ContainerRuntime>,
+    /// SHA-256 of the admin token.
+    admin_hash: String,
+    feed: Arc<feed::Feed>,
+    metrics: metrics::Metrics,
+    /// Cancelled at shutdown: streams close and waits answer at once.
+    cancel: CancellationToken,
+    /// WebSocket sessions (spawned by the upgrade, outside the server's own
+    /// connection tracking), so shutdown can wait for them.
+    tracker: TaskTracker,
+    openapi_json: String,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState").finish_non_exhaustive()
+    }
+}
+
+impl ApiState {
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) async fn conn(
+        &self,
+    ) -> Result<berth_store::sqlx::pool::PoolConnection<berth_store::sqlx::Sqlite>, ApiError> {
+        self.inner
+            .store
+            .pool()
+            .acquire()
+            .await
+            .context("failed to get a database connection")
+            .map_err(ApiError::internal)
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Berth API",
+        description = "Instances, flows, dead letters and the org's event stream. Every error \
+                       answers `{\"error\": {\"code\", \"message\", \"field\"?}}`.",
+    ),
+    modifiers(&Security),
+    // Listed because the flow tree is recursive, which stops utoipa from
+    // collecting the schemas under it by itself.
+    components(schemas(
+        views::FlowEvent,
+        views::AttemptView,
+        views::ErrorInfoView,
+    )),
+    tags(
+        (name = "orgs", description = "Orgs and tokens"),
+        (name = "instances", description = "Instances and their actions"),
+        (name = "flows", description = "Flow traces and dead letters"),
+        (name = "events", description = "The org's live event stream"),
+        (name = "system", description = "Health, metrics, this document"),
+    )
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An org token (`berth_…`), or the admin token for POST /v1/orgs.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every route, each registered with its OpenAPI description.
+fn api_router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(orgs::create_org))
+        .routes(routes!(orgs::create_token, orgs::list_tokens))
+        .routes(routes!(orgs::revoke_token))
+        .routes(routes!(instances::create, instances::list))
+        .routes(routes!(instances::get, instances::delete))
+        .routes(routes!(instances::stop))
+        .routes(routes!(instances::start))
+        .routes(routes!(instances::restart))
+        .routes(routes!(instances::wait))
+        .routes(routes!(instances::logs))
+        .routes(routes!(trace::flow))
+        .routes(routes!(trace::dead_letters))
+        .routes(routes!(trace::redrive))
+        .routes(routes!(events::events))
+        .routes(routes!(system::openapi_json))
+        .routes(routes!(system::healthz))
+        .routes(routes!(system::metrics))
+}
+
+/// The OpenAPI document (OpenAPI 3.1), as served at `/v1/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = api_router().into_openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    doc
+}
+
+/// The admin token to check requests against.
+#[derive(Debug)]
+pub struct AdminToken {
+    pub hash: String,
+    /// A token generated now because none was configured or stored: to be
+    /// shown once (only its hash is kept).
+    pub generated: Option<String>,
+}
+
+/// The configured admin token if any; else the one generated at an earlier
+/// start (by its stored hash); else a new one, stored hashed and returned
+/// to be printed once.
+pub async fn admin_token(store: &Store, configured: Option<&str>) -> anyhow::Result<AdminToken> {
+    if let Some(t) = configured {
+        return Ok(AdminToken {
+            hash: auth::hash(t),
+            generated: None,
+        });
+    }
+    let mut conn = store.pool().acquire().await?;
+    if let Some(hash) = berth_store::tenancy::admin_token_hash(&mut conn).await? {
+        return Ok(AdminToken {
+            hash,
+            generated: None,
+        });
+    }
+    let token = auth::new_token();
+    let hash = auth::hash(&token);
+    if berth_store::tenancy::init_admin_token(&mut conn, &hash, store.now()).await? {
+        Ok(AdminToken {
+            hash,
+            generated: Some(token),
+        })
+    } else {
+        // Another process stored one first; it printed its token.
+        let hash = berth_store::tenancy::admin_token_hash(&mut conn)
+            .await?
+            .context("the admin token vanished while being created")?;
+        Ok(AdminToken {
+            hash,
+            generated: None,
+        })
+    }
+}
+
+/// The running API server: a background task with graceful shutdown.
+pub struct Server {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Serves the API on `listener` until [`Server::shutdown`].
+    pub async fn start(
+        listener: tokio::net::TcpListener,
+        deps: ApiDeps,
+        admin_hash: String,
+    ) -> anyhow::Result<Server> {
+        let addr = listener
+            .local_addr()
+            .context("cannot read the listening address")?;
+        let cursor = {
+            let mut conn = deps.store.pool().acquire().await?;
+            berth_store::tenancy::last_attempt_id(&mut conn).await?
+        };
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (router, doc) = api_router().split_for_parts();
+        let mut doc = doc;
+        doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+        let feed = feed::Feed::new();
+        let state = ApiState {
+            inner: Arc::new(Inner {
+                store: deps.store.clone(),
+                bus: deps.bus,
+                runtime: deps.runtime,
+                admin_hash,
+                feed: feed.clone(),
+                metrics: metrics::Metrics::new(cursor),
+                cancel: cancel.clone(),
+                tracker: tracker.clone(),
+                openapi_json: doc
+                    .to_json()
+                    .context("cannot render the OpenAPI document")?,
+            }),
+        };
+        tracker.spawn(
+            feed.run(deps.store, cancel.clone())
+                .instrument(info_span!("event_feed")),
+        );
+        let app = router
+            .fallback(system::no_route)
+            .method_not_allowed_fallback(system::bad_method)
+            .layer(axum::middleware::from_fn(system::log_request))
+            .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
+            .with_state(state);
+        let shutdown = cancel.clone();
+        let task = tokio::spawn(
+            async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                    .await
+            }
+            .instrument(info_span!("api")),
+        );
+        info!(%addr, "API listening");
+        Ok(Server {
+            addr,
+            cancel,
+            task,
+            tracker,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, ends streams and waits, lets requests in flight
+    /// finish within `grace`, then drops what is left.
+    pub async fn shutdown(self, grace: Duration) {
+        self.cancel.cancel();
+        self.tracker.close();
+        let mut task = self.task;
+        let done = async {
+            let served = (&mut task).await;
+            self.tracker.wait().await;
+            served
+        };
+        match tokio::time::timeout(grace, done).await {
+            Ok(Ok(Ok(()))) => info!("API stopped"),
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "API server stopped with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "API server task failed"),
+            Err(_) => {
+                tracing::warn!("API requests still running after the grace period; dropped");
+                task.abort();
+            }
+        }
+    }
+}
+
+/// 503 once shutdown began (for handlers that would otherwise wait).
+pub(crate) fn check_running(state: &ApiState) -> Result<(), ApiError> {
+    if state.inner.cancel.is_cancelled() {
+        Err(ApiError::shutting_down())
+    } else {
+        Ok(())
+    }
+}

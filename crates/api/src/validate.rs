@@ -1,0 +1,343 @@
+//! The rules an instance request must keep, checked before anything is
+//! written. Each refusal names the field, the value (never an env value:
+//! those are secrets) and the rule.
+
+use std::collections::{BTreeMap, HashSet};
+
+use berth_core::domain::{InstanceName, RestartPolicy};
+use berth_store::instances::InstanceSpec;
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+
+pub const MAX_ENV_VARS: usize = 256;
+pub const MAX_ENV_BYTES: usize = 64 * 1024;
+const MAX_CMD_ARGS: usize = 256;
+const MAX_CMD_BYTES: usize = 64 * 1024;
+const MAX_PORTS: usize = 64;
+const MAX_IMAGE_NAME: usize = 255;
+
+/// `POST /v1/instances`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstance {
+    /// `^[a-z0-9][a-z0-9-]{0,62}$`, unique among the org's live instances.
+    pub name: String,
+    /// A Docker image reference: `busybox`, `busybox:1.36`,
+    /// `registry.example.com:5000/team/app:v2`, `app@sha256:…`.
+    pub image: String,
+    /// Keys `^[A-Za-z_][A-Za-z0-9_]*$`; at most 256 variables and 64 KiB of
+    /// keys and values in all. Values are secrets: shown as `***` later.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Overrides the image's command.
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    /// Container ports (1–65535), at most 64.
+    #[serde(default)]
+    pub ports: Option<Vec<u16>>,
+    /// `no` (default), `always`, `on-failure` or `on-failure:N`.
+    #[serde(default)]
+    pub restart: Option<String>,
+}
+
+fn show(s: &str) -> String {
+    let mut out: String = s.chars().take(80).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}
+
+impl CreateInstance {
+    /// Checks every rule; the first broken one is the answer.
+    pub fn validate(self) -> Result<(InstanceName, InstanceSpec), ApiError> {
+        let name = InstanceName::parse(&self.name).map_err(|e| {
+            ApiError::invalid("name", format!("name {:?} {}", show(&e.value), e.rule))
+        })?;
+        check_image(&self.image).map_err(|rule| {
+            ApiError::invalid(
+                "image",
+                format!(
+                    "image {:?} is not a valid image reference: {rule}",
+                    show(&self.image)
+                ),
+            )
+        })?;
+        check_env(&self.env)?;
+        if let Some(cmd) = &self.cmd {
+            if cmd.is_empty() {
+                return Err(ApiError::invalid(
+                    "cmd",
+                    "cmd must have at least one element when given (omit it for the image's own)",
+                ));
+            }
+            if cmd.len() > MAX_CMD_ARGS {
+                return Err(ApiError::invalid(
+                    "cmd",
+                    format!("cmd has {} elements; at most {MAX_CMD_ARGS}", cmd.len()),
+                ));
+            }
+            if cmd.iter().map(String::len).sum::<usize>() > MAX_CMD_BYTES {
+                return Err(ApiError::invalid("cmd", "cmd is over 64 KiB in all"));
+            }
+            if let Some(i) = cmd.iter().position(|a| a.contains('\0')) {
+                return Err(ApiError::invalid(
+                    format!("cmd[{i}]"),
+                    format!("cmd[{i}] must not contain a NUL character"),
+                ));
+            }
+        }
+        let ports = self.ports.unwrap_or_default();
+        if ports.len() > MAX_PORTS {
+            return Err(ApiError::invalid(
+                "ports",
+                format!("{} ports given; at most {MAX_PORTS}", ports.len()),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, p) in ports.iter().enumerate() {
+            if *p == 0 {
+                return Err(ApiError::invalid(
+                    format!("ports[{i}]"),
+                    format!("ports[{i}] is 0; a port is 1 to 65535"),
+                ));
+            }
+            if !seen.insert(*p) {
+                return Err(ApiError::invalid(
+                    format!("ports[{i}]"),
+                    format!("port {p} is listed twice"),
+                ));
+            }
+        }
+        let restart = match &self.restart {
+            None => RestartPolicy::No,
+            Some(r) => r.parse::<RestartPolicy>().map_err(|e| {
+                ApiError::invalid("restart", format!("restart {:?} {}", show(r), e.rule))
+            })?,
+        };
+        Ok((
+            name,
+            InstanceSpec {
+                image: self.image,
+                env: self.env,
+                cmd: self.cmd,
+                ports,
+                restart,
+            },
+        ))
+    }
+}
+
+/// Env keys, count and size. Values are never quoted back.
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if env.len() > MAX_ENV_VARS {
+        return Err(ApiError::invalid(
+            "env",
+            format!("env has {} variables; at most {MAX_ENV_VARS}", env.len()),
+        ));
+    }
+    for (k, v) in env {
+        let mut bytes = k.bytes();
+        let ok = bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return Err(ApiError::invalid(
+                format!("env.{}", show(k)),
+                format!("env key {:?} must match ^[A-Za-z_][A-Za-z0-9_]*$", show(k)),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(ApiError::invalid(
+                format!("env.{k}"),
+                format!("the value of env.{k} must not contain a NUL character"),
+            ));
+        }
+    }
+    let total: usize = env.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > MAX_ENV_BYTES {
+        return Err(ApiError::invalid(
+            "env",
+            format!(
+                "env keys and values are {total} bytes in all; at most {MAX_ENV_BYTES} (64 KiB)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Docker's reference grammar: `[host[:port]/]path[:tag][@digest]`, where
+/// the path is lowercase components joined by `/`. Returns the rule broken.
+pub fn check_image(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("it is empty".into());
+    }
+    if s.len() > 512 {
+        return Err("it is over 512 characters".into());
+    }
+    let (rest, digest) = match s.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (s, None),
+    };
+    if let Some(d) = digest {
+        check_digest(d)?;
+    }
+    // A tag is after the last ':' that follows the last '/' (a ':' before
+    // it belongs to the registry's port).
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(t) = tag {
+        let mut b = t.bytes();
+        let ok = t.len() <= 128
+            && b.next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == b'_')
+            && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
+        if !ok {
+            return Err(format!(
+                "tag {t:?} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}"
+            ));
+        }
+    }
+    if name.len() > MAX_IMAGE_NAME {
+        return Err(format!("the name is over {MAX_IMAGE_NAME} characters"));
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    if parts.len() > 1 {
+        let first = parts[0];
+        if first.contains('.')
+            || first.contains(':')
+            || first == "localhost"
+            || first.bytes().any(|b| b.is_ascii_uppercase())
+        {
+            check_registry(first)?;
+            parts.remove(0);
+        }
+    }
+    for p in parts {
+        if !path_component(p) {
+            return Err(format!(
+                "path component {p:?} must be lowercase letters and digits, separated by '.', '_', '__' or '-'"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn path_component(p: &str) -> bool {
+    let b = p.as_bytes();
+    if b.is_empty() {
+        return false;
+    }
+    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    if !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        // A separator: '.', '_', '__' or a run of '-'.
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &p[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|c| c == b'-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+fn check_registry(r: &str) -> Result<(), String> {
+    let (host, port) = match r.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (r, None),
+    };
+    if let Some(p) = port
+        && (p.is_empty() || p.len() > 5 || !p.bytes().all(|c| c.is_ascii_digit()))
+    {
+        return Err(format!("registry port {p:?} must be a number"));
+    }
+    let label_ok = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b.len() <= 63
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+    };
+    if host.is_empty() || !host.split('.').all(label_ok) {
+        return Err(format!("registry host {host:?} is not a valid host name"));
+    }
+    Ok(())
+}
+
+fn check_digest(d: &str) -> Result<(), String> {
+    let bad = || format!("digest {d:?} must be algorithm:hex, e.g. sha256:<64 hex digits>");
+    let (alg, hex) = d.split_once(':').ok_or_else(bad)?;
+    let alg_ok = !alg.is_empty()
+        && alg.bytes().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'+' | b'.' | b'_' | b'-')
+        });
+    let hex_ok = hex.len() >= 32 && hex.bytes().all(|c| c.is_ascii_hexdigit());
+    if !alg_ok || !hex_ok || (alg == "sha256" && hex.len() != 64) {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_image;
+
+    #[test]
+    fn docker_references_are_accepted() {
+        for ok in [
+            "busybox",
+            "busybox:1.36",
+            "library/busybox:latest",
+            "berth-test-base",
+            "registry.example.com/team/app:v2",
+            "localhost:5000/app",
+            "my_app__x/a.b-c",
+            "app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "Registry.Example.com/app",
+        ] {
+            assert!(check_image(ok).is_ok(), "{ok}: {:?}", check_image(ok));
+        }
+    }
+
+    #[test]
+    fn malformed_references_are_refused() {
+        for bad in [
+            "",
+            "Busybox",
+            "busybox:",
+            "busybox:-x",
+            "a//b",
+            "-a",
+            "a-",
+            "a..b",
+            "a___b",
+            "has space",
+            "app@sha256:xyz",
+            "app@sha256:0123",
+            "host:port/app",
+            "/app",
+            "app/",
+            &"a".repeat(300),
+        ] {
+            assert!(check_image(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

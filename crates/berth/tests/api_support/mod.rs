@@ -1,0 +1,281 @@
+//! What the API tests share: booting the real application on port 0 with
+//! the simulated runtime and a temporary SQLite directory, a real HTTP
+//! client and a real WebSocket client, and helpers that wait on events or
+//! poll with a deadline (never a bare sleep).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use berth::{App, Config};
+use futures::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const ADMIN: &str = "test-admin-token-0123456789";
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Fast retries so failures end in milliseconds; `host.ensure` retries
+/// slowly and long, so a test can hold a flow at its first step by taking
+/// the engine away.
+const CONFIG: &str = r#"
+listen = "127.0.0.1:0"
+
+[bus]
+shutdown_grace = "2s"
+
+[workers.default]
+max_attempts = 3
+timeout = "5s"
+backoff = { initial = "1ms", max = "4ms" }
+
+[workers."host.ensure"]
+max_attempts = 100
+backoff = { initial = "50ms", max = "50ms", jitter = "none" }
+"#;
+
+pub struct TestApp {
+    pub app: App,
+    pub base: String,
+    pub ws_base: String,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Boots Berth as `berth serve` would, on a free port.
+pub async fn spawn() -> TestApp {
+    if let Ok(filter) = std::env::var("BERTH_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("berth.toml");
+    std::fs::write(&path, CONFIG).unwrap();
+    let mut config = Config::load(Some(&path), Vec::new()).unwrap();
+    config.data_dir = dir.path().join("data");
+    config.admin_token = Some(berth::config::Secret(ADMIN.to_owned()));
+    let app = App::build(config, "test config").await.unwrap();
+    let addr = app.api_addr();
+    TestApp {
+        app,
+        base: format!("http://{addr}"),
+        ws_base: format!("ws://{addr}"),
+        http: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+/// An answer: status, headers and body (JSON when it parses).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+    pub json: Value,
+}
+
+impl Answer {
+    /// Asserts the API's error shape with this status and code; returns
+    /// the error object.
+    #[track_caller]
+    pub fn error(&self, status: u16, code: &str) -> &Value {
+        assert_eq!(self.status.as_u16(), status, "{}", self.text);
+        let e = &self.json["error"];
+        assert_eq!(e["code"], code, "{}", self.text);
+        assert!(
+            e["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{}",
+            self.text
+        );
+        e
+    }
+
+    /// Asserts an error naming `field`.
+    #[track_caller]
+    pub fn bad(&self, status: u16, code: &str, field: &str) -> &Value {
+        let e = self.error(status, code);
+        assert_eq!(e["field"], field, "{}", self.text);
+        e
+    }
+
+    #[track_caller]
+    pub fn ok(&self, status: u16) -> &Value {
+        assert_eq!(self.status.as_u16(), status, "{}", self.text);
+        &self.json
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A request with an optional bearer token and JSON body.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        answer(req.send().await.unwrap()).await
+    }
+
+    /// A request with a raw body and content type.
+    pub async fn raw(&self, path: &str, token: &str, content_type: &str, body: Vec<u8>) -> Answer {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        answer(resp).await
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Answer {
+        self.call(Method::GET, path, Some(token), None).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Answer {
+        self.call(Method::POST, path, Some(token), Some(body)).await
+    }
+
+    /// Creates an org; returns (id, token).
+    pub async fn org(&self, name: &str) -> (String, String) {
+        let a = self
+            .call(
+                Method::POST,
+                "/v1/orgs",
+                Some(ADMIN),
+                Some(json!({ "name": name })),
+            )
+            .await;
+        let v = a.ok(201);
+        (
+            v["id"].as_str().unwrap().to_owned(),
+            v["token"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Creates an instance and waits for it to run; returns its view.
+    pub async fn running(&self, token: &str, name: &str) -> Value {
+        let a = self
+            .post(
+                "/v1/instances?wait=true",
+                token,
+                json!({ "name": name, "image": "busybox", "env": { "SECRET": format!("{name}-env-value") } }),
+            )
+            .await;
+        a.ok(200).clone()
+    }
+
+    /// Opens the org's event stream.
+    pub async fn ws(&self, token: &str, query: &str) -> Ws {
+        let mut req = format!("{}/v1/events{query}", self.ws_base)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 101);
+        ws
+    }
+
+    /// Rows in a table of the app's database.
+    pub async fn count(&self, table: &str) -> i64 {
+        berth_store::sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(self.app.store.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Asserts that no instance or event exists: a refused request wrote
+    /// nothing.
+    pub async fn assert_nothing_written(&self) {
+        assert_eq!(self.count("instances").await, 0, "instances written");
+        assert_eq!(self.count("events").await, 0, "events written");
+    }
+
+    pub async fn shutdown(self) {
+        self.app.shutdown().await.unwrap();
+    }
+}
+
+async fn answer(resp: reqwest::Response) -> Answer {
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Answer {
+        status,
+        headers,
+        text,
+        json,
+    }
+}
+
+/// The next JSON message of a stream, within the deadline.
+pub async fn next_message(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("no message on the event stream before the deadline")
+            .expect("the event stream ended")
+            .expect("the event stream failed");
+        match m {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+            Message::Close(f) => panic!("the event stream closed: {f:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// Messages until one satisfies `done`, which is returned last.
+pub async fn messages_until(ws: &mut Ws, done: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let m = next_message(ws).await;
+        let stop = done(&m);
+        out.push(m);
+        if stop {
+            return out;
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, failing at the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,420 @@
+//! Tenancy and the API's read side: orgs, their tokens (stored hashed), the
+//! admin token's hash, an org's slice of the event log after a cursor (the
+//! event stream), and the aggregates `/metrics` reads. Callers hash tokens;
+//! the store only ever sees and compares hashes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use berth_core::{Envelope, EventId, Timestamp};
+use serde::Serialize;
+use sqlx::{Row, SqliteConnection};
+
+use crate::ops;
+
+/// An org (tenant).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Org {
+    pub id: String,
+    pub name: String,
+    pub created_at: Timestamp,
+}
+
+/// A token of an org, without its secret (which is never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub org_id: String,
+    pub created_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+}
+
+/// An org refused because the name is in use.
+#[derive(Debug, thiserror::Error)]
+#[error("an org named '{0}' already exists")]
+pub struct OrgNameTaken(pub String);
+
+/// Creates an org and its first token (by hash) together, so that an org
+/// never exists without a way in. Fails with [`OrgNameTaken`] on a
+/// duplicate name.
+pub async fn create_org(
+    conn: &mut SqliteConnection,
+    org: &Org,
+    token_id: &str,
+    token_hash: &str,
+) -> anyhow::Result<()> {
+    let r = sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)")
+        .bind(&org.id)
+        .bind(&org.name)
+        .bind(org.created_at.as_micros())
+        .execute(&mut *conn)
+        .await;
+    match r {
+        Ok(_) => {}
+        Err(e)
+            if e.as_database_error()
+                .is_some_and(|d| d.is_unique_violation()) =>
+        {
+            return Err(OrgNameTaken(org.name.clone()).into());
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("failed to create the org")),
+    }
+    insert_token(conn, token_id, &org.id, token_hash, org.created_at).await
+}
+
+pub async fn get_org(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Option<Org>> {
+    let row = sqlx::query("SELECT id, name, created_at FROM orgs WHERE id = ?1")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await
+        .context("failed to read the org")?;
+    row.map(|r| {
+        Ok(Org {
+            id: r.try_get(0)?,
+            name: r.try_get(1)?,
+            created_at: Timestamp::from_micros(r.try_get(2)?),
+        })
+    })
+    .transpose()
+}
+
+pub async fn insert_token(
+    conn: &mut SqliteConnection,
+    id: &str,
+    org: &str,
+    hash: &str,
+    at: Timestamp,
+) -> anyhow::Result<()> {
+    sqlx::query("INSERT INTO tokens (id, org_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)")
+        .bind(id)
+        .bind(org)
+        .bind(hash)
+        .bind(at.as_micros())
+        .execute(&mut *conn)
+        .await
+        .context("failed to record the token")?;
+    Ok(())
+}
+
+/// The (org id, token id) of a live token with this hash; `None` for an
+/// unknown or revoked one.
+pub async fn token_by_hash(
+    conn: &mut SqliteConnection,
+    hash: &str,
+) -> anyhow::Result<Option<(String, String)>> {
+    let row = sqlx::query("SELECT org_id, id FROM tokens WHERE hash = ?1 AND revoked_at IS NULL")
+        .bind(hash)
+        .fetch_optional(&mut *conn)
+        .await
+        .context("failed to look the token up")?;
+    row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+}
+
+fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<TokenInfo> {
+    Ok(TokenInfo {
+        id: r.try_get(0)?,
+        org_id: r.try_get(1)?,
+        created_at: Timestamp::from_micros(r.try_get(2)?),
+        revoked_at: r.try_get::<Option<i64>, _>(3)?.map(Timestamp::from_micros),
+    })
+}
+
+/// Every token of an org, oldest first, revoked ones included.
+pub async fn tokens(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<Vec<TokenInfo>> {
+    let rows = sqlx::query(
+        "SELECT id, org_id, created_at, revoked_at FROM tokens WHERE org_id = ?1
+          ORDER BY created_at, id",
+    )
+    .bind(org)
+    .fetch_all(&mut *conn)
+    .await
+    .context("failed to list tokens")?;
+    rows.iter().map(token_from_row).collect()
+}
+
+/// Revokes a token of `org`. `None` if the org has no such token; the
+/// token as it now is otherwise (revoking twice keeps the first time).
+pub async fn revoke_token(
+    conn: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+    at: Timestamp,
+) -> anyhow::Result<Option<TokenInfo>> {
+    sqlx::query(
+        "UPDATE tokens SET revoked_at = ?3 WHERE id = ?1 AND org_id = ?2 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .bind(org)
+    .bind(at.as_micros())
+    .execute(&mut *conn)
+    .await
+    .context("failed to revoke the token")?;
+    let row = sqlx::query(
+        "SELECT id, org_id, created_at, revoked_at FROM tokens WHERE id = ?1 AND org_id = ?2",
+    )
+    .bind(id)
+    .bind(org)
+    .fetch_optional(&mut *conn)
+    .await
+    .context("failed to read the token")?;
+    row.as_ref().map(token_from_row).transpose()
+}
+
+/// The stored admin token hash, if one was generated.
+pub async fn admin_token_hash(conn: &mut SqliteConnection) -> anyhow::Result<Option<String>> {
+    sqlx::query_scalar("SELECT hash FROM admin_token WHERE id = 1")
+        .fetch_optional(&mut *conn)
+        .await
+        .context("failed to read the admin token")
+}
+
+/// Stores a generated admin token's hash unless one is there already;
+/// `true` if this call stored it (so its token is the one to print).
+pub async fn init_admin_token(
+    conn: &mut SqliteConnection,
+    hash: &str,
+    at: Timestamp,
+) -> anyhow::Result<bool> {
+    let done =
+        sqlx::query("INSERT OR IGNORE INTO admin_token (id, hash, created_at) VALUES (1, ?1, ?2)")
+            .bind(hash)
+            .bind(at.as_micros())
+            .execute(&mut *conn)
+            .await
+            .context("failed to store the admin token")?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The position of the newest event in the log (0 when empty).
+pub async fn last_seq(conn: &mut SqliteConnection) -> anyhow::Result<i64> {
+    sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
+        .fetch_one(&mut *conn)
+        .await
+        .context("failed to read the end of the event log")
+}
+
+/// The log position of event `id` if it belongs to `org`.
+pub async fn event_seq_in_org(
+    conn: &mut SqliteConnection,
+    org: &str,
+    id: EventId,
+) -> anyhow::Result<Option<i64>> {
+    sqlx::query_scalar("SELECT seq FROM events WHERE id = ?1 AND org_id = ?2")
+        .bind(id.to_string())
+        .bind(org)
+        .fetch_optional(&mut *conn)
+        .await
+        .context("failed to find the event")
+}
+
+/// Up to `limit` events of `org` after log position `after`, in log order,
+/// each with its position (the stream's cursor).
+pub async fn org_events_after(
+    conn: &mut SqliteConnection,
+    org: &str,
+    after: i64,
+    limit: u32,
+) -> anyhow::Result<Vec<(i64, Envelope)>> {
+    let rows = sqlx::query(
+        "SELECT seq, id FROM events WHERE org_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+    )
+    .bind(org)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await
+    .context("failed to read the org's events")?;
+    let mut order: Vec<(i64, EventId)> = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let id: String = r.try_get(1)?;
+        let id: EventId = id
+            .parse()
+            .with_context(|| format!("corrupt event id '{id}' in the store"))?;
+        order.push((r.try_get(0)?, id));
+    }
+    let ids: Vec<EventId> = order.iter().map(|(_, id)| *id).collect();
+    let mut by_id: HashMap<EventId, Envelope> = ops::load_events(conn, &ids)
+        .await?
+        .into_iter()
+        .map(|e| (e.id, e))
+        .collect();
+    Ok(order
+        .into_iter()
+        .filter_map(|(seq, id)| by_id.remove(&id).map(|e| (seq, e)))
+        .collect())
+}
+
+/// One finished attempt, as `/metrics` aggregates it.
+#[derive(Debug, Clone)]
+pub struct AttemptSample {
+    /// Position in the attempt history (increasing in commit order: SQLite
+    /// has one writer, so row ids are assigned in commit order).
+    pub id: i64,
+    pub worker: String,
+    pub outcome: String,
+    pub duration: Option<Duration>,
+}
+
+/// The newest attempt record's position (0 when none).
+pub async fn last_attempt_id(conn: &mut SqliteConnection) -> anyhow::Result<i64> {
+    sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM attempts")
+        .fetch_one(&mut *conn)
+        .await
+        .context("failed to read the attempt history")
+}
+
+/// Up to `limit` attempt records after position `after`, in order.
+pub async fn attempts_after(
+    conn: &mut SqliteConnection,
+    after: i64,
+    limit: u32,
+) -> anyhow::Result<Vec<AttemptSample>> {
+    let rows = sqlx::query(
+        "SELECT id, worker, outcome, duration_us FROM attempts WHERE id > ?1 ORDER BY id LIMIT ?2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await
+    .context("failed to read the attempt history")?;
+    rows.iter()
+        .map(|r| {
+            Ok(AttemptSample {
+                id: r.try_get(0)?,
+                worker: r.try_get(1)?,
+                outcome: r.try_get(2)?,
+                duration: r
+                    .try_get::<Option<i64>, _>(3)?
+                    .map(|us| Duration::from_micros(u64::try_from(us).unwrap_or(0))),
+            })
+        })
+        .collect()
+}
+
+/// Open (not re-driven) dead letters per worker.
+pub async fn open_dead_letters(conn: &mut SqliteConnection) -> anyhow::Result<Vec<(String, i64)>> {
+    let rows = sqlx::query(
+        "SELECT worker, COUNT(*) FROM dead_letters WHERE redriven_at IS NULL
+          GROUP BY worker ORDER BY worker",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .context("failed to count dead letters")?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+
+    use berth_core::{Clock, IdGen, NewEvent, SeededRng, SystemClock};
+
+    use super::*;
+    use crate::{Cause, Store, StoreOptions};
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(1))));
+        let s = Store::open(
+            &dir.path().join("t.db"),
+            StoreOptions::default(),
+            clock,
+            ids,
+        )
+        .await
+        .unwrap();
+        (dir, s)
+    }
+
+    fn org(id: &str, s: &Store) -> Org {
+        Org {
+            id: id.into(),
+            name: format!("{id}-name"),
+            created_at: s.now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_are_found_by_hash_until_revoked() {
+        let (_d, s) = store().await;
+        let mut c = s.pool().acquire().await.unwrap();
+        create_org(&mut c, &org("a", &s), "t1", "h1").await.unwrap();
+        create_org(&mut c, &org("a2", &s), "t9", "h9")
+            .await
+            .unwrap();
+        let mut same = org("b", &s);
+        same.name = "a-name".into();
+        let err = create_org(&mut c, &same, "t2", "h2").await.unwrap_err();
+        assert!(err.downcast_ref::<OrgNameTaken>().is_some());
+        assert_eq!(
+            token_by_hash(&mut c, "h1").await.unwrap(),
+            Some(("a".into(), "t1".into()))
+        );
+        assert_eq!(token_by_hash(&mut c, "h2").await.unwrap(), None);
+        assert!(
+            revoke_token(&mut c, "a2", "t1", s.now())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let t = revoke_token(&mut c, "a", "t1", s.now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(t.revoked_at.is_some());
+        assert_eq!(token_by_hash(&mut c, "h1").await.unwrap(), None);
+        assert_eq!(tokens(&mut c, "a").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_orgs_events_come_in_log_order_and_alone() {
+        let (_d, s) = store().await;
+        let mut envs = Vec::new();
+        for (i, o) in ["a", "b", "a", "a"].iter().enumerate() {
+            let e = NewEvent::with_type("test.thing", 1, &i).unwrap().org(*o);
+            envs.push(s.stamp(
+                e,
+                Cause::Root {
+                    flow_id: s.ids().flow_id(),
+                },
+            ));
+        }
+        s.publish(envs.clone()).await.unwrap();
+        let mut c = s.pool().acquire().await.unwrap();
+        let all = org_events_after(&mut c, "a", 0, 10).await.unwrap();
+        let ids: Vec<_> = all.iter().map(|(_, e)| e.id).collect();
+        assert_eq!(ids, [envs[0].id, envs[2].id, envs[3].id]);
+        let after = event_seq_in_org(&mut c, "a", envs[2].id)
+            .await
+            .unwrap()
+            .unwrap();
+        let rest = org_events_after(&mut c, "a", after, 10).await.unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].1.id, envs[3].id);
+        assert_eq!(
+            event_seq_in_org(&mut c, "b", envs[2].id).await.unwrap(),
+            None
+        );
+        assert_eq!(last_seq(&mut c).await.unwrap(), rest[0].0);
+        assert_eq!(org_events_after(&mut c, "a", 0, 2).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_admin_token_is_stored_once() {
+        let (_d, s) = store().await;
+        let mut c = s.pool().acquire().await.unwrap();
+        assert_eq!(admin_token_hash(&mut c).await.unwrap(), None);
+        assert!(init_admin_token(&mut c, "x", s.now()).await.unwrap());
+        assert!(!init_admin_token(&mut c, "y", s.now()).await.unwrap());
+        assert_eq!(
+            admin_token_hash(&mut c).await.unwrap().as_deref(),
+            Some("x")
+        );
+    }
+}
