@@ -8,37 +8,78 @@ use berth_core::{Clock, IdGen, SeededRng, SystemClock};
 use berth_flows::Deps;
 use berth_runtime::hosts::{HostProvider, LOCAL, LocalProvider, PoolProvider};
 use berth_runtime::sim::{SimConfig, SimRuntime};
-use berth_runtime::{ContainerRuntime, HostId, Limits};
+use berth_runtime::{HostId, Limits};
 use berth_store::{Store, StoreOptions};
 use berth_worker::{Bus, BusOptions, Policies, Registry, Workers};
 use tracing::info;
 
 use crate::config::{Config, ProviderKind, RuntimeKind};
 
-/// The workers Berth runs: the instance lifecycle, on `deps`.
-pub fn registry(deps: Arc<Deps>) -> anyhow::Result<Registry> {
+/// The workers Berth runs: the instance lifecycle on `deps`, and one
+/// notifier per configured webhook.
+pub fn registry(config: &Config, deps: Arc<Deps>) -> anyhow::Result<Registry> {
     let mut reg = Registry::new();
     berth_flows::register(&mut reg, deps)?;
+    for w in &config.webhooks {
+        berth_flows::notify::register(
+            &mut reg,
+            berth_flows::notify::Webhook {
+                name: w.name.clone(),
+                url: w.url.clone(),
+                secret: w.secret.clone(),
+                timeout: std::time::Duration::from_secs(10),
+            },
+        )
+        .with_context(|| format!("webhooks: cannot register '{}'", w.name))?;
+    }
     Ok(reg)
 }
 
-/// The runtime and host provider the configuration asks for.
-pub fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimRuntime>>)> {
-    let (hosts, provider): (Vec<HostId>, Arc<dyn HostProvider>) = match config.hosts.provider {
-        ProviderKind::Local => (vec![HostId::new(LOCAL)], Arc::new(LocalProvider)),
+/// The runtime and host provider the configuration asks for. With Docker,
+/// every engine must answer now: a start against no engine fails at once,
+/// naming the endpoint.
+pub async fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimRuntime>>)> {
+    // Host names, and for Docker their endpoints.
+    let named: Vec<(HostId, Option<String>)> = match config.hosts.provider {
+        ProviderKind::Local => vec![(HostId::new(LOCAL), config.runtime.docker_host.clone())],
         ProviderKind::Pool => {
             if config.hosts.pool.is_empty() {
-                anyhow::bail!("hosts.pool: provider \"pool\" needs at least one host name");
+                anyhow::bail!("hosts.pool: provider \"pool\" needs at least one host");
             }
-            let hosts: Vec<HostId> = config.hosts.pool.iter().map(HostId::new).collect();
-            (hosts.clone(), Arc::new(PoolProvider::new(hosts)))
+            config
+                .hosts
+                .pool
+                .iter()
+                .map(|entry| match entry.split_once('=') {
+                    Some((name, endpoint)) => (HostId::new(name), Some(endpoint.to_owned())),
+                    None => (HostId::new(entry.as_str()), None),
+                })
+                .collect()
         }
+    };
+    let hosts: Vec<HostId> = named.iter().map(|(h, _)| h.clone()).collect();
+    let provider: Arc<dyn HostProvider> = match config.hosts.provider {
+        ProviderKind::Local => Arc::new(LocalProvider),
+        ProviderKind::Pool => Arc::new(PoolProvider::new(hosts.clone())),
     };
     match config.runtime.kind {
         RuntimeKind::Docker => {
-            let runtime = docker_runtime(config)?;
+            let mut endpoints = Vec::new();
+            for (host, endpoint) in named {
+                let endpoint = match (endpoint, config.hosts.provider) {
+                    (Some(e), _) => e,
+                    (None, ProviderKind::Local) => berth_docker::local_endpoint(),
+                    (None, ProviderKind::Pool) => anyhow::bail!(
+                        "hosts.pool: with the docker runtime each host needs an endpoint, as \"{host}=tcp://…\""
+                    ),
+                };
+                endpoints.push((host, endpoint));
+            }
+            let docker = berth_docker::DockerRuntime::connect(endpoints)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let deps = Arc::new(Deps {
-                runtime,
+                runtime: Arc::new(docker),
                 hosts: provider,
                 limits: Limits::default(),
             });
@@ -61,11 +102,6 @@ pub fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimRuntime
     }
 }
 
-/// The Docker runtime (`--runtime docker`).
-pub fn docker_runtime(_config: &Config) -> anyhow::Result<Arc<dyn ContainerRuntime>> {
-    anyhow::bail!("the docker runtime is not built into this binary yet")
-}
-
 /// A running Berth: the store, the workers on it, and the HTTP API.
 pub struct App {
     pub config: Config,
@@ -79,6 +115,9 @@ pub struct App {
     pub generated_admin_token: Option<String>,
     workers: Workers,
     api: berth_api::Server,
+    /// The engine-event listeners (one per host) and the reconciler.
+    background: Vec<tokio::task::JoinHandle<()>>,
+    background_cancel: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for App {
@@ -91,8 +130,8 @@ impl App {
     /// Builds the runtime and workers the configuration asks for, then
     /// [`App::start`]s them; `source` names the configuration in errors.
     pub async fn build(config: Config, source: &str) -> anyhow::Result<App> {
-        let (deps, sim) = deps(&config)?;
-        let registry = registry(deps.clone())?;
+        let (deps, sim) = deps(&config).await?;
+        let registry = registry(&config, deps.clone())?;
         let policies = config.policies(registry.names(), source)?;
         App::start(config, registry, policies, deps, sim).await
     }
@@ -172,6 +211,27 @@ impl App {
                 return Err(e);
             }
         };
+        // Background tasks, each owned here and stopped by `shutdown`.
+        let background_cancel = tokio_util::sync::CancellationToken::new();
+        let mut background = Vec::new();
+        for host in deps.hosts.hosts() {
+            background.push(tokio::spawn(berth_flows::exits::listen(
+                workers.bus(),
+                deps.clone(),
+                host,
+                background_cancel.clone(),
+            )));
+        }
+        let r = &config.reconciler;
+        background.push(tokio::spawn(
+            berth_flows::reconciler::Reconciler::new(berth_flows::reconciler::ReconcilerConfig {
+                period: r.period,
+                grace: r.grace,
+                flow_deadline: r.flow_deadline,
+                max_republish: r.max_republish,
+            })
+            .run(workers.bus(), deps.clone(), background_cancel.clone()),
+        ));
         info!(
             database = %path.display(),
             workers = registry.workers().len(),
@@ -188,6 +248,8 @@ impl App {
             generated_admin_token,
             workers,
             api,
+            background,
+            background_cancel,
         })
     }
 
@@ -205,6 +267,11 @@ impl App {
     /// work), and closes the database.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.api.shutdown(self.config.bus.shutdown_grace).await;
+        // Listeners publish onto the bus: stop them before it.
+        self.background_cancel.cancel();
+        for task in self.background {
+            let _ = task.await;
+        }
         self.workers.shutdown().await?;
         self.store.pool().close().await;
         info!("berth stopped");

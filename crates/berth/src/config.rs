@@ -29,6 +29,10 @@ pub struct Config {
     pub bus: BusConfig,
     pub runtime: RuntimeConfig,
     pub hosts: HostsConfig,
+    pub reconciler: ReconcilerSection,
+    /// Notification providers, one worker each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookSection>,
     /// Retry policies: `[workers.default]` and `[workers."<name>"]`.
     pub workers: WorkersConfig,
 }
@@ -80,6 +84,10 @@ pub const MIN_ADMIN_TOKEN: usize = 16;
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     pub kind: RuntimeKind,
+    /// The local engine's endpoint (`unix:///…` or `tcp://…`); unset:
+    /// `DOCKER_HOST`, else the local socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_host: Option<String>,
     /// Base images the simulated engine pretends to have on every host.
     pub sim_base_images: Vec<String>,
 }
@@ -87,10 +95,55 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
-            kind: RuntimeKind::Sim,
-            sim_base_images: vec!["busybox".into(), "berth-test-base".into()],
+            kind: RuntimeKind::Docker,
+            docker_host: None,
+            sim_base_images: vec!["busybox".into(), "berth-test-base:latest".into()],
         }
     }
+}
+
+/// `[reconciler]`: the safety net under the flows.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcilerSection {
+    /// Time between passes.
+    #[serde(with = "berth_core::duration::human")]
+    pub period: std::time::Duration,
+    /// How long a Berth-labelled resource without a live record may stay
+    /// before it is removed.
+    #[serde(with = "berth_core::duration::human")]
+    pub grace: std::time::Duration,
+    /// How long an instance may stay in a non-terminal state without change
+    /// before its flow is nudged.
+    #[serde(with = "berth_core::duration::human")]
+    pub flow_deadline: std::time::Duration,
+    /// Nudges before the flow fails with `flow_timeout`.
+    pub max_republish: u32,
+}
+
+impl Default for ReconcilerSection {
+    fn default() -> Self {
+        let d = berth_flows::reconciler::ReconcilerConfig::default();
+        ReconcilerSection {
+            period: d.period,
+            grace: d.grace,
+            flow_deadline: d.flow_deadline,
+            max_republish: d.max_republish,
+        }
+    }
+}
+
+/// One `[[webhooks]]` notification provider.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSection {
+    /// Names its worker `notify.<name>`, whose policy is
+    /// `[workers."notify.<name>"]`.
+    pub name: String,
+    /// `http://` URL receiving a POST per instance event.
+    pub url: String,
+    /// Key of the `Berth-Signature` HMAC-SHA256 header.
+    pub secret: String,
 }
 
 /// Where orgs run.
@@ -108,7 +161,8 @@ pub enum ProviderKind {
 #[serde(deny_unknown_fields, default)]
 pub struct HostsConfig {
     pub provider: ProviderKind,
-    /// Host names of the pool (with `provider = "pool"`).
+    /// The pool (with `provider = "pool"`): host names, or with the Docker
+    /// runtime `name=endpoint` (e.g. `h1=tcp://10.0.0.5:2375`).
     pub pool: Vec<String>,
 }
 
@@ -131,6 +185,8 @@ impl Default for Config {
             bus: BusConfig::default(),
             runtime: RuntimeConfig::default(),
             hosts: HostsConfig::default(),
+            reconciler: ReconcilerSection::default(),
+            webhooks: Vec::new(),
             workers: WorkersConfig::new(),
         }
     }

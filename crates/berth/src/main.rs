@@ -108,22 +108,30 @@ fn load(cli: &Cli) -> anyhow::Result<(Config, String)> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let (config, source) = load(&cli)?;
-    let (deps, sim) = berth::deps(&config)?;
-    let registry = berth::registry(deps.clone())?;
+    if let Command::Serve { .. } = cli.command {
+        let mut app = App::build(config, &source).await?;
+        if let Some(token) = app.generated_admin_token.take() {
+            // Printed once, to the terminal and not the log: only its hash
+            // is kept.
+            println!(
+                "Generated the admin token (shown only now; set BERTH_ADMIN_TOKEN to replace it):\n\n    {token}\n"
+            );
+        }
+        println!("berth API listening on http://{}", app.api_addr());
+        wait_for_signal().await?;
+        return app.shutdown().await;
+    }
+    // The other commands need the workers' names and policies, not an
+    // engine: resolve them on the simulated runtime, so that `berth config`
+    // works where no engine answers.
+    let mut offline = config.clone();
+    offline.runtime.kind = berth::config::RuntimeKind::Sim;
+    let (deps, _) = berth::deps(&offline).await?;
+    let registry = berth::registry(&config, deps)?;
     let policies = config.policies(registry.names(), &source)?;
     match cli.command {
         Command::Serve { .. } => {
-            let mut app = App::start(config, registry, policies, deps, sim).await?;
-            if let Some(token) = app.generated_admin_token.take() {
-                // Printed once, to the terminal and not the log: only its
-                // hash is kept.
-                println!(
-                    "Generated the admin token (shown only now; set BERTH_ADMIN_TOKEN to replace it):\n\n    {token}\n"
-                );
-            }
-            println!("berth API listening on http://{}", app.api_addr());
-            wait_for_signal().await?;
-            app.shutdown().await
+            anyhow::bail!("serve is handled above")
         }
         Command::Policies { json } => {
             print_policies(&registry, &policies, json);

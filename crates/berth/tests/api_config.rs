@@ -20,19 +20,23 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 fn listen_runtime_and_admin_token_come_from_the_environment() {
     let c = Config::load(None, Vec::new()).unwrap();
     assert_eq!(c.listen, "127.0.0.1:7077".parse::<SocketAddr>().unwrap());
-    assert_eq!(c.runtime.kind, RuntimeKind::Sim);
+    assert_eq!(
+        c.runtime.kind,
+        RuntimeKind::Docker,
+        "the local engine by default"
+    );
     assert!(c.admin_token.is_none());
     let c = Config::load(
         None,
         env(&[
             ("BERTH_LISTEN", "0.0.0.0:8080"),
-            ("BERTH_RUNTIME__KIND", "docker"),
+            ("BERTH_RUNTIME__KIND", "sim"),
             ("BERTH_ADMIN_TOKEN", "12345678901234567890"),
         ]),
     )
     .unwrap();
     assert_eq!(c.listen, "0.0.0.0:8080".parse::<SocketAddr>().unwrap());
-    assert_eq!(c.runtime.kind, RuntimeKind::Docker);
+    assert_eq!(c.runtime.kind, RuntimeKind::Sim);
     // Digits stay a string, and the secret shows in neither output.
     assert_eq!(
         c.admin_token.as_ref().unwrap().expose(),
@@ -63,7 +67,7 @@ fn a_short_admin_token_is_refused_without_showing_it() {
 }
 
 #[tokio::test]
-async fn the_docker_runtime_is_refused_until_built_in() {
+async fn a_start_with_no_docker_engine_fails_naming_the_endpoint() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config {
         data_dir: dir.path().to_owned(),
@@ -71,8 +75,13 @@ async fn the_docker_runtime_is_refused_until_built_in() {
         ..Config::default()
     };
     config.runtime.kind = RuntimeKind::Docker;
+    config.runtime.docker_host = Some("unix:///nonexistent/docker.sock".into());
     let err = App::build(config, "test").await.unwrap_err().to_string();
-    assert!(err.contains("docker runtime is not built"), "{err}");
+    assert!(
+        err.contains("no Docker engine at unix:///nonexistent/docker.sock"),
+        "{err}"
+    );
+    assert!(!dir.path().join("berth.db").exists(), "nothing was started");
 }
 
 #[tokio::test]

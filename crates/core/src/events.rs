@@ -105,9 +105,14 @@ pub mod instance {
         Exited, "instance.exited" { exit_code: i64, oom_killed: bool }
     );
     payload!(
-        /// The engine reported that a container of this instance died
-        /// (published by the engine-event listener of its host).
-        ContainerDied, "engine.container.died" { exit_code: i64, oom_killed: bool, container: String }
+        /// The engine reported that a container of this instance died, at
+        /// `at` (published by the engine-event listener of its host).
+        ContainerDied, "engine.container.died" {
+            exit_code: i64,
+            oom_killed: bool,
+            container: String,
+            at: crate::clock::Timestamp,
+        }
     );
     payload!(
         /// The creation flow overran its deadline and was failed by the

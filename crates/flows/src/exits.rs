@@ -32,9 +32,12 @@ async fn exit(mut ctx: Ctx) -> HandlerResult {
     let mut inst = step::load(&ctx, &p.instance_id).await?;
     // Only the current generation's container, and only while it should be
     // running: a stop or restart we asked for also makes the engine say "die".
+    // A death from before the instance last became running is one we caused
+    // (a stop or restart), seen late.
     if inst.generation != p.generation
         || inst.status != InstanceStatus::Running
         || inst.container.as_deref() != Some(p.container.as_str())
+        || p.at < inst.updated_at
     {
         return Ok(ctx.done());
     }
@@ -142,6 +145,7 @@ pub async fn listen(bus: Bus, deps: Arc<Deps>, host: HostId, cancel: Cancellatio
                         exit_code,
                         oom_killed,
                         container: e.container.clone(),
+                        at: e.at,
                     }) {
                         Ok(ev) => ev.org(org.clone()).subject(id.clone()),
                         Err(err) => {

@@ -24,6 +24,9 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 const CONFIG: &str = r#"
 listen = "127.0.0.1:0"
 
+[runtime]
+kind = "sim"
+
 [bus]
 shutdown_grace = "2s"
 
