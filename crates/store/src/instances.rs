@@ -140,32 +140,14 @@ pub(crate) fn insert_args(i: &Instance) -> anyhow::Result<Vec<crate::ops::Arg>> 
 
 /// Inserts a new instance; [`NameTaken`] if its org has a live one so named.
 pub async fn insert(conn: &mut SqliteConnection, i: &Instance) -> anyhow::Result<()> {
-    let r = sqlx::query(&format!(
-        "INSERT INTO instances ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
-    ))
-    .bind(&i.id)
-    .bind(&i.org_id)
-    .bind(i.name.as_str())
-    .bind(serde_json::to_string(&i.spec)?)
-    .bind(i.status.as_str())
-    .bind(i.version)
-    .bind(i.generation)
-    .bind(&i.host)
-    .bind(&i.network)
-    .bind(&i.image_tag)
-    .bind(&i.container)
-    .bind(&i.ip)
-    .bind(serde_json::to_string(&i.conditions)?)
-    .bind(i.error.as_ref().map(serde_json::to_string).transpose()?)
-    .bind(i.exit_code)
-    .bind(i.oom_killed)
-    .bind(i.restarts)
-    .bind(i.flow_id.to_string())
-    .bind(i.created_at.as_micros())
-    .bind(i.updated_at.as_micros())
-    .execute(&mut *conn)
-    .await;
-    match r {
+    let mut script = crate::ops::Script::new();
+    script.push(
+        &format!(
+            "INSERT INTO instances ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        ),
+        insert_args(i)?,
+    );
+    match script.run(conn).await {
         Ok(_) => Ok(()),
         Err(e)
             if e.as_database_error()
