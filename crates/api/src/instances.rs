@@ -295,6 +295,14 @@ async fn acted(
             )
             .field("id"));
         }
+        Err(FlowError::Conflict) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "concurrent_update",
+                "the instance changed while this request was applied; try again",
+            )
+            .field("id"));
+        }
         Err(FlowError::Other(e)) => return Err(e.into()),
     };
     state.inner.feed.kick();

@@ -182,6 +182,10 @@ pub enum FlowError {
         status: InstanceStatus,
         action: &'static str,
     },
+    /// Another action changed the instance at the same moment; the caller
+    /// may simply try again.
+    #[error("the instance changed meanwhile; try again")]
+    Conflict,
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -222,9 +226,7 @@ async fn act(
         Cause::Root { flow_id },
     );
     if !instances::update(tx.conn(), &mut inst, store.now()).await? {
-        return Err(FlowError::Other(anyhow::anyhow!(
-            "instance {id} changed meanwhile; try again"
-        )));
+        return Err(FlowError::Conflict);
     }
     tx.publish(std::slice::from_ref(&env)).await?;
     tx.commit().await.context("failed to record the action")?;
