@@ -966,3 +966,106 @@ async fn a_webhook_that_fails_forever_delays_no_flow_and_fails_no_instance() {
     w.check_invariants().await;
     w.stop().await;
 }
+
+#[tokio::test]
+async fn pool_hosts_are_dedicated_per_org_and_released_with_its_last_instance() {
+    use berth_runtime::hosts::PoolProvider;
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(9))));
+    let store = Store::open(
+        &dir.path().join("berth.db"),
+        StoreOptions::default(),
+        clock,
+        ids,
+    )
+    .await
+    .unwrap();
+    let (h1, h2) = (HostId::new("h1"), HostId::new("h2"));
+    let sim = Arc::new(SimRuntime::new(SimConfig::new(vec![
+        h1.clone(),
+        h2.clone(),
+    ])));
+    for h in [&h1, &h2] {
+        sim.add_base_image(h, "busybox");
+    }
+    let deps = Arc::new(Deps {
+        runtime: sim.clone(),
+        hosts: Arc::new(PoolProvider::new(vec![h1.clone(), h2.clone()])),
+        limits: Limits::default(),
+    });
+    let mut reg = Registry::new();
+    berth_flows::register(&mut reg, deps).unwrap();
+    #[derive(serde::Deserialize)]
+    struct Root {
+        workers: WorkersConfig,
+    }
+    let cfg: Root = toml::from_str(POLICIES).unwrap();
+    let policies = Policies::resolve(&cfg.workers, reg.names()).unwrap();
+    let workers = Workers::start(
+        store.clone(),
+        &reg,
+        &policies,
+        BusOptions {
+            checkpoint_interval: None,
+            ..BusOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let bus = workers.bus();
+    let settle = |id: String| {
+        let store = store.clone();
+        async move {
+            let start = Instant::now();
+            loop {
+                let mut c = store.pool().acquire().await.unwrap();
+                let i = instances::get(&mut c, &id).await.unwrap().unwrap();
+                if i.status.is_terminal() {
+                    return i;
+                }
+                assert!(start.elapsed() < DEADLINE, "{id} stuck in {}", i.status);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    };
+    let create = |org: &'static str, name: &'static str| {
+        let bus = bus.clone();
+        async move {
+            berth_flows::create_instance_on(
+                &bus,
+                org,
+                InstanceName::parse(name).unwrap(),
+                spec("busybox"),
+            )
+            .await
+            .unwrap()
+            .0
+        }
+    };
+    let a1 = settle(create("orga", "one").await.id).await;
+    let a2 = settle(create("orga", "two").await.id).await;
+    let b1 = settle(create("orgb", "one").await.id).await;
+    for i in [&a1, &a2, &b1] {
+        assert_eq!(i.status, InstanceStatus::Running, "{:?}", i.error);
+    }
+    assert_eq!(a1.host, a2.host, "an org stays on its host");
+    assert_ne!(a1.host, b1.host, "each org has a host of its own");
+    // The pool is full: a third org cannot be placed.
+    let c1 = settle(create("orgc", "one").await.id).await;
+    assert_eq!(c1.status, InstanceStatus::Failed);
+    assert_eq!(c1.error.unwrap().code, "no_host_available");
+    // Org B's last instance goes: its host is released and org C gets it.
+    delete_instance(&store, "orgb", &b1.id).await.unwrap();
+    assert_eq!(settle(b1.id.clone()).await.status, InstanceStatus::Deleted);
+    let c2 = settle(create("orgc", "two").await.id).await;
+    assert_eq!(c2.status, InstanceStatus::Running, "{:?}", c2.error);
+    assert_eq!(c2.host, b1.host, "the released host was claimed again");
+    let claims = {
+        let mut c = store.pool().acquire().await.unwrap();
+        instances::claims(&mut c).await.unwrap()
+    };
+    assert_eq!(claims.len(), 2);
+    assert!(claims.values().all(|orgs| orgs.len() == 1), "{claims:?}");
+    workers.shutdown().await.unwrap();
+}
