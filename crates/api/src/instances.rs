@@ -398,7 +398,7 @@ pub async fn stop(
     acted(&state, &auth.org_id, &id, r, &q, InstanceStatus::Stopped).await
 }
 
-/// Starts a stopped, exited or failed instance's container again.
+/// Starts a stopped or exited instance's container again.
 #[utoipa::path(
     post, path = "/v1/instances/{id}/start", operation_id = "start_instance", tag = "instances",
     params(("id" = String, Path, description = "Instance id"), WaitFlag),

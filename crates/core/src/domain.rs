@@ -160,7 +160,7 @@ impl InstanceStatus {
                 | (Stopping, Stopped)
                 | (Stopping, Starting)
                 | (Running, Exited)
-                | (Exited | Stopped | Failed, Starting)
+                | (Exited | Stopped, Starting)
                 | (Deleting, Deleted)
         )
     }
@@ -355,6 +355,8 @@ mod tests {
             (Failed, Running),
             (Deleted, Deleting),
             (Deleted, Running),
+            // A failed instance has nothing left to start: recreate it.
+            (Failed, Starting),
             (Deleting, Deleting),
         ] {
             assert!(!a.can_become(b), "{a} → {b}");
