@@ -191,7 +191,7 @@ impl DockerRuntime {
     ) -> Result<T, RuntimeError> {
         tokio::time::timeout(limit, fut)
             .await
-            .unwrap_or_else(|_| Err(timeout(host, op)))
+            .unwrap_or_else(|_| Err(RuntimeError::timeout(host, op)))
     }
 }
 
@@ -273,41 +273,11 @@ fn version_string(docker: &Docker) -> String {
     format!("{}.{}", v.major_version, v.minor_version)
 }
 
-fn timeout(host: &HostId, op: &str) -> RuntimeError {
-    RuntimeError::Timeout {
-        host: host.clone(),
-        op: op.to_owned(),
-    }
-}
-
-fn not_found(host: &HostId, what: &str, name: &str) -> RuntimeError {
-    RuntimeError::NotFound {
-        host: host.clone(),
-        what: what.to_owned(),
-        name: name.to_owned(),
-    }
-}
-
-fn conflict(host: &HostId, what: &str, name: &str) -> RuntimeError {
-    RuntimeError::Conflict {
-        host: host.clone(),
-        what: what.to_owned(),
-        name: name.to_owned(),
-    }
-}
-
-fn invalid(host: &HostId, message: String) -> RuntimeError {
-    RuntimeError::Invalid {
-        host: host.clone(),
-        message,
-    }
-}
-
 /// Docker refuses empty names with a confusing message (or, for a tag,
 /// builds an untagged image); refuse them plainly, as the simulator does.
 fn check_name(host: &HostId, what: &str, name: &str) -> Result<(), RuntimeError> {
     if name.trim().is_empty() {
-        return Err(invalid(host, format!("empty {what} name")));
+        return Err(RuntimeError::invalid(host, format!("empty {what} name")));
     }
     Ok(())
 }
@@ -536,7 +506,7 @@ impl ContainerRuntime for DockerRuntime {
         self.timed(host, OP, self.timeouts.call, async {
             let _serial = e.network_create.lock().await;
             if e.network(host, OP, name).await?.is_some() {
-                return Err(conflict(host, "network", name));
+                return Err(RuntimeError::conflict(host, "network", name));
             }
             let request = NetworkCreateRequest {
                 name: name.to_owned(),
@@ -562,7 +532,7 @@ impl ContainerRuntime for DockerRuntime {
                     Err(err) if error::status(&err) == Some(404) => {}
                     Err(err) => return Err(error::map(host, OP, "network", name, err)),
                 }
-                return Err(conflict(host, "network", name));
+                return Err(RuntimeError::conflict(host, "network", name));
             }
             Ok(NetworkInfo {
                 id: created.id,
@@ -588,7 +558,7 @@ impl ContainerRuntime for DockerRuntime {
                         if error::server_message(&err)
                             .is_some_and(|m| m.contains("active endpoints")) =>
                     {
-                        return Err(conflict(host, "network", name));
+                        return Err(RuntimeError::conflict(host, "network", name));
                     }
                     Err(err) => return Err(error::map(host, OP, "network", name, err)),
                 }
@@ -621,14 +591,15 @@ impl ContainerRuntime for DockerRuntime {
         const OP: &str = "build_image";
         check_name(host, "image", &spec.tag)?;
         let e = self.engine(host)?;
-        let dockerfile = build::dockerfile(spec).map_err(|why| invalid(host, why))?;
-        let context = build::context(&dockerfile)
-            .map_err(|err| invalid(host, format!("cannot write the build context: {err}")))?;
+        let dockerfile = build::dockerfile(spec).map_err(|why| RuntimeError::invalid(host, why))?;
+        let context = build::context(&dockerfile).map_err(|err| {
+            RuntimeError::invalid(host, format!("cannot write the build context: {err}"))
+        })?;
         self.timed(host, OP, self.timeouts.build, async {
             // Checked first: the classic builder would otherwise try to pull
             // a missing base, which here can only fail, slowly and vaguely.
             if e.image(host, OP, &spec.base).await?.is_none() {
-                return Err(not_found(host, "image", &spec.base));
+                return Err(RuntimeError::not_found(host, "image", &spec.base));
             }
             let options = BuildImageOptions {
                 dockerfile: "Dockerfile".to_owned(),
@@ -662,9 +633,9 @@ impl ContainerRuntime for DockerRuntime {
             if let Some(why) = failure {
                 // The base may have gone since it was checked.
                 if e.image(host, OP, &spec.base).await?.is_none() {
-                    return Err(not_found(host, "image", &spec.base));
+                    return Err(RuntimeError::not_found(host, "image", &spec.base));
                 }
-                return Err(invalid(
+                return Err(RuntimeError::invalid(
                     host,
                     format!(
                         "building {} from {} failed: {why}\n{}",
@@ -760,7 +731,7 @@ impl ContainerRuntime for DockerRuntime {
                 Ok(_) => {}
                 // The only thing a create can miss is its image.
                 Err(err) if error::status(&err) == Some(404) => {
-                    return Err(not_found(host, "image", &spec.image));
+                    return Err(RuntimeError::not_found(host, "image", &spec.image));
                 }
                 Err(err) => return Err(error::map(host, OP, "container", &spec.name, err)),
             }
@@ -768,7 +739,7 @@ impl ContainerRuntime for DockerRuntime {
                 .await?
                 .map(container_info)
                 // Removed between create and inspect by someone else.
-                .ok_or_else(|| not_found(host, "container", &spec.name))
+                .ok_or_else(|| RuntimeError::not_found(host, "container", &spec.name))
         })
         .await
     }
@@ -853,9 +824,9 @@ impl ContainerRuntime for DockerRuntime {
             let net = e
                 .network(host, OP, network)
                 .await?
-                .ok_or_else(|| not_found(host, "network", network))?;
+                .ok_or_else(|| RuntimeError::not_found(host, "network", network))?;
             let Some(c) = e.inspect(host, OP, container).await? else {
-                return Err(not_found(host, "container", container));
+                return Err(RuntimeError::not_found(host, "container", container));
             };
             let info = container_info(c);
             if let Some(ip) = info.networks.get(network) {
@@ -894,8 +865,8 @@ impl ContainerRuntime for DockerRuntime {
                 if !attached_meanwhile {
                     return Err(match error::status(&err) {
                         Some(404) => match e.inspect(host, OP, container).await? {
-                            None => not_found(host, "container", container),
-                            Some(_) => not_found(host, "network", network),
+                            None => RuntimeError::not_found(host, "container", container),
+                            Some(_) => RuntimeError::not_found(host, "network", network),
                         },
                         _ => error::map(host, OP, "network", network, err),
                     });
@@ -906,7 +877,7 @@ impl ContainerRuntime for DockerRuntime {
             let after = e
                 .inspect(host, OP, container)
                 .await?
-                .ok_or_else(|| not_found(host, "container", container))?;
+                .ok_or_else(|| RuntimeError::not_found(host, "container", container))?;
             Ok(container_info(after)
                 .networks
                 .remove(network)

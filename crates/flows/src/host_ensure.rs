@@ -29,23 +29,27 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
     if !creating(&inst, p.generation) {
         return Ok(ctx.done());
     }
-    let claims: BTreeMap<HostId, Vec<String>> = {
-        let mut conn = ctx.store().pool().acquire().await?;
-        instances::claims(&mut conn)
-            .await?
-            .into_iter()
-            .map(|(h, orgs)| (HostId::new(h), orgs))
-            .collect()
-    };
     let host = match &inst.host {
         Some(h) => HostId::new(h.clone()),
-        None => deps.hosts.choose(&inst.org_id, &claims).ok_or_else(|| {
-            HandlerError::retryable(anyhow::anyhow!(
-                "no host is free for org {} (every pool host is claimed)",
-                inst.org_id
-            ))
-            .with_code("no_host_available")
-        })?,
+        None => {
+            // The claims are read only to choose; the guarded write below
+            // settles any race with another org choosing at the same time.
+            let claims: BTreeMap<HostId, Vec<String>> = {
+                let mut conn = ctx.store().pool().acquire().await?;
+                instances::claims(&mut conn)
+                    .await?
+                    .into_iter()
+                    .map(|(h, orgs)| (HostId::new(h), orgs))
+                    .collect()
+            };
+            deps.hosts.choose(&inst.org_id, &claims).ok_or_else(|| {
+                HandlerError::retryable(anyhow::anyhow!(
+                    "no host is free for org {} (every pool host is claimed)",
+                    inst.org_id
+                ))
+                .with_code("no_host_available")
+            })?
+        }
     };
     deps.runtime.ping(&host).await.map_err(engine)?;
 

@@ -251,21 +251,14 @@ impl FaultyRuntime {
                 host: host.clone(),
                 message: format!("injected permanent fault in {op}"),
             }),
-            FaultKind::Timeout => Err(timeout(host, op)),
+            FaultKind::Timeout => Err(RuntimeError::timeout(host, op.as_str())),
             FaultKind::Hang => std::future::pending().await,
             FaultKind::LostReply => {
                 // The outcome is dropped on purpose: that is the fault.
                 let _ = call.await;
-                Err(timeout(host, op))
+                Err(RuntimeError::timeout(host, op.as_str()))
             }
         }
-    }
-}
-
-fn timeout(host: &HostId, op: Op) -> RuntimeError {
-    RuntimeError::Timeout {
-        host: host.clone(),
-        op: op.as_str().to_owned(),
     }
 }
 

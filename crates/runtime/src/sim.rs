@@ -240,7 +240,7 @@ impl SimRuntime {
     ) -> Result<(), RuntimeError> {
         let mut h = self.locked(host)?;
         match h.containers.get(container) {
-            None => Err(not_found(host, "container", container)),
+            None => Err(RuntimeError::not_found(host, "container", container)),
             Some(c) if c.info.state != ContainerState::Running => Ok(()),
             Some(_) => {
                 h.exit(self.clock.now(), host, container, exit_code, oom);
@@ -254,7 +254,7 @@ impl SimRuntime {
     pub fn print(&self, host: &HostId, container: &str, line: &str) -> Result<(), RuntimeError> {
         let mut h = self.locked(host)?;
         let Some(c) = h.containers.get_mut(container) else {
-            return Err(not_found(host, "container", container));
+            return Err(RuntimeError::not_found(host, "container", container));
         };
         c.output.push(line.to_owned());
         h.send_log(container, Some(line.to_owned()));
@@ -357,8 +357,10 @@ impl SimRuntime {
 
     fn slot(&self, host: &HostId) -> Result<&HostSlot, RuntimeError> {
         match self.hosts.get(host) {
-            None => Err(unavailable(host, "no such host")),
-            Some(s) if !s.up.load(Ordering::SeqCst) => Err(unavailable(host, "engine is down")),
+            None => Err(RuntimeError::unavailable(host, "no such host")),
+            Some(s) if !s.up.load(Ordering::SeqCst) => {
+                Err(RuntimeError::unavailable(host, "engine is down"))
+            }
             Some(s) => Ok(s),
         }
     }
@@ -445,29 +447,6 @@ fn lock(m: &Mutex<HostState>) -> MutexGuard<'_, HostState> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn unavailable(host: &HostId, message: &str) -> RuntimeError {
-    RuntimeError::Unavailable {
-        host: host.clone(),
-        message: message.to_owned(),
-    }
-}
-
-fn not_found(host: &HostId, what: &str, name: &str) -> RuntimeError {
-    RuntimeError::NotFound {
-        host: host.clone(),
-        what: what.to_owned(),
-        name: name.to_owned(),
-    }
-}
-
-fn conflict(host: &HostId, what: &str, name: &str) -> RuntimeError {
-    RuntimeError::Conflict {
-        host: host.clone(),
-        what: what.to_owned(),
-        name: name.to_owned(),
-    }
-}
-
 /// Docker refuses empty names; so does the simulator, so that a permanent
 /// (non-retryable) error can arise without fault injection.
 fn check_name(host: &HostId, what: &str, name: &str) -> Result<(), RuntimeError> {
@@ -507,7 +486,7 @@ impl ContainerRuntime for SimRuntime {
         check_name(host, "network", &spec.name)?;
         let mut h = self.enter(host, self.latency.network).await?;
         if h.networks.contains_key(&spec.name) {
-            return Err(conflict(host, "network", &spec.name));
+            return Err(RuntimeError::conflict(host, "network", &spec.name));
         }
         let info = NetworkInfo {
             id: self.new_id(),
@@ -534,7 +513,9 @@ impl ContainerRuntime for SimRuntime {
             None => Ok(()),
             // Docker: "network has active endpoints". Conflict, not retryable:
             // waiting does not detach anything; the caller must.
-            Some(n) if !n.endpoints.is_empty() => Err(conflict(host, "network", name)),
+            Some(n) if !n.endpoints.is_empty() => {
+                Err(RuntimeError::conflict(host, "network", name))
+            }
             Some(_) => {
                 h.networks.remove(name);
                 Ok(())
@@ -559,7 +540,7 @@ impl ContainerRuntime for SimRuntime {
         check_name(host, "image", &spec.tag)?;
         let mut h = self.enter(host, self.latency.image_build).await?;
         if !h.bases.contains(&spec.base) {
-            return Err(not_found(host, "image", &spec.base));
+            return Err(RuntimeError::not_found(host, "image", &spec.base));
         }
         let image = ImageInfo {
             id: format!("sha256:{}", self.new_id()),
@@ -600,10 +581,10 @@ impl ContainerRuntime for SimRuntime {
         check_name(host, "container", &spec.name)?;
         let mut h = self.enter(host, self.latency.container_create).await?;
         if h.containers.contains_key(&spec.name) {
-            return Err(conflict(host, "container", &spec.name));
+            return Err(RuntimeError::conflict(host, "container", &spec.name));
         }
         let Some(image) = h.images.get(&spec.image) else {
-            return Err(not_found(host, "image", &spec.image));
+            return Err(RuntimeError::not_found(host, "image", &spec.image));
         };
         // Docker merges the image's labels under the container's own.
         let mut labels: Labels = image.labels.clone();
@@ -630,7 +611,7 @@ impl ContainerRuntime for SimRuntime {
     async fn start_container(&self, host: &HostId, name: &str) -> Result<(), RuntimeError> {
         let mut h = self.enter(host, self.latency.container_start).await?;
         let Some(c) = h.containers.get_mut(name) else {
-            return Err(not_found(host, "container", name));
+            return Err(RuntimeError::not_found(host, "container", name));
         };
         if c.info.state == ContainerState::Running {
             return Ok(());
@@ -655,7 +636,7 @@ impl ContainerRuntime for SimRuntime {
     ) -> Result<(), RuntimeError> {
         let mut h = self.enter(host, self.latency.container_stop).await?;
         let Some(c) = h.containers.get(name) else {
-            return Err(not_found(host, "container", name));
+            return Err(RuntimeError::not_found(host, "container", name));
         };
         if c.info.state == ContainerState::Running {
             h.exit(self.clock.now(), host, name, KILLED, false);
@@ -691,10 +672,10 @@ impl ContainerRuntime for SimRuntime {
         let mut h = self.enter(host, self.latency.connect).await?;
         let h = &mut *h;
         let Some(n) = h.networks.get_mut(network) else {
-            return Err(not_found(host, "network", network));
+            return Err(RuntimeError::not_found(host, "network", network));
         };
         let Some(c) = h.containers.get_mut(container) else {
-            return Err(not_found(host, "container", container));
+            return Err(RuntimeError::not_found(host, "container", container));
         };
         if let Some(ip) = c.info.networks.get(network) {
             return Ok(ip.clone());
@@ -804,7 +785,7 @@ impl ContainerRuntime for SimRuntime {
                             Err(broadcast::error::RecvError::Closed) => return None,
                             Err(broadcast::error::RecvError::Lagged(n)) => {
                                 let msg = format!("event stream fell {n} events behind");
-                                return Some((Err(unavailable(&host, &msg)), None));
+                                return Some((Err(RuntimeError::unavailable(&host, &msg)), None));
                             }
                         }
                     }
@@ -834,7 +815,7 @@ impl ContainerRuntime for SimRuntime {
             Err(e) => return failed(e),
         };
         let Some(c) = h.containers.get(container) else {
-            return failed(not_found(host, "container", container));
+            return failed(RuntimeError::not_found(host, "container", container));
         };
         let from = c.output.len().saturating_sub(tail);
         let backlog = stream::iter(c.output[from..].iter().cloned().map(Ok).collect::<Vec<_>>());
@@ -864,7 +845,7 @@ impl ContainerRuntime for SimRuntime {
                             Err(broadcast::error::RecvError::Closed) => return None,
                             Err(broadcast::error::RecvError::Lagged(n)) => {
                                 let msg = format!("log stream fell {n} lines behind");
-                                return Some((Err(unavailable(&host, &msg)), None));
+                                return Some((Err(RuntimeError::unavailable(&host, &msg)), None));
                             }
                         }
                     }

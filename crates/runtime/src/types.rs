@@ -173,6 +173,43 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    pub fn unavailable(host: &HostId, message: impl Into<String>) -> Self {
+        RuntimeError::Unavailable {
+            host: host.clone(),
+            message: message.into(),
+        }
+    }
+
+    pub fn timeout(host: &HostId, op: impl Into<String>) -> Self {
+        RuntimeError::Timeout {
+            host: host.clone(),
+            op: op.into(),
+        }
+    }
+
+    pub fn not_found(host: &HostId, what: &str, name: &str) -> Self {
+        RuntimeError::NotFound {
+            host: host.clone(),
+            what: what.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn conflict(host: &HostId, what: &str, name: &str) -> Self {
+        RuntimeError::Conflict {
+            host: host.clone(),
+            what: what.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn invalid(host: &HostId, message: impl Into<String>) -> Self {
+        RuntimeError::Invalid {
+            host: host.clone(),
+            message: message.into(),
+        }
+    }
+
     /// Whether trying again may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(

@@ -412,7 +412,14 @@ impl Dispatcher {
         publishes: &[PublishReq],
     ) -> anyhow::Result<(Vec<Start>, HashSet<EventId>, HashSet<usize>)> {
         let store = self.store.clone();
-        let lease = self.lease(now);
+        // A lease outlives its attempt by the grace, so only a dead process
+        // lets a delivery be handed out again.
+        let (owner, grace) = (self.cfg.owner.clone(), self.cfg.lease_grace);
+        let lease = |timeout: Duration| Lease {
+            owner: owner.clone(),
+            leased_at: now,
+            until: now.plus(timeout + grace),
+        };
         // One writer at a time in this process, for the whole turn.
         let gate = self.store.write_gate().await;
         let mut script = Script::new();
@@ -665,10 +672,7 @@ impl Dispatcher {
                 let claim_now = e.not_before.is_none() && !self.draining && w.capacity() > 0;
                 let lease_row = claim_now.then(|| {
                     w.in_flight += 1;
-                    Lease {
-                        until: now.plus(w.policy.timeout + lease.1),
-                        ..lease.0.clone()
-                    }
+                    lease(w.policy.timeout)
                 });
                 if claim_now {
                     starts.push(Start {
@@ -710,11 +714,7 @@ impl Dispatcher {
                     continue;
                 }
                 let limit = w.capacity();
-                let l = Lease {
-                    until: now.plus(w.policy.timeout + lease.1),
-                    ..lease.0.clone()
-                };
-                script.claim(&w.name, &l, limit);
+                script.claim(&w.name, &lease(w.policy.timeout), limit);
                 limits.insert(w.name.clone(), limit);
             }
             for name in limits.keys() {
@@ -852,18 +852,6 @@ impl Dispatcher {
             });
         }
         Ok(starts)
-    }
-
-    /// The lease template for this turn: (lease without `until`, grace).
-    fn lease(&self, now: Timestamp) -> (Lease, Duration) {
-        (
-            Lease {
-                owner: self.cfg.owner.clone(),
-                leased_at: now,
-                until: now,
-            },
-            self.cfg.lease_grace,
-        )
     }
 
     fn spawn(&mut self, s: Start) {
