@@ -1,5 +1,5 @@
 //! The build context of an instance image: a generated Dockerfile (`FROM`
-//! base, `ENV`, `LABEL`, `CMD`) in a tar archive, and the bounded tail of the
+//! base, `ENV`, `CMD`, `LABEL`) in a tar archive, and the bounded tail of the
 //! build's output. Values are quoted so that nothing a user writes in an env
 //! value can add an instruction or be expanded by the builder.
 
@@ -12,19 +12,22 @@ use berth_runtime::ImageSpec;
 pub(crate) const TAIL_LINES: usize = 20;
 
 /// The Dockerfile for `spec`, or why it cannot be written.
+///
+/// Every instruction of the classic builder is a step that costs a container
+/// and a commit (about a second on this kind of storage driver), so there are
+/// at most three: one `ENV` with every variable, `CMD`, and `LABEL` last.
+/// `LABEL` carries the instance and generation, so it is the only step that
+/// differs between instances of the same base, env and cmd: the steps before
+/// it are shared through the engine's build cache and a second such instance
+/// builds in one step.
 pub(crate) fn dockerfile(spec: &ImageSpec) -> Result<String, String> {
     check_reference(&spec.base).map_err(|why| format!("base image {:?}: {why}", spec.base))?;
     let mut out = format!("FROM {}\n", spec.base);
-    for (k, v) in &spec.env {
-        check_key("env", k)?;
-        check_value("env", k, v)?;
-        out.push_str(&format!("ENV {}={}\n", quote(k), quote(v)));
-    }
-    if !spec.labels.is_empty() {
-        out.push_str("LABEL");
-        for (k, v) in &spec.labels {
-            check_key("label", k)?;
-            check_value("label", k, v)?;
+    if !spec.env.is_empty() {
+        out.push_str("ENV");
+        for (k, v) in &spec.env {
+            check_key("env", k)?;
+            check_value("env", k, v)?;
             out.push_str(&format!(" {}={}", quote(k), quote(v)));
         }
         out.push('\n');
@@ -34,6 +37,15 @@ pub(crate) fn dockerfile(spec: &ImageSpec) -> Result<String, String> {
         // and JSON escapes newlines, so the instruction stays on one line.
         let json = serde_json::to_string(cmd).map_err(|e| format!("cmd: {e}"))?;
         out.push_str(&format!("CMD {json}\n"));
+    }
+    if !spec.labels.is_empty() {
+        out.push_str("LABEL");
+        for (k, v) in &spec.labels {
+            check_key("label", k)?;
+            check_value("label", k, v)?;
+            out.push_str(&format!(" {}={}", quote(k), quote(v)));
+        }
+        out.push('\n');
     }
     Ok(out)
 }
@@ -164,10 +176,9 @@ mod tests {
             d.as_deref(),
             Ok(concat!(
                 "FROM berth-test-base:latest\n",
-                "ENV \"A\"=\"plain\"\n",
-                "ENV \"B\"=\"has \\\"quotes\\\" and \\$HOME and \\\\ slash\"\n",
-                "LABEL \"berth.org\"=\"o\"\n",
+                "ENV \"A\"=\"plain\" \"B\"=\"has \\\"quotes\\\" and \\$HOME and \\\\ slash\"\n",
                 "CMD [\"sh\",\"-c\",\"echo \\\"$A\\\"\"]\n",
+                "LABEL \"berth.org\"=\"o\"\n",
             ))
         );
     }

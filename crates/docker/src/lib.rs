@@ -2,7 +2,7 @@
 //! bollard, fronting one engine per [`HostId`].
 //!
 //! - **Images** are built from a generated Dockerfile (`FROM` base, `ENV`,
-//!   `LABEL`, `CMD`) sent as a tar context, with the classic builder and
+//!   `CMD`, `LABEL`) sent as a tar context, with the classic builder and
 //!   without pulling: the base must already be on the host, and a missing
 //!   one is `NotFound { what: "image", name: base }` (`image_not_found`).
 //! - **Networks** are user-defined bridges. Engines before API 1.44 accept a
@@ -635,15 +635,20 @@ impl ContainerRuntime for DockerRuntime {
                 if e.image(host, OP, &spec.base).await?.is_none() {
                     return Err(RuntimeError::not_found(host, "image", &spec.base));
                 }
-                return Err(RuntimeError::invalid(
-                    host,
-                    format!(
+                // The Dockerfile is generated and checked, and has no `RUN`:
+                // nothing in it can fail a build for good. What does fail one
+                // is the engine, e.g. a cached step shared with another
+                // instance's image whose removal pruned it mid-build ("failed
+                // to get digest …"). A second attempt builds it afresh.
+                return Err(RuntimeError::Unavailable {
+                    host: host.clone(),
+                    message: format!(
                         "building {} from {} failed: {why}\n{}",
                         spec.tag,
                         spec.base,
                         log_tail.join("\n")
                     ),
-                ));
+                });
             }
             let image =
                 e.image(host, OP, &spec.tag)
