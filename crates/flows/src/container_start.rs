@@ -68,23 +68,17 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
     };
     let host = HostId::new(host);
     let name = names::container(&inst);
-    if deps
-        .runtime
-        .find_container(&host, &name)
-        .await
-        .map_err(engine)?
-        .is_none()
-    {
-        let spec = ContainerSpec {
-            name: name.clone(),
-            image,
-            labels: names::instance_labels(&inst),
-            limits: deps.limits.clone(),
-        };
-        match deps.runtime.create_container(&host, &spec).await {
-            Ok(_) | Err(RuntimeError::Conflict { .. }) => {}
-            Err(e) => return Err(engine(e)),
-        }
+    // No lookup first: the name is the generation's, so a conflict can only
+    // be the container an earlier attempt created, and it is used as is.
+    let spec = ContainerSpec {
+        name: name.clone(),
+        image,
+        labels: names::instance_labels(&inst),
+        limits: deps.limits.clone(),
+    };
+    match deps.runtime.create_container(&host, &spec).await {
+        Ok(_) | Err(RuntimeError::Conflict { .. }) => {}
+        Err(e) => return Err(engine(e)),
     }
     deps.runtime
         .start_container(&host, &name)

@@ -37,12 +37,17 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
     if !creating(&inst, p.generation) {
         return Ok(ctx.done());
     }
-    if deps
-        .runtime
-        .find_image(&host, &tag)
-        .await
-        .map_err(engine)?
-        .is_none()
+    // Only a retry (or a step already recorded) can find an image made
+    // earlier; a first attempt saves the engine a round trip on the
+    // critical path. Rebuilding an existing tag would be harmless anyway.
+    let look = ctx.attempt() > 1 || inst.conditions.holds(ConditionKind::ImageBuilt);
+    if !look
+        || deps
+            .runtime
+            .find_image(&host, &tag)
+            .await
+            .map_err(engine)?
+            .is_none()
     {
         let spec = ImageSpec {
             tag: tag.clone(),
@@ -67,11 +72,11 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
             Err(e) => return Err(engine(e)),
         }
     }
-    inst.image_tag = Some(tag.clone());
-    step::save(
+    step::patch(
         &mut ctx,
         &mut inst,
-        Some((ConditionKind::ImageBuilt, "Built", &tag)),
+        step::Field::ImageTag(tag.clone()),
+        (ConditionKind::ImageBuilt, "Built"),
         Some(InstanceStatus::Building),
     );
     ctx.emit_payload(&ev::ImageBuilt {

@@ -62,11 +62,11 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
             Err(e) => return Err(engine(e)),
         }
     }
-    inst.network = Some(name.clone());
-    step::save(
+    step::patch(
         &mut ctx,
         &mut inst,
-        Some((ConditionKind::NetworkReady, "NetworkReady", &name)),
+        step::Field::Network(name.clone()),
+        (ConditionKind::NetworkReady, "NetworkReady"),
         None,
     );
     ctx.emit_payload(&ev::NetworkReady {

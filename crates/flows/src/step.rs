@@ -1,10 +1,10 @@
 //! What every step shares: reading the instance, classifying engine errors
 //! for the framework, and the guarded write that ends a step.
 
-use berth_core::domain::{ConditionKind, InstanceStatus};
+use berth_core::domain::{Condition, ConditionKind, InstanceStatus};
 use berth_runtime::RuntimeError;
 use berth_store::instances::{self, Instance};
-use berth_store::writes::Write;
+use berth_store::writes::{InstancePatch, Write};
 use berth_worker::{Ctx, HandlerError};
 
 /// The instance the event is about. A missing one is fatal: retrying cannot
@@ -54,6 +54,58 @@ pub fn save(
         i.status = s;
     }
     ctx.write(Write::Instance(Box::new(i.clone())));
+}
+
+/// The field a parallel step sets.
+pub enum Field {
+    Network(String),
+    ImageTag(String),
+}
+
+/// Records a finished step of one of the parallel branches as a patch of its
+/// own field and condition (and status, where the state machine allows), so
+/// that the other branch writing the row first costs it no retry. `i` gets
+/// the same changes. The condition's message is the field's value.
+pub fn patch(
+    ctx: &mut Ctx,
+    i: &mut Instance,
+    field: Field,
+    (kind, reason): (ConditionKind, &str),
+    status: Option<InstanceStatus>,
+) {
+    let now = ctx.store().now();
+    let (network, image_tag) = match field {
+        Field::Network(n) => (Some(n), None),
+        Field::ImageTag(t) => (None, Some(t)),
+    };
+    let message = network.as_deref().or(image_tag.as_deref()).unwrap_or("");
+    i.conditions.set(kind, true, reason, message, now);
+    let condition = i.conditions.get(kind).cloned().unwrap_or(Condition {
+        kind,
+        status: true,
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+        last_transition: now,
+    });
+    if let Some(s) = status
+        && i.status.can_become(s)
+    {
+        i.status = s;
+    }
+    if network.is_some() {
+        i.network.clone_from(&network);
+    }
+    if image_tag.is_some() {
+        i.image_tag.clone_from(&image_tag);
+    }
+    ctx.write(Write::Patch(Box::new(InstancePatch {
+        id: i.id.clone(),
+        generation: i.generation,
+        network,
+        image_tag,
+        condition,
+        status,
+    })));
 }
 
 /// Whether the creation of `generation` was abandoned (the other branch

@@ -5,6 +5,8 @@
 //! writes apply all together or, if any guard fails, not at all — and the
 //! attempt is retried, re-reading what changed.
 
+use berth_core::domain::{Condition, InstanceStatus};
+
 use crate::instances::Instance;
 use crate::ops::{Arg, Script};
 
@@ -24,6 +26,29 @@ pub enum Write {
     ReleaseHost { host: String, org: String },
     /// Insert a new instance if its org has no live instance of that name.
     InsertInstance(Box<Instance>),
+    /// Merge one step's result into an instance that is still being created
+    /// in that generation, whatever its version.
+    Patch(Box<InstancePatch>),
+}
+
+/// What one step of a creation adds to its instance: a field, a condition,
+/// maybe a status. Unlike [`Write::Instance`] it is not guarded by version
+/// but by generation and status, like a Kubernetes status patch: steps that
+/// run in parallel (network and image both follow `host.ready`) each set
+/// their own field and condition and never undo each other, so neither has
+/// to be retried because the other wrote first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstancePatch {
+    pub id: String,
+    pub generation: i64,
+    pub network: Option<String>,
+    pub image_tag: Option<String>,
+    /// Set to hold (status true); its transition time is kept if it already
+    /// held.
+    pub condition: Condition,
+    /// The status to move to, applied only from the statuses that may
+    /// become it (the state machine's rule).
+    pub status: Option<InstanceStatus>,
 }
 
 impl Write {
@@ -33,6 +58,7 @@ impl Write {
             self,
             Write::Instance(_)
                 | Write::InsertInstance(_)
+                | Write::Patch(_)
                 | Write::ClaimHost {
                     exclusive: true,
                     ..
@@ -89,6 +115,7 @@ impl Script {
                         ],
                     );
                 }
+                Write::Patch(p) => self.patch(p, at)?,
                 Write::InsertInstance(i) => {
                     self.push(
                         &format!(
@@ -130,6 +157,69 @@ impl Script {
                 _ => {}
             }
         }
+        Ok(())
+    }
+
+    fn patch(&mut self, p: &InstancePatch, at: berth_core::Timestamp) -> anyhow::Result<()> {
+        let creating: Vec<&str> = InstanceStatus::ALL
+            .iter()
+            .filter(|s| s.is_creating())
+            .map(|s| s.as_str())
+            .collect();
+        // The statuses the patch may move the instance from (none: a value
+        // no row has, so the CASE keeps the status).
+        let from: Vec<&str> = match p.status {
+            Some(to) => InstanceStatus::ALL
+                .iter()
+                .filter(|s| s.is_creating() && **s != to && s.can_become(to))
+                .map(|s| s.as_str())
+                .collect(),
+            None => Vec::new(),
+        };
+        let marks = |n: usize| vec!["?"; n.max(1)].join(",");
+        let kind = serde_json::to_value(p.condition.kind)?;
+        let kind = kind.as_str().unwrap_or_default().to_owned();
+        let sql = format!(
+            "UPDATE instances SET
+                network = COALESCE(?, network),
+                image_tag = COALESCE(?, image_tag),
+                conditions = CASE
+                  WHEN EXISTS (SELECT 1 FROM json_each(instances.conditions)
+                               WHERE json_extract(value, '$.type') = ?
+                                 AND json_extract(value, '$.status') = 1)
+                  THEN conditions
+                  ELSE (SELECT json_group_array(json(c)) FROM (
+                          SELECT value AS c FROM json_each(instances.conditions)
+                           WHERE json_extract(value, '$.type') != ?
+                          UNION ALL SELECT ?))
+                END,
+                status = CASE WHEN status IN ({from}) THEN ? ELSE status END,
+                version = version + 1,
+                updated_at = ?
+              WHERE id = ? AND generation = ? AND status IN ({creating})
+             RETURNING 'guard_patch', id, version",
+            from = marks(from.len()),
+            creating = marks(creating.len()),
+        );
+        let status = p.status.map(|s| s.as_str()).unwrap_or_default();
+        let mut args: Vec<Arg> = vec![
+            Arg::from(p.network.as_deref()),
+            Arg::from(p.image_tag.as_deref()),
+            Arg::Text(kind.clone()),
+            Arg::Text(kind),
+            Arg::Text(serde_json::to_string(&p.condition)?),
+        ];
+        if from.is_empty() {
+            args.push(Arg::from(""));
+        } else {
+            args.extend(from.iter().map(|s| Arg::from(*s)));
+        }
+        args.push(Arg::from(status));
+        args.push(Arg::from(at));
+        args.push(Arg::from(p.id.as_str()));
+        args.push(Arg::Int(p.generation));
+        args.extend(creating.iter().map(|s| Arg::from(*s)));
+        self.push(&sql, args);
         Ok(())
     }
 
@@ -200,6 +290,15 @@ pub fn passed_guards(
                     out.push(writes[k].0);
                 }
             }
+            "guard_patch" => {
+                let id: String = r.try_get(1)?;
+                if let Some(k) = writes.iter().enumerate().position(|(k, (_, w))| {
+                    !matched[k] && matches!(w, Write::Patch(p) if p.id == id)
+                }) {
+                    matched[k] = true;
+                    out.push(writes[k].0);
+                }
+            }
             "guard_insert" => {
                 let id: String = r.try_get(1)?;
                 if let Some(k) = writes.iter().enumerate().position(|(k, (_, w))| {
@@ -217,4 +316,129 @@ pub fn passed_guards(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use berth_core::domain::{ConditionKind, Conditions, InstanceName};
+    use berth_core::{Clock, IdGen, SeededRng, SystemClock, Timestamp};
+
+    use super::*;
+    use crate::instances::{self, InstanceSpec};
+    use crate::{Store, StoreOptions};
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(1))));
+        let s = Store::open(
+            &dir.path().join("t.db"),
+            StoreOptions::default(),
+            clock,
+            ids,
+        )
+        .await
+        .unwrap();
+        (dir, s)
+    }
+
+    fn instance(s: &Store) -> Instance {
+        Instance {
+            id: "i1".into(),
+            org_id: "o".into(),
+            name: InstanceName::parse("web").unwrap(),
+            spec: InstanceSpec {
+                image: "busybox".into(),
+                env: Default::default(),
+                cmd: None,
+                ports: vec![],
+                restart: Default::default(),
+            },
+            status: InstanceStatus::Provisioning,
+            version: 1,
+            generation: 1,
+            host: Some("local".into()),
+            network: None,
+            image_tag: None,
+            container: None,
+            ip: None,
+            conditions: Conditions::default(),
+            error: None,
+            exit_code: None,
+            oom_killed: false,
+            restarts: 0,
+            flow_id: s.ids().flow_id(),
+            created_at: s.now(),
+            updated_at: s.now(),
+        }
+    }
+
+    fn patch(kind: ConditionKind, at: i64, field: (&str, &str)) -> Write {
+        let (network, image_tag) = match field.0 {
+            "network" => (Some(field.1.to_owned()), None),
+            _ => (None, Some(field.1.to_owned())),
+        };
+        Write::Patch(Box::new(InstancePatch {
+            id: "i1".into(),
+            generation: 1,
+            network,
+            image_tag,
+            condition: Condition {
+                kind,
+                status: true,
+                reason: "Done".into(),
+                message: field.1.into(),
+                last_transition: Timestamp::from_micros(at),
+            },
+            status: (kind == ConditionKind::ImageBuilt).then_some(InstanceStatus::Building),
+        }))
+    }
+
+    #[tokio::test]
+    async fn parallel_patches_both_land_and_a_stale_one_does_not() {
+        let (_d, s) = store().await;
+        let mut c = s.pool().acquire().await.unwrap();
+        instances::insert_org(&mut c, "o", "o-name", s.now())
+            .await
+            .unwrap();
+        let i = instance(&s);
+        instances::insert(&mut c, &i).await.unwrap();
+
+        // Both branches patch the row they read at version 1: both apply.
+        let net = patch(ConditionKind::NetworkReady, 10, ("network", "berth-o"));
+        let img = patch(ConditionKind::ImageBuilt, 20, ("image", "berth/o/web:g1"));
+        assert!(apply(&mut c, &[img], s.now()).await.unwrap());
+        assert!(apply(&mut c, &[net], s.now()).await.unwrap());
+        let got = instances::get(&mut c, "i1").await.unwrap().unwrap();
+        assert_eq!(got.network.as_deref(), Some("berth-o"));
+        assert_eq!(got.image_tag.as_deref(), Some("berth/o/web:g1"));
+        assert!(got.conditions.holds(ConditionKind::NetworkReady));
+        assert!(got.conditions.holds(ConditionKind::ImageBuilt));
+        assert_eq!(got.status, InstanceStatus::Building);
+        assert_eq!(got.version, 3);
+
+        // A repeated patch keeps the time the condition first held.
+        let again = patch(ConditionKind::ImageBuilt, 99, ("image", "berth/o/web:g1"));
+        assert!(apply(&mut c, &[again], s.now()).await.unwrap());
+        let got = instances::get(&mut c, "i1").await.unwrap().unwrap();
+        let cond = got.conditions.get(ConditionKind::ImageBuilt).unwrap();
+        assert_eq!(cond.last_transition, Timestamp::from_micros(20));
+        assert_eq!(got.conditions.0.len(), 2);
+
+        // Once the instance failed, or in another generation, nothing lands.
+        let mut failed = got.clone();
+        failed.status = InstanceStatus::Failed;
+        assert!(
+            apply(&mut c, &[Write::Instance(Box::new(failed))], s.now())
+                .await
+                .unwrap()
+        );
+        let late = patch(ConditionKind::NetworkReady, 30, ("network", "other"));
+        assert!(!apply(&mut c, &[late], s.now()).await.unwrap());
+        let got = instances::get(&mut c, "i1").await.unwrap().unwrap();
+        assert_eq!(got.status, InstanceStatus::Failed);
+        assert_eq!(got.network.as_deref(), Some("berth-o"));
+    }
 }

@@ -1064,9 +1064,9 @@ fn is_duplicate_event(e: &berth_store::sqlx::Error) -> bool {
 }
 
 /// A step whose guarded write lost to a concurrent change: retried at once
-/// (losing an optimistic race is not a fault to back off from — the parallel
-/// branches of a flow meet this routinely), so that its next attempt re-reads
-/// the record.
+/// (losing an optimistic race is not a fault to back off from — the two
+/// deliveries of a flow's join can meet it), so that its next attempt
+/// re-reads the record.
 fn concurrent_update() -> Finished {
     Finished::Failed {
         outcome: Outcome::Retry,
