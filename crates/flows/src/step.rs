@@ -7,9 +7,13 @@ use berth_store::instances::{self, Instance};
 use berth_store::writes::{InstancePatch, Write};
 use berth_worker::{Ctx, HandlerError};
 
-/// The instance the event is about. A missing one is fatal: retrying cannot
-/// make it appear.
+/// The instance the event is about (from the store's cache of rows this
+/// process wrote, else the database). A missing one is fatal: retrying
+/// cannot make it appear.
 pub async fn load(ctx: &Ctx, id: &str) -> Result<Instance, HandlerError> {
+    if let Some(i) = ctx.store().cached_instance(id) {
+        return Ok(i);
+    }
     let mut conn = ctx.store().pool().acquire().await?;
     instances::get(&mut conn, id).await?.ok_or_else(|| {
         HandlerError::fatal(anyhow::anyhow!("instance {id} does not exist"))

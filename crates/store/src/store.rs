@@ -1,7 +1,7 @@
 //! The store handle: opening the SQLite file (WAL, migrations), transactions
 //! that publish events atomically with state, and the read side.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -14,6 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::Notify;
 
+use crate::instances::Instance;
 use crate::model::*;
 use crate::ops;
 
@@ -64,7 +65,14 @@ struct Inner {
     /// — unfair and slow with hundreds of waiters; queueing here first means
     /// SQLite never sees contention from this process.
     write_gate: Arc<tokio::sync::Mutex<()>>,
+    /// Instance rows as this process's last writer left them; see
+    /// [`Store::cached_instance`].
+    instances: Mutex<HashMap<String, Instance>>,
 }
+
+/// Beyond this many cached rows the cache starts over: it only has to hold
+/// the instances whose flows are in flight.
+const INSTANCE_CACHE_MAX: usize = 16_384;
 
 /// A cheap-to-clone handle on the database.
 #[derive(Clone)]
@@ -152,6 +160,7 @@ impl Store {
                 committed: Notify::new(),
                 woken: Mutex::new(HashSet::new()),
                 write_gate: Arc::new(tokio::sync::Mutex::new(())),
+                instances: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -269,6 +278,34 @@ impl Store {
     /// write transaction (the dispatcher does, around each group commit).
     pub async fn write_gate(&self) -> tokio::sync::OwnedMutexGuard<()> {
         self.inner.write_gate.clone().lock_owned().await
+    }
+
+    /// The instance row `id` as last written by this process, if it is
+    /// known to be current: a step reads it without a query. Only writers
+    /// fill the cache, holding the write gate — the dispatcher with the rows
+    /// its group commit wrote, [`Tx::commit`] by emptying it — so it never
+    /// holds a row older than the database (one process writes the database;
+    /// the dispatcher's lock sees to that). A reader racing a write may get
+    /// the row before it, as it would from the database; its guarded write
+    /// then fails and is retried.
+    pub fn cached_instance(&self, id: &str) -> Option<Instance> {
+        lock(&self.inner.instances).get(id).cloned()
+    }
+
+    /// Records rows just committed, and forgets those changed in ways the
+    /// caller did not compute. Call with the write gate held, before
+    /// releasing it.
+    pub fn cache_instances(&self, written: Vec<Instance>, changed: Vec<String>) {
+        let mut cache = lock(&self.inner.instances);
+        for id in changed {
+            cache.remove(&id);
+        }
+        if cache.len() + written.len() > INSTANCE_CACHE_MAX {
+            cache.clear();
+        }
+        for i in written {
+            cache.insert(i.id.clone(), i);
+        }
     }
 
     /// Begins a write transaction. `BEGIN IMMEDIATE` takes SQLite's write lock
@@ -447,7 +484,11 @@ impl Tx {
             woken,
             _gate,
         } = self;
-        tx.commit().await.context("failed to commit")?;
+        // Whatever the transaction wrote, the cache may now be behind it;
+        // emptied before another writer can run.
+        let result = tx.commit().await.context("failed to commit");
+        lock(&store.inner.instances).clear();
+        result?;
         drop(_gate);
         if !woken.is_empty() {
             store.notify_committed(woken);
@@ -499,4 +540,10 @@ pub async fn publish(
         inserted,
         deliveries: rows,
     })
+}
+
+/// A mutex whose holder cannot leave it half-updated in a way that matters
+/// (a cache, a set of names): a panic elsewhere does not poison it for good.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -441,4 +441,20 @@ mod tests {
         assert_eq!(got.status, InstanceStatus::Failed);
         assert_eq!(got.network.as_deref(), Some("berth-o"));
     }
+
+    #[tokio::test]
+    async fn the_instance_cache_never_outlives_another_writer() {
+        let (_d, s) = store().await;
+        let i = instance(&s);
+        s.cache_instances(vec![i.clone()], vec![]);
+        assert_eq!(s.cached_instance("i1"), Some(i.clone()));
+        s.cache_instances(vec![], vec!["i1".into()]);
+        assert_eq!(s.cached_instance("i1"), None);
+
+        // Any transaction may have written the row: its commit forgets all.
+        s.cache_instances(vec![i.clone()], vec![]);
+        let tx = s.begin().await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(s.cached_instance("i1"), None);
+    }
 }

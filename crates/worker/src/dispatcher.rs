@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use berth_core::events::{WORKER_FAILED_VERSION, WorkerFailed};
 use berth_core::{Envelope, ErrorInfo, EventId, NewEvent, SeededRng, Timestamp};
+use berth_store::instances::Instance;
 use berth_store::ops::{self, NewDeadLetter, Script};
 use berth_store::writes::Write;
 use berth_store::{AttemptRecord, Cause, Claimed, DeadReason, Lease, NewDelivery, Outcome, Store};
@@ -738,6 +739,7 @@ impl Dispatcher {
                 return Err(anyhow::Error::new(e).context("the dispatcher's transaction failed"));
             }
         };
+        self.cache_written(now, publishes, &rejected);
         drop(gate);
         self.stats
             .commit_micros
@@ -798,6 +800,58 @@ impl Dispatcher {
                 .fetch_add(dead_count, Ordering::Relaxed);
         }
         Ok((starts, seen, rejected))
+    }
+
+    /// Tells the store's instance cache what this turn's declared writes did
+    /// (before the write gate is released): rows written whole are known as
+    /// written; patched rows are forgotten, to be read again.
+    fn cache_written(&self, now: Timestamp, publishes: &[PublishReq], rejected: &HashSet<usize>) {
+        // In the order the writes were applied: a row patched after it was
+        // written whole must end up forgotten.
+        let mut last: HashMap<&str, Option<Instance>> = HashMap::new();
+        let applied = self
+            .completions
+            .iter()
+            .filter_map(|c| match &c.finished {
+                Finished::Ok { writes, .. } => Some(writes),
+                _ => None,
+            })
+            .chain(
+                publishes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !rejected.contains(i))
+                    .map(|(_, p)| &p.writes),
+            )
+            .flatten();
+        for w in applied {
+            match w {
+                Write::Instance(i) => {
+                    let mut row = (**i).clone();
+                    row.version += 1;
+                    row.updated_at = now;
+                    last.insert(&i.id, Some(row));
+                }
+                Write::InsertInstance(i) => {
+                    last.insert(&i.id, Some((**i).clone()));
+                }
+                Write::Patch(p) => {
+                    last.insert(&p.id, None);
+                }
+                Write::ClaimHost { .. } | Write::ReleaseHost { .. } => {}
+            }
+        }
+        let mut written = Vec::new();
+        let mut changed = Vec::new();
+        for (id, row) in last {
+            match row {
+                Some(r) => written.push(r),
+                None => changed.push(id.to_owned()),
+            }
+        }
+        if !written.is_empty() || !changed.is_empty() {
+            self.store.cache_instances(written, changed);
+        }
     }
 
     /// Reads the envelopes of deliveries claimed without one in memory (work
