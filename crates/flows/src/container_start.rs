@@ -1,15 +1,13 @@
 //! `container.start`: the join of the two parallel branches. It receives both
 //! `network.ready` and `image.built`, and acts only when the instance row
-//! says both hold — whichever arrives second does the work. Creates the
-//! generation's container (or finds the one an earlier attempt made), starts
-//! it, and emits `container.started`. If both arrivals race, the guarded
-//! update lets one win; the other's retry sees the work done and emits
-//! nothing.
+//! says both hold, on the delivery of the branch that finished last. Creates
+//! the generation's container (an earlier attempt's, on a name conflict),
+//! starts it, and emits `container.started`.
 
 use std::sync::Arc;
 
 use berth_core::EventPayload;
-use berth_core::domain::{ConditionKind, InstanceStatus};
+use berth_core::domain::{ConditionKind, Conditions, InstanceStatus};
 use berth_core::events::instance as ev;
 use berth_runtime::{ContainerSpec, HostId, RuntimeError};
 use berth_worker::{Ctx, HandlerError, HandlerResult, Registry, RegistryError};
@@ -52,9 +50,13 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         }
         return Ok(ctx.done());
     }
+    let mine = if ctx.envelope().event_type == ev::ImageBuilt::TYPE {
+        ConditionKind::ImageBuilt
+    } else {
+        ConditionKind::NetworkReady
+    };
     if !creating(&inst, p.generation)
-        || !inst.conditions.holds(ConditionKind::NetworkReady)
-        || !inst.conditions.holds(ConditionKind::ImageBuilt)
+        || !joined_by(&inst.conditions, mine)
         || inst.conditions.holds(ConditionKind::ContainerStarted)
     {
         return Ok(ctx.done());
@@ -97,4 +99,20 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         container: name,
     })?;
     Ok(ctx.done())
+}
+
+/// Whether the delivery of `mine` (one of the two join inputs) is the one to
+/// act: both branches are done and `mine` finished last (the image on a
+/// tie). Both deliveries may read the row after both branches wrote it;
+/// they read the same times, so exactly one acts — two acting would start
+/// the container twice, and one could fail for good while the other goes on.
+fn joined_by(c: &Conditions, mine: ConditionKind) -> bool {
+    let (Some(net), Some(img)) = (
+        c.get(ConditionKind::NetworkReady).filter(|x| x.status),
+        c.get(ConditionKind::ImageBuilt).filter(|x| x.status),
+    ) else {
+        return false;
+    };
+    let image_last = img.last_transition >= net.last_transition;
+    (mine == ConditionKind::ImageBuilt) == image_last
 }

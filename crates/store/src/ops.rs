@@ -98,8 +98,10 @@ impl From<Timestamp> for Arg {
 
 /// Statements and their arguments. A small script runs as one command (one
 /// round trip); a large one statement by statement, each a cached prepared
-/// statement, since there the rows dominate and re-preparing a huge
-/// one-off script every turn would cost more than the round trips saved.
+/// statement. A script's text changes with the shape of its batch, so as one
+/// command it is prepared anew each time: worth it only while small (with
+/// the threshold at 2000 arguments, re-preparing was half of a busy
+/// dispatcher's time in the flows benchmark).
 #[derive(Debug, Default)]
 pub struct Script {
     /// Each statement with the number of arguments it takes.
@@ -108,7 +110,7 @@ pub struct Script {
 }
 
 /// At most this many arguments in all to send a script as one command.
-const ONE_COMMAND_ARGS: usize = 2000;
+const ONE_COMMAND_ARGS: usize = 200;
 
 impl Script {
     pub fn new() -> Self {
@@ -128,7 +130,7 @@ impl Script {
 
     /// Appends `make_sql(tuples)` once per chunk of `rows`, with `lead`
     /// arguments before each chunk's rows.
-    fn push_rows<T>(
+    pub(crate) fn push_rows<T>(
         &mut self,
         rows: &[T],
         cols: usize,

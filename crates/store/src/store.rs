@@ -125,6 +125,10 @@ impl Store {
             // instead; this high threshold is only a backstop.
             .pragma("wal_autocheckpoint", "16384")
             .pragma("cache_size", "-65536")
+            // Bulk statements come in power-of-two sizes per kind: several
+            // hundred distinct texts, each worth keeping prepared (preparing
+            // them again every turn was half of a busy dispatcher's time).
+            .statement_cache_capacity(1024)
             // sqlx logs every statement at DEBUG by default; with bulk
             // statements that drowns the delivery spans we care about.
             .disable_statement_logging();

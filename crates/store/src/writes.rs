@@ -81,41 +81,59 @@ impl Script {
         writes: &[(usize, &Write)],
         at: berth_core::Timestamp,
     ) -> anyhow::Result<()> {
+        // Row-at-a-time statements were most of a busy turn; instance writes
+        // and patches go as multi-row statements instead, each holding an
+        // instance at most once (a second write of the same row goes in a
+        // later statement, so their order holds).
+        let whole: Vec<&Instance> = writes
+            .iter()
+            .filter_map(|(_, w)| match w {
+                Write::Instance(i) => Some(&**i),
+                _ => None,
+            })
+            .collect();
+        for layer in layers(&whole, |i| i.id.as_str()) {
+            let rows = layer
+                .iter()
+                .map(|i| instance_row(i, at))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            // RETURNING may not name the FROM table, so the row says which
+            // instance and version passed; see `passed_guards` for mapping
+            // it back to the write.
+            self.push_rows(
+                &rows,
+                INSTANCE_ROW,
+                &[],
+                |t| {
+                    format!(
+                        "UPDATE instances SET {INSTANCE_SET}
+                           FROM (VALUES {t}) AS v
+                          WHERE instances.id = v.column1 AND instances.version = v.column2
+                         RETURNING 'guard_instance', instances.id, instances.version"
+                    )
+                },
+                |r, a| a.extend(r.iter().cloned()),
+            );
+        }
+        let patches: Vec<&InstancePatch> = writes
+            .iter()
+            .filter_map(|(_, w)| match w {
+                Write::Patch(p) => Some(&**p),
+                _ => None,
+            })
+            .collect();
+        for layer in layers(&patches, |p| p.id.as_str()) {
+            let rows = layer
+                .iter()
+                .map(|p| patch_row(p, at))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            self.push_rows(&rows, PATCH_ROW, &[], patch_sql, |r, a| {
+                a.extend(r.iter().cloned())
+            });
+        }
         for (tag, w) in writes {
             let tag = Arg::Int(i64::try_from(*tag).unwrap_or(i64::MAX));
             match w {
-                Write::Instance(i) => {
-                    // RETURNING may not name the FROM table, so the row
-                    // says which instance and version passed; see
-                    // `passed_guards` for mapping it back to the write.
-                    self.push(
-                        &format!(
-                            "UPDATE instances SET {INSTANCE_SET}
-                               FROM (VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)) AS v
-                              WHERE instances.id = v.column1 AND instances.version = v.column2
-                             RETURNING 'guard_instance', instances.id, instances.version"
-                        ),
-                        [
-                            Arg::from(i.id.as_str()),
-                            Arg::Int(i.version),
-                            Arg::from(i.status.as_str()),
-                            Arg::Int(i.generation),
-                            Arg::from(i.host.as_deref()),
-                            Arg::from(i.network.as_deref()),
-                            Arg::from(i.image_tag.as_deref()),
-                            Arg::from(i.container.as_deref()),
-                            Arg::from(i.ip.as_deref()),
-                            Arg::Text(serde_json::to_string(&i.conditions)?),
-                            Arg::from(i.error.as_ref().map(serde_json::to_string).transpose()?),
-                            Arg::from(i.exit_code),
-                            Arg::Int(i64::from(i.oom_killed)),
-                            Arg::Int(i.restarts),
-                            Arg::Text(i.flow_id.to_string()),
-                            Arg::from(at),
-                        ],
-                    );
-                }
-                Write::Patch(p) => self.patch(p, at)?,
                 Write::InsertInstance(i) => {
                     self.push(
                         &format!(
@@ -160,69 +178,6 @@ impl Script {
         Ok(())
     }
 
-    fn patch(&mut self, p: &InstancePatch, at: berth_core::Timestamp) -> anyhow::Result<()> {
-        let creating: Vec<&str> = InstanceStatus::ALL
-            .iter()
-            .filter(|s| s.is_creating())
-            .map(|s| s.as_str())
-            .collect();
-        // The statuses the patch may move the instance from (none: a value
-        // no row has, so the CASE keeps the status).
-        let from: Vec<&str> = match p.status {
-            Some(to) => InstanceStatus::ALL
-                .iter()
-                .filter(|s| s.is_creating() && **s != to && s.can_become(to))
-                .map(|s| s.as_str())
-                .collect(),
-            None => Vec::new(),
-        };
-        let marks = |n: usize| vec!["?"; n.max(1)].join(",");
-        let kind = serde_json::to_value(p.condition.kind)?;
-        let kind = kind.as_str().unwrap_or_default().to_owned();
-        let sql = format!(
-            "UPDATE instances SET
-                network = COALESCE(?, network),
-                image_tag = COALESCE(?, image_tag),
-                conditions = CASE
-                  WHEN EXISTS (SELECT 1 FROM json_each(instances.conditions)
-                               WHERE json_extract(value, '$.type') = ?
-                                 AND json_extract(value, '$.status') = 1)
-                  THEN conditions
-                  ELSE (SELECT json_group_array(json(c)) FROM (
-                          SELECT value AS c FROM json_each(instances.conditions)
-                           WHERE json_extract(value, '$.type') != ?
-                          UNION ALL SELECT ?))
-                END,
-                status = CASE WHEN status IN ({from}) THEN ? ELSE status END,
-                version = version + 1,
-                updated_at = ?
-              WHERE id = ? AND generation = ? AND status IN ({creating})
-             RETURNING 'guard_patch', id, version",
-            from = marks(from.len()),
-            creating = marks(creating.len()),
-        );
-        let status = p.status.map(|s| s.as_str()).unwrap_or_default();
-        let mut args: Vec<Arg> = vec![
-            Arg::from(p.network.as_deref()),
-            Arg::from(p.image_tag.as_deref()),
-            Arg::Text(kind.clone()),
-            Arg::Text(kind),
-            Arg::Text(serde_json::to_string(&p.condition)?),
-        ];
-        if from.is_empty() {
-            args.push(Arg::from(""));
-        } else {
-            args.extend(from.iter().map(|s| Arg::from(*s)));
-        }
-        args.push(Arg::from(status));
-        args.push(Arg::from(at));
-        args.push(Arg::from(p.id.as_str()));
-        args.push(Arg::Int(p.generation));
-        args.extend(creating.iter().map(|s| Arg::from(*s)));
-        self.push(&sql, args);
-        Ok(())
-    }
-
     /// Appends writes that have no condition.
     pub fn plain_writes(&mut self, writes: &[&Write], at: berth_core::Timestamp) {
         for w in writes {
@@ -243,6 +198,111 @@ impl Script {
             }
         }
     }
+}
+
+/// Arguments per row of the instance update.
+const INSTANCE_ROW: usize = 16;
+
+fn instance_row(i: &Instance, at: berth_core::Timestamp) -> anyhow::Result<Vec<Arg>> {
+    Ok(vec![
+        Arg::from(i.id.as_str()),
+        Arg::Int(i.version),
+        Arg::from(i.status.as_str()),
+        Arg::Int(i.generation),
+        Arg::from(i.host.as_deref()),
+        Arg::from(i.network.as_deref()),
+        Arg::from(i.image_tag.as_deref()),
+        Arg::from(i.container.as_deref()),
+        Arg::from(i.ip.as_deref()),
+        Arg::Text(serde_json::to_string(&i.conditions)?),
+        Arg::from(i.error.as_ref().map(serde_json::to_string).transpose()?),
+        Arg::from(i.exit_code),
+        Arg::Int(i64::from(i.oom_killed)),
+        Arg::Int(i.restarts),
+        Arg::Text(i.flow_id.to_string()),
+        Arg::from(at),
+    ])
+}
+
+/// Arguments per row of the patch.
+const PATCH_ROW: usize = 9;
+
+/// A patch sets its field if given; replaces its condition unless it already
+/// holds (keeping the time it began to); moves the status if the row is in
+/// one that may become it; all only while the row is being created in the
+/// patch's generation.
+fn patch_sql(tuples: &str) -> String {
+    let creating = InstanceStatus::ALL
+        .iter()
+        .filter(|s| s.is_creating())
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "UPDATE instances SET
+            network = COALESCE(v.column3, instances.network),
+            image_tag = COALESCE(v.column4, instances.image_tag),
+            conditions = CASE
+              WHEN EXISTS (SELECT 1 FROM json_each(instances.conditions)
+                           WHERE json_extract(value, '$.type') = v.column5
+                             AND json_extract(value, '$.status') = 1)
+              THEN instances.conditions
+              ELSE (SELECT json_group_array(json(c)) FROM (
+                      SELECT value AS c FROM json_each(instances.conditions)
+                       WHERE json_extract(value, '$.type') != v.column5
+                      UNION ALL SELECT v.column6))
+            END,
+            status = CASE WHEN instances.status IN (SELECT value FROM json_each(v.column7))
+                          THEN v.column8 ELSE instances.status END,
+            version = instances.version + 1,
+            updated_at = v.column9
+           FROM (VALUES {tuples}) AS v
+          WHERE instances.id = v.column1 AND instances.generation = v.column2
+            AND instances.status IN ({creating})
+         RETURNING 'guard_patch', instances.id, instances.version"
+    )
+}
+
+fn patch_row(p: &InstancePatch, at: berth_core::Timestamp) -> anyhow::Result<Vec<Arg>> {
+    // The statuses the patch may move the instance from (none: the CASE
+    // keeps the status).
+    let from: Vec<&str> = match p.status {
+        Some(to) => InstanceStatus::ALL
+            .iter()
+            .filter(|s| s.is_creating() && **s != to && s.can_become(to))
+            .map(|s| s.as_str())
+            .collect(),
+        None => Vec::new(),
+    };
+    let kind = serde_json::to_value(p.condition.kind)?;
+    Ok(vec![
+        Arg::from(p.id.as_str()),
+        Arg::Int(p.generation),
+        Arg::from(p.network.as_deref()),
+        Arg::from(p.image_tag.as_deref()),
+        Arg::Text(kind.as_str().unwrap_or_default().to_owned()),
+        Arg::Text(serde_json::to_string(&p.condition)?),
+        Arg::Text(serde_json::to_string(&from)?),
+        Arg::from(p.status.map(|s| s.as_str()).unwrap_or_default()),
+        Arg::from(at),
+    ])
+}
+
+/// `items` split so that no part holds two with the same key, each item in
+/// the part after the last one holding its key: parts applied in order keep
+/// the order of each key's items.
+fn layers<'a, T: ?Sized>(items: &[&'a T], key: impl Fn(&T) -> &str) -> Vec<Vec<&'a T>> {
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut out: Vec<Vec<&'a T>> = Vec::new();
+    for item in items {
+        let n = seen.entry(key(item)).or_default();
+        if out.len() <= *n {
+            out.push(Vec::new());
+        }
+        out[*n].push(item);
+        *n += 1;
+    }
+    out
 }
 
 /// Applies `writes` in the caller's transaction (a handler that also opened
