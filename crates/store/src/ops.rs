@@ -24,7 +24,7 @@ use crate::model::*;
 const CHUNK: usize = 256;
 
 /// Splits `n` rows into chunk lengths: 256s, then descending powers of two.
-fn chunk_lens(mut n: usize) -> Vec<usize> {
+pub(crate) fn chunk_lens(mut n: usize) -> Vec<usize> {
     let mut out = Vec::new();
     while n >= CHUNK {
         out.push(CHUNK);

@@ -73,14 +73,29 @@ const INSTANCE_SET: &str = "status = v.column3, version = v.column2 + 1, generat
      oom_killed = v.column13, restarts = v.column14, flow_id = v.column15, updated_at = v.column16";
 
 impl Script {
-    /// Appends guarded writes; each that passes returns a row, which
-    /// [`passed_guards`] maps back to the `usize` tag (the owner) it was
-    /// given with.
+    /// Appends guarded writes, for [`passed_guards`] to say which passed,
+    /// by the `usize` tag (the owner) each was given with.
+    ///
+    /// With `exact`, each write that passes returns a row. Without, the
+    /// multi-row instance writes and patches only report how many rows they
+    /// changed: when all of them pass, as they nearly always do, that is
+    /// enough, and hundreds of rows need not cross from SQLite's thread one
+    /// by one (most of a busy turn's time). When a count falls short,
+    /// [`passed_guards`] says so and the caller rolls back and redoes the
+    /// writes with `exact`.
     pub fn guarded_writes(
         &mut self,
         writes: &[(usize, &Write)],
         at: berth_core::Timestamp,
+        exact: bool,
     ) -> anyhow::Result<()> {
+        let returning = |r: &str| {
+            if exact {
+                format!("RETURNING {r}")
+            } else {
+                String::new()
+            }
+        };
         // Row-at-a-time statements were most of a busy turn; instance writes
         // and patches go as multi-row statements instead, each holding an
         // instance at most once (a second write of the same row goes in a
@@ -100,19 +115,19 @@ impl Script {
             // RETURNING may not name the FROM table, so the row says which
             // instance and version passed; see `passed_guards` for mapping
             // it back to the write.
-            self.push_rows(
+            let ret = returning("'guard_instance', instances.id, instances.version");
+            self.push_rows_counted(
                 &rows,
                 INSTANCE_ROW,
-                &[],
                 |t| {
                     format!(
                         "UPDATE instances SET {INSTANCE_SET}
                            FROM (VALUES {t}) AS v
                           WHERE instances.id = v.column1 AND instances.version = v.column2
-                         RETURNING 'guard_instance', instances.id, instances.version"
+                         {ret}"
                     )
                 },
-                |r, a| a.extend(r.iter().cloned()),
+                !exact,
             );
         }
         let patches: Vec<&InstancePatch> = writes
@@ -127,9 +142,8 @@ impl Script {
                 .iter()
                 .map(|p| patch_row(p, at))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            self.push_rows(&rows, PATCH_ROW, &[], patch_sql, |r, a| {
-                a.extend(r.iter().cloned())
-            });
+            let ret = returning("'guard_patch', instances.id, instances.version");
+            self.push_rows_counted(&rows, PATCH_ROW, |t| patch_sql(t, &ret), !exact);
         }
         for (tag, w) in writes {
             let tag = Arg::Int(i64::try_from(*tag).unwrap_or(i64::MAX));
@@ -176,6 +190,30 @@ impl Script {
             }
         }
         Ok(())
+    }
+
+    /// Multi-row statements of `rows`, each followed, if `counted`, by a
+    /// row saying how many rows it changed and how many it should have.
+    fn push_rows_counted(
+        &mut self,
+        rows: &[Vec<Arg>],
+        cols: usize,
+        make_sql: impl Fn(&str) -> String,
+        counted: bool,
+    ) {
+        let mut start = 0;
+        for len in crate::ops::chunk_lens(rows.len()) {
+            self.push_rows(&rows[start..start + len], cols, &[], &make_sql, |r, a| {
+                a.extend(r.iter().cloned())
+            });
+            if counted {
+                self.push(
+                    "SELECT 'guard_count', changes(), ?",
+                    [Arg::Int(i64::try_from(len).unwrap_or(i64::MAX))],
+                );
+            }
+            start += len;
+        }
     }
 
     /// Appends writes that have no condition.
@@ -231,7 +269,7 @@ const PATCH_ROW: usize = 9;
 /// holds (keeping the time it began to); moves the status if the row is in
 /// one that may become it; all only while the row is being created in the
 /// patch's generation.
-fn patch_sql(tuples: &str) -> String {
+fn patch_sql(tuples: &str, returning: &str) -> String {
     let creating = InstanceStatus::ALL
         .iter()
         .filter(|s| s.is_creating())
@@ -259,7 +297,7 @@ fn patch_sql(tuples: &str) -> String {
            FROM (VALUES {tuples}) AS v
           WHERE instances.id = v.column1 AND instances.generation = v.column2
             AND instances.status IN ({creating})
-         RETURNING 'guard_patch', instances.id, instances.version"
+         {returning}"
     )
 }
 
@@ -319,24 +357,34 @@ pub async fn apply(
         .collect();
     let plain: Vec<&Write> = writes.iter().filter(|w| !w.is_guarded()).collect();
     let mut s = Script::new();
-    s.guarded_writes(&guarded, at)?;
+    s.guarded_writes(&guarded, at, true)?;
     s.plain_writes(&plain, at);
     let rows = s.run(conn).await?;
-    Ok(passed_guards(&guarded, &rows)?.len() == guarded.len())
+    Ok(passed_guards(&guarded, &rows)?.is_some_and(|p| p.len() == guarded.len()))
 }
 
 /// For guarded writes appended in order by [`Script::guarded_writes`], the
-/// tags (owners) of those that passed, one entry per passed write.
+/// tags (owners) of those that passed, one entry per passed write; `None`
+/// when a counted statement fell short, so that which writes passed is not
+/// known: redo them exactly.
 pub fn passed_guards(
     writes: &[(usize, &Write)],
     rows: &[sqlx::sqlite::SqliteRow],
-) -> anyhow::Result<Vec<usize>> {
+) -> anyhow::Result<Option<Vec<usize>>> {
     use sqlx::Row;
     let mut matched = vec![false; writes.len()];
     let mut out = Vec::new();
+    let mut counted = false;
     for r in rows {
         let kind: String = r.try_get(0)?;
         match kind.as_str() {
+            "guard_count" => {
+                let (changed, expected): (i64, i64) = (r.try_get(1)?, r.try_get(2)?);
+                if changed != expected {
+                    return Ok(None);
+                }
+                counted = true;
+            }
             "guard_instance" => {
                 let id: String = r.try_get(1)?;
                 let version: i64 = r.try_get(2)?;
@@ -375,7 +423,16 @@ pub fn passed_guards(
             _ => {}
         }
     }
-    Ok(out)
+    if counted {
+        // Every counted statement changed all its rows: every instance
+        // write and patch passed.
+        for (k, (tag, w)) in writes.iter().enumerate() {
+            if !matched[k] && matches!(w, Write::Instance(_) | Write::Patch(_)) {
+                out.push(*tag);
+            }
+        }
+    }
+    Ok(Some(out))
 }
 
 #[cfg(test)]
@@ -516,5 +573,56 @@ mod tests {
         let tx = s.begin().await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(s.cached_instance("i1"), None);
+    }
+
+    #[tokio::test]
+    async fn counted_guards_pass_all_or_ask_for_an_exact_redo() {
+        let (_d, s) = store().await;
+        let mut c = s.pool().acquire().await.unwrap();
+        instances::insert_org(&mut c, "o", "o-name", s.now())
+            .await
+            .unwrap();
+        let a = instance(&s);
+        let mut b = instance(&s);
+        b.id = "i2".into();
+        b.name = InstanceName::parse("db").unwrap();
+        instances::insert(&mut c, &a).await.unwrap();
+        instances::insert(&mut c, &b).await.unwrap();
+        let run = |writes: Vec<Write>, exact: bool| {
+            let s = s.clone();
+            async move {
+                let tagged: Vec<(usize, &Write)> = writes.iter().enumerate().collect();
+                let mut script = Script::new();
+                script.guarded_writes(&tagged, s.now(), exact).unwrap();
+                let mut c = s.pool().acquire().await.unwrap();
+                let rows = script.run(&mut c).await.unwrap();
+                passed_guards(&tagged, &rows).unwrap()
+            }
+        };
+        // Both rows at the version they were read with: both pass, known
+        // from the counts alone.
+        let w = vec![
+            Write::Instance(Box::new(a.clone())),
+            Write::Instance(Box::new(b.clone())),
+        ];
+        assert_eq!(run(w, false).await, Some(vec![0, 1]));
+        // Now both are at version 2: a write of `a` at version 1 falls
+        // short, so the counted run cannot say which passed...
+        let mut b2 = b.clone();
+        b2.version = 2;
+        let w = vec![
+            Write::Instance(Box::new(a.clone())),
+            Write::Instance(Box::new(b2.clone())),
+        ];
+        assert_eq!(run(w.clone(), false).await, None);
+        // ...and the exact one can (the counted run changed `b` already, so
+        // this one is at version 3).
+        let mut b3 = b2.clone();
+        b3.version = 3;
+        let w = vec![
+            Write::Instance(Box::new(a.clone())),
+            Write::Instance(Box::new(b3)),
+        ];
+        assert_eq!(run(w, true).await, Some(vec![1]));
     }
 }

@@ -432,6 +432,9 @@ impl Dispatcher {
         // Publish requests' writes are tagged after the completions'.
         let base = self.completions.len();
         let mut rejected: HashSet<usize> = HashSet::new();
+        // Counted first (no row per write); exact only after a count fell
+        // short, to learn which writes those were.
+        let mut exact = false;
         loop {
             let guarded: Vec<(usize, &Write)> = self
                 .completions
@@ -457,7 +460,7 @@ impl Dispatcher {
             for (i, _) in &guarded {
                 *needed.entry(*i).or_default() += 1;
             }
-            script.guarded_writes(&guarded, now)?;
+            script.guarded_writes(&guarded, now, exact)?;
             let rows = match std::mem::take(&mut script).run(&mut self.conn).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -467,8 +470,14 @@ impl Dispatcher {
                     );
                 }
             };
+            let Some(passing) = berth_store::writes::passed_guards(&guarded, &rows)? else {
+                let _ = Script::rollback(&mut self.conn).await;
+                script.push("BEGIN IMMEDIATE", []);
+                exact = true;
+                continue;
+            };
             let mut passed: HashMap<usize, usize> = HashMap::new();
-            for i in berth_store::writes::passed_guards(&guarded, &rows)? {
+            for i in passing {
                 *passed.entry(i).or_default() += 1;
             }
             let mut partial = false;
