@@ -16,10 +16,10 @@ pub(crate) const TAIL_LINES: usize = 20;
 /// Every instruction of the classic builder is a step that costs a container
 /// and a commit (about a second on this kind of storage driver), so there are
 /// at most three: one `ENV` with every variable, `CMD`, and `LABEL` last.
-/// `LABEL` carries the instance and generation, so it is the only step that
-/// differs between instances of the same base, env and cmd: the steps before
-/// it are shared through the engine's build cache and a second such instance
-/// builds in one step.
+/// Labels go last: if they differ between images of the same base, env and
+/// cmd, only that step does, and the steps before it come from the engine's
+/// build cache (Berth labels instance images by org only, so a second
+/// instance of the same spec builds entirely from the cache).
 pub(crate) fn dockerfile(spec: &ImageSpec) -> Result<String, String> {
     check_reference(&spec.base).map_err(|why| format!("base image {:?}: {why}", spec.base))?;
     let mut out = format!("FROM {}\n", spec.base);

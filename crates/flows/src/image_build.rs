@@ -1,7 +1,9 @@
 //! `image.build`: on `host.ready`, builds the instance's image from its base
 //! image (which must be on the host; nothing is pulled) with its env, command
-//! and labels. A missing base is fatal (`image_not_found`), with the image
-//! name and the build's last lines in the error. Emits `image.built`.
+//! and its org's labels (the tag names the instance, so that instances of
+//! the same spec share the build). A missing base is fatal
+//! (`image_not_found`), with the image name and the build's last lines in
+//! the error. Emits `image.built`.
 
 use std::sync::Arc;
 
@@ -59,7 +61,7 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             cmd: inst.spec.cmd.clone(),
-            labels: names::instance_labels(&inst),
+            labels: names::org_labels(&inst.org_id),
         };
         match deps.runtime.build_image(&host, &spec).await {
             Ok(_) => {}

@@ -9,9 +9,19 @@ pub fn network(org: &str) -> String {
     format!("berth-{org}")
 }
 
-/// The image of one generation of an instance.
+/// The image of one generation of an instance. The tag is the image's link
+/// to its instance: the image itself carries only its org's labels, so that
+/// instances of the same base, env and cmd share every build step.
 pub fn image(i: &Instance) -> String {
     format!("berth/{}/{}:g{}", i.org_id, i.name, i.generation)
+}
+
+/// The org, instance name and generation an image tag of [`image`] names.
+pub fn parse_image(tag: &str) -> Option<(&str, &str, i64)> {
+    let rest = tag.strip_prefix("berth/")?;
+    let (org, rest) = rest.split_once('/')?;
+    let (name, generation) = rest.split_once(":g")?;
+    Some((org, name, generation.parse().ok()?))
 }
 
 /// The container of one generation of an instance: at most one can exist.
@@ -19,7 +29,7 @@ pub fn container(i: &Instance) -> String {
     format!("berth-{}-{}-g{}", i.org_id, i.name, i.generation)
 }
 
-/// Labels of everything made for an instance.
+/// Labels of an instance's container.
 pub fn instance_labels(i: &Instance) -> Labels {
     let mut l = Labels::new();
     l.insert(label::MANAGED.into(), "true".into());
@@ -30,10 +40,34 @@ pub fn instance_labels(i: &Instance) -> Labels {
     l
 }
 
+/// Labels of an org's network and images.
+pub fn org_labels(org: &str) -> Labels {
+    network_labels(org)
+}
+
 /// Labels of an org's network.
 pub fn network_labels(org: &str) -> Labels {
     let mut l = Labels::new();
     l.insert(label::MANAGED.into(), "true".into());
     l.insert(label::ORG.into(), org.to_owned());
     l
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn image_tags_name_their_instance() {
+        assert_eq!(
+            super::parse_image("berth/o1/web-2:g3"),
+            Some(("o1", "web-2", 3))
+        );
+        for other in [
+            "berth/o1/web",
+            "busybox:latest",
+            "berth/o1/web:latest",
+            "sha256:ab",
+        ] {
+            assert_eq!(super::parse_image(other), None, "{other}");
+        }
+    }
 }

@@ -21,7 +21,7 @@ use berth_worker::Bus;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::Deps;
+use crate::{Deps, names};
 
 /// The failure event the reconciler emits for a flow past its deadline.
 pub const TIMEOUT_EVENT: &str = "instance.flow.timeout";
@@ -132,6 +132,18 @@ impl Reconciler {
                         .labels
                         .get(label::ORG)
                         .is_none_or(|org| !all.iter().any(|i| &i.org_id == org && live(i))),
+                    // An image names its instance by its tag (it carries
+                    // only its org's labels).
+                    ResourceKind::Image if !r.labels.contains_key(label::INSTANCE) => {
+                        names::parse_image(&r.name).is_none_or(|(org, name, generation)| {
+                            !all.iter().any(|i| {
+                                live(i)
+                                    && i.org_id == org
+                                    && i.name.as_str() == name
+                                    && i.generation == generation
+                            })
+                        })
+                    }
                     ResourceKind::Container | ResourceKind::Image => {
                         match r
                             .labels

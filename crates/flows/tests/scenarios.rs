@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use berth_core::domain::{ConditionKind, InstanceName, InstanceStatus, RestartPolicy};
 use berth_core::{Clock, Envelope, IdGen, SeededRng, SystemClock};
 use berth_flows::{
-    Deps, FlowError, create_instance, delete_instance, restart_instance, start_instance,
+    Deps, FlowError, create_instance, delete_instance, names, restart_instance, start_instance,
     stop_instance,
 };
 use berth_runtime::ContainerState;
@@ -251,17 +251,27 @@ impl World {
             assert!(n <= 1, "{n} containers for instance generation {k:?}");
         }
         for img in self.sim.images(&self.host) {
-            if let Some(id) = img.labels.get(label::INSTANCE) {
-                let inst = by_id
-                    .get(id.as_str())
-                    .unwrap_or_else(|| panic!("image {} has no record", img.tag));
-                assert!(
-                    live(inst),
-                    "image {} survives its {} instance",
-                    img.tag,
-                    inst.status
-                );
+            if !img.labels.contains_key(label::MANAGED) {
+                continue; // a base image
             }
+            // An instance's image names it by its tag.
+            let (org, name, generation) = names::parse_image(&img.tag)
+                .unwrap_or_else(|| panic!("image {} is not an instance's", img.tag));
+            // A name is reused once its instance is deleted: some record of
+            // that name and generation must be live.
+            let records: Vec<&Instance> = all
+                .iter()
+                .filter(|i| {
+                    i.org_id == org && i.name.as_str() == name && i.generation == generation
+                })
+                .collect();
+            assert!(!records.is_empty(), "image {} has no record", img.tag);
+            assert!(
+                records.iter().any(|i| live(i)),
+                "image {} survives its instance ({:?})",
+                img.tag,
+                records.iter().map(|i| i.status).collect::<Vec<_>>()
+            );
         }
         for n in self.sim.networks(&self.host) {
             let org = n.labels.get(label::ORG).expect("labelled network");
@@ -785,6 +795,20 @@ async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else(
     .await
     .unwrap();
     rt.start_container(&w.host, "berth-ghost").await.unwrap();
+    // An image of a live org whose instance (named by the tag) is gone.
+    let gone = format!("berth/{}/gone:g1", inst.org_id);
+    rt.build_image(
+        &w.host,
+        &ImageSpec {
+            tag: gone.clone(),
+            base: "busybox".into(),
+            env: vec![],
+            cmd: None,
+            labels: names::org_labels(&inst.org_id),
+        },
+    )
+    .await
+    .unwrap();
 
     let bus = w.workers.as_ref().unwrap().bus();
     let mut r = reconciler();
@@ -793,11 +817,23 @@ async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else(
     let second = r.pass(&bus, &w.deps).await.unwrap();
     let mut removed: Vec<String> = second.removed.iter().map(|(_, _, n)| n.clone()).collect();
     removed.sort();
-    assert_eq!(
-        removed,
-        vec!["berth-ghost", "berth-ghostorg", "berth/ghostorg/ghost:g1"]
-    );
+    let mut expected = vec![
+        "berth-ghost".to_owned(),
+        "berth-ghostorg".to_owned(),
+        "berth/ghostorg/ghost:g1".to_owned(),
+        gone,
+    ];
+    expected.sort();
+    assert_eq!(removed, expected);
     assert_eq!(w.get(&inst.id).await.status, InstanceStatus::Running);
+    let live = w.get(&inst.id).await;
+    assert!(
+        w.sim
+            .images(&w.host)
+            .iter()
+            .any(|i| i.tag == names::image(&live)),
+        "the live instance's image stays"
+    );
     assert_eq!(
         w.sim.containers(&w.host).len(),
         1,
