@@ -179,7 +179,9 @@ pub async fn create(
     let (name, spec) = body.validate()?;
     check_running(&state)?;
     let (inst, env) =
-        match berth_flows::create_instance(state.store(), &auth.org_id, name, spec).await {
+        // Through the bus: the row and its event go into the dispatcher's
+        // next group commit instead of a transaction of their own.
+        match berth_flows::create_instance_on(&state.inner.bus, &auth.org_id, name, spec).await {
             Ok(r) => r,
             Err(e) => {
                 if let Some(t) = e.downcast_ref::<NameTaken>() {
