@@ -6,15 +6,19 @@
 //! instance stuck in a non-terminal state past the flow deadline — the
 //! workers are idempotent, so a copy only moves forward what stalled — and
 //! after `max_republish` copies fails the flow with `flow_timeout`, which the
-//! `compensate.timeout` worker cleans up like any other failure.
+//! `compensate.timeout` worker cleans up like any other failure, and (3)
+//! records the exit of any `running` instance whose container exited while
+//! no engine event reached Berth.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_core::domain::InstanceStatus;
+use berth_core::events::instance as ev;
 use berth_core::events::{WORKER_FAILED_VERSION, WorkerFailed};
 use berth_core::{ErrorInfo, NewEvent, Timestamp};
-use berth_runtime::{HostId, ResourceKind, RuntimeError, label};
+use berth_runtime::{ContainerState, HostId, ResourceKind, RuntimeError, label};
 use berth_store::instances::{self, Instance};
 use berth_store::{Cause, Store};
 use berth_worker::Bus;
@@ -55,6 +59,8 @@ pub struct PassReport {
     pub removed: Vec<(HostId, ResourceKind, String)>,
     pub republished: Vec<String>,
     pub timed_out: Vec<String>,
+    /// Instances recorded `running` whose container had exited unseen.
+    pub exited: Vec<String>,
 }
 
 /// Memory between passes: when each orphan was first seen, and how often
@@ -87,6 +93,7 @@ impl Reconciler {
                     removed = r.removed.len(),
                     republished = r.republished.len(),
                     timed_out = r.timed_out.len(),
+                    exited = r.exited.len(),
                     "reconciler pass"
                 ),
                 Ok(_) => {}
@@ -104,6 +111,7 @@ impl Reconciler {
         let mut report = PassReport::default();
         self.sweep(store, deps, &all, &mut report).await?;
         self.unstick(bus, &all, &mut report).await?;
+        observe(bus, deps, &all, &mut report).await?;
         Ok(report)
     }
 
@@ -255,4 +263,63 @@ impl Reconciler {
         self.nudged = seen;
         Ok(())
     }
+}
+
+/// Compares each `running` instance with its container: one that exited
+/// while nobody listened (Berth was down; the engine replays only its last
+/// events) gets the `engine.container.died` event its death would have
+/// caused, so that the instance becomes `exited` and its restart policy
+/// applies. A vanished container is only reported: there is nothing to
+/// restart.
+async fn observe(
+    bus: &Bus,
+    deps: &Deps,
+    all: &[Instance],
+    report: &mut PassReport,
+) -> anyhow::Result<()> {
+    let store = bus.store();
+    for i in all.iter().filter(|i| i.status == InstanceStatus::Running) {
+        let (Some(host), Some(container)) = (i.host.clone(), i.container.clone()) else {
+            continue;
+        };
+        let host = HostId::new(host);
+        let info = match deps.runtime.find_container(&host, &container).await {
+            Ok(info) => info,
+            Err(e) => {
+                warn!(%host, error = %e, "cannot look at a running instance's container");
+                continue;
+            }
+        };
+        let (exit_code, oom_killed) = match info.map(|c| c.state) {
+            Some(ContainerState::Exited {
+                exit_code,
+                oom_killed,
+            }) => (exit_code, oom_killed),
+            Some(_) => continue,
+            None => {
+                warn!(instance = %i.id, %container, "the container of a running instance is gone");
+                continue;
+            }
+        };
+        let event = NewEvent::of(&ev::ContainerDied {
+            instance_id: i.id.clone(),
+            generation: i.generation,
+            exit_code,
+            oom_killed,
+            container,
+            at: store.now(),
+        })?
+        .org(i.org_id.clone())
+        .subject(i.id.clone());
+        bus.publish(
+            event,
+            Cause::Root {
+                flow_id: store.ids().flow_id(),
+            },
+        )
+        .await?;
+        info!(instance = %i.id, exit_code, "a container exited unseen; recorded its exit");
+        report.exited.push(i.id.clone());
+    }
+    Ok(())
 }

@@ -696,6 +696,35 @@ async fn a_container_that_exits_makes_its_instance_exited_with_the_code() {
 }
 
 #[tokio::test]
+async fn a_death_no_listener_saw_is_recorded_by_the_reconciler() {
+    // No engine-event listener: Berth was down when the container died.
+    let mut w = world().await;
+    let (inst, _) = w.create("orga", "job", "busybox").await;
+    let (other, _) = w.create("orga", "web", "busybox").await;
+    let container = w.settle(&inst.id).await.container.unwrap();
+    w.settle(&other.id).await;
+    w.sim.kill(&w.host, &container, 2, false).unwrap();
+    w.quiesce().await;
+    assert_eq!(w.get(&inst.id).await.status, InstanceStatus::Running);
+
+    let bus = w.workers.as_ref().unwrap().bus();
+    let report = reconciler().pass(&bus, &w.deps).await.unwrap();
+    assert_eq!(report.exited, vec![inst.id.clone()]);
+    let exited = w.until(&inst.id, InstanceStatus::Exited).await;
+    assert_eq!(exited.exit_code, Some(2));
+    assert_eq!(
+        w.get(&other.id).await.status,
+        InstanceStatus::Running,
+        "a running container is left alone"
+    );
+    w.quiesce().await;
+    let again = reconciler().pass(&bus, &w.deps).await.unwrap();
+    assert!(again.exited.is_empty(), "recorded once");
+    w.check_invariants().await;
+    w.stop().await;
+}
+
+#[tokio::test]
 async fn on_failure_restarts_up_to_its_limit() {
     let mut w = world().await;
     let listener = w.listen();
