@@ -319,19 +319,24 @@ impl Script {
     /// `worker = ? AND event_id IN (…)` searches the primary key, where a
     /// row-value `(event_id, worker) IN (…)` would scan the table.
     pub fn delete_deliveries(&mut self, keys: &[(EventId, &str)]) {
-        let mut by_worker: std::collections::BTreeMap<&str, Vec<EventId>> = Default::default();
-        for (e, w) in keys {
-            by_worker.entry(*w).or_default().push(*e);
-        }
-        for (worker, ids) in by_worker {
-            self.push_rows(
-                &ids,
-                1,
-                &[worker.into()],
-                |t| format!("DELETE FROM deliveries WHERE worker = ? AND event_id IN (VALUES {t})"),
-                |e, a| a.push((*e).into()),
-            );
-        }
+        // One statement for all workers (not one per worker: each statement
+        // is a round trip to SQLite's thread); the row-value IN over a
+        // subquery is what lets SQLite seek the primary key.
+        self.push_rows(
+            keys,
+            2,
+            &[],
+            |t| {
+                format!(
+                    "DELETE FROM deliveries WHERE (event_id, worker) IN
+                        (SELECT column1, column2 FROM (VALUES {t}))"
+                )
+            },
+            |(e, w), a| {
+                a.push((*e).into());
+                a.push((*w).into());
+            },
+        );
     }
 
     /// Releases leases and sets the next attempt's time.

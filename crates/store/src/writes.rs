@@ -218,23 +218,39 @@ impl Script {
 
     /// Appends writes that have no condition.
     pub fn plain_writes(&mut self, writes: &[&Write], at: berth_core::Timestamp) {
+        // Releases first: a claim and a release of the same org and host in
+        // one turn (its last instance deleted as a new one starts) must
+        // leave the claim, or another org could take a host this org uses.
         for w in writes {
-            match w {
+            if let Write::ReleaseHost { host, org } = w {
+                self.push(
+                    "DELETE FROM host_claims WHERE host = ? AND org_id = ?",
+                    [host.as_str().into(), org.as_str().into()],
+                );
+            }
+        }
+        // Shared claims repeat (every creation on a shared host claims it
+        // again): once each, in one statement.
+        let mut shared: Vec<(&str, &str)> = writes
+            .iter()
+            .filter_map(|w| match w {
                 Write::ClaimHost {
                     host,
                     org,
                     exclusive: false,
-                } => self.push(
-                    "INSERT OR IGNORE INTO host_claims (host, org_id, claimed_at) VALUES (?, ?, ?)",
-                    [host.as_str().into(), org.as_str().into(), at.into()],
-                ),
-                Write::ReleaseHost { host, org } => self.push(
-                    "DELETE FROM host_claims WHERE host = ? AND org_id = ?",
-                    [host.as_str().into(), org.as_str().into()],
-                ),
-                _ => {}
-            }
-        }
+                } => Some((host.as_str(), org.as_str())),
+                _ => None,
+            })
+            .collect();
+        shared.sort_unstable();
+        shared.dedup();
+        self.push_rows(
+            &shared,
+            3,
+            &[],
+            |t| format!("INSERT OR IGNORE INTO host_claims (host, org_id, claimed_at) VALUES {t}"),
+            |(h, o), a| a.extend([Arg::from(*h), Arg::from(*o), Arg::from(at)]),
+        );
     }
 }
 
