@@ -101,7 +101,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         // up to their own LABEL; whichever side ran first would pay for
         // them. One image built here, kept until the sweep, gives both
         // sides the same cache.
-        let labels = names::org_labels(&event_org);
+        let labels = names::org_labels(store.install_id(), &event_org);
         runtime
             .build_image(
                 &host,
@@ -120,6 +120,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         runtime: runtime.clone(),
         hosts: Arc::new(LocalProvider),
         limits: Limits::default(),
+        install: store.install_id().to_owned(),
     });
     let mut reg = Registry::new();
     berth_flows::register(&mut reg, deps.clone())?;
@@ -400,7 +401,7 @@ async fn create_synchronously(
                 host,
                 &NetworkSpec {
                     name: net.clone(),
-                    labels: names::network_labels(&inst.org_id),
+                    labels: names::network_labels(store.install_id(), &inst.org_id),
                 },
             )
             .await
@@ -419,7 +420,7 @@ async fn create_synchronously(
             base: inst.spec.image.clone(),
             env: vec![],
             cmd: inst.spec.cmd.clone(),
-            labels: names::org_labels(&inst.org_id),
+            labels: names::org_labels(store.install_id(), &inst.org_id),
         },
     )
     .await
@@ -433,7 +434,7 @@ async fn create_synchronously(
         &ContainerSpec {
             name: name.clone(),
             image: tag,
-            labels: names::instance_labels(&inst),
+            labels: names::instance_labels(store.install_id(), &inst),
             limits: Limits::default(),
         },
     )

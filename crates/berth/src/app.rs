@@ -35,9 +35,33 @@ pub fn registry(config: &Config, deps: Arc<Deps>) -> anyhow::Result<Registry> {
     Ok(reg)
 }
 
+/// Opens (creating and migrating if needed) the database under
+/// `config.data_dir`; returns it with the random source its ids use.
+pub async fn open_store(config: &Config) -> anyhow::Result<(Store, Arc<SeededRng>)> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let rng = Arc::new(match config.bus.seed {
+        Some(seed) => SeededRng::new(seed),
+        None => SeededRng::from_entropy(),
+    });
+    let ids = Arc::new(IdGen::new(clock.clone(), rng.clone()));
+    let store = Store::open(
+        &config.database_path(),
+        StoreOptions {
+            synchronous: config.store.synchronous,
+            max_connections: config.store.max_connections,
+            busy_timeout: config.store.busy_timeout,
+        },
+        clock,
+        ids,
+    )
+    .await?;
+    Ok((store, rng))
+}
+
 /// The runtime and host provider the configuration asks for. With Docker,
 /// every engine must answer now: a start against no engine fails at once,
-/// naming the endpoint.
+/// naming the endpoint. Its install id is empty: [`App::build`] sets the
+/// store's.
 pub async fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimRuntime>>)> {
     // Host names, and for Docker their endpoints.
     let named: Vec<(HostId, Option<String>)> = match config.hosts.provider {
@@ -82,6 +106,7 @@ pub async fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimR
                 runtime: Arc::new(docker),
                 hosts: provider,
                 limits: Limits::default(),
+                install: String::new(),
             });
             Ok((deps, None))
         }
@@ -96,6 +121,7 @@ pub async fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimR
                 runtime: sim.clone(),
                 hosts: provider,
                 limits: Limits::default(),
+                install: String::new(),
             });
             Ok((deps, Some(sim)))
         }
@@ -128,18 +154,23 @@ impl std::fmt::Debug for App {
 
 impl App {
     /// Builds the runtime and workers the configuration asks for, then
-    /// [`App::start`]s them; `source` names the configuration in errors.
+    /// starts them and the API; `source` names the configuration in errors.
     pub async fn build(config: Config, source: &str) -> anyhow::Result<App> {
+        // The engine first: a start against no engine writes nothing. Then
+        // the store, whose install id labels everything the runtime makes.
         let (deps, sim) = deps(&config).await?;
+        let (store, rng) = open_store(&config).await?;
+        let deps = Arc::new(deps.with_install(store.install_id()));
         let registry = registry(&config, deps.clone())?;
         let policies = config.policies(registry.names(), source)?;
-        App::start(config, registry, policies, deps, sim).await
+        App::start(config, store, rng, registry, policies, deps, sim).await
     }
 
-    /// Opens the store under `config.data_dir` and starts `registry`'s
-    /// workers with `policies`.
-    pub async fn start(
+    /// Starts `registry`'s workers on `store` with `policies`, and the API.
+    async fn start(
         config: Config,
+        store: Store,
+        rng: Arc<SeededRng>,
         registry: Registry,
         policies: Policies,
         deps: Arc<Deps>,
@@ -150,24 +181,6 @@ impl App {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let rng = Arc::new(match config.bus.seed {
-            Some(seed) => SeededRng::new(seed),
-            None => SeededRng::from_entropy(),
-        });
-        let ids = Arc::new(IdGen::new(clock.clone(), rng.clone()));
-        let path = config.database_path();
-        let store = Store::open(
-            &path,
-            StoreOptions {
-                synchronous: config.store.synchronous,
-                max_connections: config.store.max_connections,
-                busy_timeout: config.store.busy_timeout,
-            },
-            clock,
-            ids,
-        )
-        .await?;
         let workers = Workers::start(
             store.clone(),
             &registry,
@@ -233,7 +246,7 @@ impl App {
             .run(workers.bus(), deps.clone(), background_cancel.clone()),
         ));
         info!(
-            database = %path.display(),
+            database = %config.database_path().display(),
             workers = registry.workers().len(),
             listen = %api.local_addr(),
             seed = rng.seed(),

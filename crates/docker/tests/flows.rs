@@ -66,6 +66,7 @@ async fn world(runtime: Arc<dyn ContainerRuntime>, docker: Arc<DockerRuntime>) -
             nano_cpus: Some(500_000_000),
             pids: Some(64),
         },
+        install: store.install_id().to_owned(),
     });
     let mut reg = Registry::new();
     berth_flows::register(&mut reg, deps.clone()).unwrap();
@@ -250,6 +251,11 @@ async fn two_orgs_reach_their_own_instances_by_name_never_the_others_and_delete_
         .unwrap();
     assert_eq!(api.labels.get(label::ORG), Some(&a));
     assert_eq!(api.labels.get(label::INSTANCE), Some(&a_api.id));
+    assert_eq!(
+        api.labels.get(label::INSTALL).map(String::as_str),
+        Some(w.store.install_id()),
+        "labelled with the installation that made it"
+    );
     assert_eq!(
         api.networks,
         BTreeMap::from([(format!("berth-{a}"), a_api.ip.clone().unwrap())])

@@ -75,7 +75,7 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
     let spec = ContainerSpec {
         name: name.clone(),
         image,
-        labels: names::instance_labels(&inst),
+        labels: names::instance_labels(&deps.install, &inst),
         limits: deps.limits.clone(),
     };
     match deps.runtime.create_container(&host, &spec).await {

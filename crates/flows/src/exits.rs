@@ -129,6 +129,10 @@ pub async fn listen(bus: Bus, deps: Arc<Deps>, host: HostId, cancel: Cancellatio
                         }
                     };
                     let oom_killed = oom_pending.remove(&e.container);
+                    // Another installation's container, on a shared engine.
+                    if e.labels.get(label::INSTALL) != Some(&deps.install) {
+                        continue;
+                    }
                     let (Some(id), Some(org)) =
                         (e.labels.get(label::INSTANCE), e.labels.get(label::ORG))
                     else {

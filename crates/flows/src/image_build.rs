@@ -61,7 +61,7 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             cmd: inst.spec.cmd.clone(),
-            labels: names::org_labels(&inst.org_id),
+            labels: names::org_labels(&deps.install, &inst.org_id),
         };
         match deps.runtime.build_image(&host, &spec).await {
             Ok(_) => {}

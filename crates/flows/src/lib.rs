@@ -40,6 +40,20 @@ pub struct Deps {
     pub hosts: Arc<dyn HostProvider>,
     /// Defaults for every container.
     pub limits: Limits,
+    /// This installation's id (`Store::install_id`), on every label set.
+    pub install: String,
+}
+
+impl Deps {
+    /// The same runtime, hosts and limits for the installation `install`.
+    pub fn with_install(&self, install: &str) -> Deps {
+        Deps {
+            runtime: self.runtime.clone(),
+            hosts: self.hosts.clone(),
+            limits: self.limits.clone(),
+            install: install.to_owned(),
+        }
+    }
 }
 
 /// The steps and compensations, in the order of the flow.

@@ -30,10 +30,8 @@ pub fn container(i: &Instance) -> String {
 }
 
 /// Labels of an instance's container.
-pub fn instance_labels(i: &Instance) -> Labels {
-    let mut l = Labels::new();
-    l.insert(label::MANAGED.into(), "true".into());
-    l.insert(label::ORG.into(), i.org_id.clone());
+pub fn instance_labels(install: &str, i: &Instance) -> Labels {
+    let mut l = network_labels(install, &i.org_id);
     l.insert(label::INSTANCE.into(), i.id.clone());
     l.insert(label::GENERATION.into(), i.generation.to_string());
     l.insert(label::FLOW.into(), i.flow_id.to_string());
@@ -41,14 +39,15 @@ pub fn instance_labels(i: &Instance) -> Labels {
 }
 
 /// Labels of an org's network and images.
-pub fn org_labels(org: &str) -> Labels {
-    network_labels(org)
+pub fn org_labels(install: &str, org: &str) -> Labels {
+    network_labels(install, org)
 }
 
 /// Labels of an org's network.
-pub fn network_labels(org: &str) -> Labels {
+pub fn network_labels(install: &str, org: &str) -> Labels {
     let mut l = Labels::new();
     l.insert(label::MANAGED.into(), "true".into());
+    l.insert(label::INSTALL.into(), install.to_owned());
     l.insert(label::ORG.into(), org.to_owned());
     l
 }

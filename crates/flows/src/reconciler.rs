@@ -1,5 +1,6 @@
 //! The reconciler: the safety net under the event-driven flows. On a period
-//! it (1) lists every resource labelled by Berth on every host and removes
+//! it (1) lists every resource this installation labelled on every host (an
+//! engine may be shared with another Berth) and removes
 //! those without a live record once they have stayed orphaned past a grace
 //! period (a resource seen once may belong to a flow that has not recorded
 //! it yet), and (2) re-publishes, as a fresh copy, the last event of any
@@ -135,6 +136,11 @@ impl Reconciler {
                 }
             };
             for r in resources {
+                // Another installation's, on a shared engine (or from before
+                // installs were labelled): never ours to remove.
+                if r.labels.get(label::INSTALL) != Some(&deps.install) {
+                    continue;
+                }
                 let orphan = match r.kind {
                     ResourceKind::Network => r
                         .labels

@@ -72,6 +72,7 @@ async fn world_full(policies_toml: &str, hooks: Vec<berth_flows::notify::Webhook
         runtime: faulty.clone(),
         hosts: Arc::new(LocalProvider),
         limits: Limits::default(),
+        install: store.install_id().to_owned(),
     });
     let mut reg = Registry::new();
     berth_flows::register(&mut reg, deps.clone()).unwrap();
@@ -790,7 +791,20 @@ async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else(
     labels.insert(label::ORG.into(), "ghostorg".into());
     labels.insert(label::INSTANCE.into(), "ghost".into());
     labels.insert(label::GENERATION.into(), "1".into());
+    labels.insert(label::INSTALL.into(), w.deps.install.clone());
     let rt: &dyn ContainerRuntime = &*w.sim;
+    // Another installation's network on the same engine: never touched.
+    let mut foreign = labels.clone();
+    foreign.insert(label::INSTALL.into(), "another-install".into());
+    rt.create_network(
+        &w.host,
+        &NetworkSpec {
+            name: "berth-theirs".into(),
+            labels: foreign,
+        },
+    )
+    .await
+    .unwrap();
     rt.create_network(
         &w.host,
         &NetworkSpec {
@@ -833,7 +847,7 @@ async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else(
             base: "busybox".into(),
             env: vec![],
             cmd: None,
-            labels: names::org_labels(&inst.org_id),
+            labels: names::org_labels(&w.deps.install, &inst.org_id),
         },
     )
     .await
@@ -854,6 +868,14 @@ async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else(
     ];
     expected.sort();
     assert_eq!(removed, expected);
+    assert!(
+        w.sim
+            .networks(&w.host)
+            .iter()
+            .any(|n| n.name == "berth-theirs"),
+        "another installation's network stays"
+    );
+    rt.remove_network(&w.host, "berth-theirs").await.unwrap();
     assert_eq!(w.get(&inst.id).await.status, InstanceStatus::Running);
     let live = w.get(&inst.id).await;
     assert!(
@@ -1067,6 +1089,7 @@ async fn pool_hosts_are_dedicated_per_org_and_released_with_its_last_instance() 
         runtime: sim.clone(),
         hosts: Arc::new(PoolProvider::new(vec![h1.clone(), h2.clone()])),
         limits: Limits::default(),
+        install: "pool-test".to_owned(),
     });
     let mut reg = Registry::new();
     berth_flows::register(&mut reg, deps).unwrap();

@@ -35,6 +35,9 @@ pub mod label {
     pub const GENERATION: &str = "berth.generation";
     /// Present on every Berth resource; the reconciler lists by it.
     pub const MANAGED: &str = "berth.managed";
+    /// Which Berth installation made the resource: an engine may be shared,
+    /// and an installation only ever removes or follows its own.
+    pub const INSTALL: &str = "berth.install";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

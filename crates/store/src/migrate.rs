@@ -22,6 +22,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "tenancy",
         include_str!("../migrations/sqlite/0003_tenancy.sql"),
     ),
+    (
+        4,
+        "install",
+        include_str!("../migrations/sqlite/0004_install.sql"),
+    ),
 ];
 
 pub(crate) async fn run(conn: &mut SqliteConnection) -> anyhow::Result<()> {

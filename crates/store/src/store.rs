@@ -68,6 +68,7 @@ struct Inner {
     /// Instance rows as this process's last writer left them; see
     /// [`Store::cached_instance`].
     instances: Mutex<HashMap<String, Instance>>,
+    install: String,
 }
 
 /// Beyond this many cached rows the cache starts over: it only has to hold
@@ -139,6 +140,10 @@ impl Store {
         crate::migrate::run(&mut conn)
             .await
             .with_context(|| format!("failed to migrate the database {}", path.display()))?;
+        let install: String = sqlx::query_scalar("SELECT id FROM install LIMIT 1")
+            .fetch_one(&mut conn)
+            .await
+            .with_context(|| format!("failed to read the install id of {}", path.display()))?;
         conn.close().await.ok();
         let pool = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
@@ -165,8 +170,15 @@ impl Store {
                 woken: Mutex::new(HashSet::new()),
                 write_gate: Arc::new(tokio::sync::Mutex::new(())),
                 instances: Mutex::new(HashMap::new()),
+                install,
             }),
         })
+    }
+
+    /// This installation's id (made with the database): the value of the
+    /// `berth.install` label on everything it creates on an engine.
+    pub fn install_id(&self) -> &str {
+        &self.inner.install
     }
 
     pub fn path(&self) -> &Path {
