@@ -3,8 +3,8 @@
 //!
 //! The event-driven side creates `--count` instances with at most
 //! `--concurrency` in flight, each through `create_instance` and the
-//! workers, and measures create → `instance.running` (a watcher worker on
-//! that event wakes the waiting task). The baseline is the seed's ten-line
+//! workers, and measures create → the commit of `instance.running` (the
+//! bus's feed of committed events wakes the waiting task). The baseline is the seed's ten-line
 //! function — save, ensure host, ensure network, build, save, create+start,
 //! save, attach, save IP, notify — called directly with the same runtime,
 //! store and concurrency. On Docker, one image of the same base, env and cmd
@@ -26,7 +26,7 @@ use berth_runtime::{
 };
 use berth_store::instances::{self, Instance, InstanceSpec};
 use berth_store::{Store, StoreOptions, Synchronous};
-use berth_worker::{BusOptions, Ctx, Policies, PolicyConfig, Registry, Workers, WorkersConfig};
+use berth_worker::{BusOptions, Policies, PolicyConfig, Registry, Workers, WorkersConfig};
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::report::{peak_rss_mb, per_second, quantile, table};
@@ -125,23 +125,6 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     let mut reg = Registry::new();
     berth_flows::register(&mut reg, deps.clone())?;
     let waiters: Waiters = Arc::default();
-    let w = waiters.clone();
-    reg.register(
-        "bench.watch",
-        &[ev::Running::TYPE, ev::Failed::TYPE],
-        move |ctx: Ctx| {
-            let w = w.clone();
-            async move {
-                let ok = ctx.envelope().event_type == ev::Running::TYPE;
-                if let Some(id) = ctx.envelope().subject.as_deref()
-                    && let Some(tx) = w.lock().unwrap_or_else(|p| p.into_inner()).remove(id)
-                {
-                    let _ = tx.send(ok);
-                }
-                Ok(ctx.done())
-            }
-        },
-    )?;
     // Every worker may hold as many deliveries as there are flows in flight.
     let conc = i64::try_from(args.concurrency.max(16)).unwrap_or(1024);
     let mut cfg = WorkersConfig::new();
@@ -164,6 +147,55 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         },
     )
     .await?;
+
+    // Each flow ends when its `instance.running` (or `instance.failed`) is
+    // committed: the bus says so as it commits, with no worker of ours in
+    // the way to add a delivery's latency and load.
+    let watcher = {
+        let mut committed = workers.bus().committed();
+        let waiters = waiters.clone();
+        let store = store.clone();
+        tokio::spawn(async move {
+            loop {
+                match committed.recv().await {
+                    Ok(env) => {
+                        let ok = env.event_type == ev::Running::TYPE;
+                        if (ok || env.event_type == ev::Failed::TYPE)
+                            && let Some(id) = env.subject.as_deref()
+                            && let Some(tx) =
+                                waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(id)
+                        {
+                            let _ = tx.send(ok);
+                        }
+                    }
+                    // Missed some: whoever already ended is in the table.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        let ids: Vec<String> = waiters
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .keys()
+                            .cloned()
+                            .collect();
+                        for id in ids {
+                            let Ok(mut c) = store.pool().acquire().await else {
+                                continue;
+                            };
+                            if let Ok(Some(i)) = instances::get(&mut c, &id).await
+                                && i.status.is_terminal()
+                                && let Some(tx) = waiters
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .remove(&id)
+                            {
+                                let _ = tx.send(i.status == InstanceStatus::Running);
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        })
+    };
 
     // Event-driven.
     let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
@@ -224,6 +256,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
             load(&st.handled),
         )
     };
+    watcher.abort();
     workers.shutdown().await?;
 
     // The synchronous baseline on the same runtime and store.

@@ -144,6 +144,8 @@ pub(crate) struct Dispatcher {
     by_name: HashMap<Arc<str>, usize>,
     cfg: DispatcherConfig,
     stats: Arc<Stats>,
+    /// Every event once its turn committed, for in-process listeners.
+    committed_tx: tokio::sync::broadcast::Sender<Arc<Envelope>>,
     publish_rx: mpsc::Receiver<PublishReq>,
     done_tx: mpsc::UnboundedSender<Completion>,
     done_rx: mpsc::UnboundedReceiver<Completion>,
@@ -179,6 +181,7 @@ impl Dispatcher {
         specs: Vec<(Arc<str>, Arc<dyn Handler>, Policy)>,
         cfg: DispatcherConfig,
         stats: Arc<Stats>,
+        committed_tx: tokio::sync::broadcast::Sender<Arc<Envelope>>,
         publish_rx: mpsc::Receiver<PublishReq>,
     ) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -204,6 +207,7 @@ impl Dispatcher {
             by_name,
             cfg,
             stats,
+            committed_tx,
             publish_rx,
             done_tx,
             done_rx,
@@ -749,6 +753,12 @@ impl Dispatcher {
             }
         };
         self.cache_written(now, publishes, &rejected);
+        if self.committed_tx.receiver_count() > 0 {
+            for e in &fresh {
+                // No receiver, or one that lags (it is told so), is fine.
+                let _ = self.committed_tx.send(Arc::new((*e).clone()));
+            }
+        }
         drop(gate);
         self.stats
             .commit_micros

@@ -76,6 +76,7 @@ pub struct Bus {
     store: Store,
     tx: mpsc::Sender<PublishReq>,
     stats: Arc<Stats>,
+    committed: tokio::sync::broadcast::Sender<Arc<Envelope>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -91,6 +92,15 @@ impl Bus {
 
     pub fn stats(&self) -> &Arc<Stats> {
         &self.stats
+    }
+
+    /// Every event the dispatcher commits from now on, as it commits it
+    /// (events committed by other transactions are not included). A
+    /// listener that falls more than [`COMMITTED_BACKLOG`] events behind is
+    /// told how many it missed (`RecvError::Lagged`) and must look in the
+    /// log for them.
+    pub fn committed(&self) -> tokio::sync::broadcast::Receiver<Arc<Envelope>> {
+        self.committed.subscribe()
     }
 
     /// Publishes one event (group-committed with others) and returns its
@@ -147,6 +157,9 @@ impl Bus {
         self.store.redrive(dead_letter_id).await
     }
 }
+
+/// How far a [`Bus::committed`] listener may fall behind.
+pub const COMMITTED_BACKLOG: usize = 65_536;
 
 /// The running worker framework: the dispatcher task and its handlers.
 pub struct Workers {
@@ -212,6 +225,7 @@ impl Workers {
         }
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel(1024);
+        let (committed, _) = tokio::sync::broadcast::channel(COMMITTED_BACKLOG);
         let owner: Arc<str> = Arc::from(format!("{}-{}", std::process::id(), store.ids().ulid()));
         let dispatcher = Dispatcher::new(
             store.clone(),
@@ -227,6 +241,7 @@ impl Workers {
                 rng: options.rng,
             },
             stats.clone(),
+            committed.clone(),
             rx,
         );
         let cancel = CancellationToken::new();
@@ -240,7 +255,12 @@ impl Workers {
                 .instrument(info_span!("checkpointer")),
         );
         Ok(Workers {
-            bus: Bus { store, tx, stats },
+            bus: Bus {
+                store,
+                tx,
+                stats,
+                committed,
+            },
             cancel,
             task,
             checkpointer,

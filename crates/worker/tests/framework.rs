@@ -818,3 +818,43 @@ async fn a_second_dispatcher_on_the_same_database_is_refused() {
     assert!(err.to_string().contains("already dispatching"), "{err}");
     workers.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn committed_events_reach_in_process_listeners_after_their_commit() {
+    let db = TestDb::new();
+    let store = open_store(&db.path, false).await;
+    let mut reg = Registry::new();
+    reg.register("echo", &["test.ping"], |mut ctx: Ctx| async move {
+        let n = ctx.payload::<Ping>()?.n;
+        ctx.emit_payload(&Pong { n })?;
+        Ok(ctx.done())
+    })
+    .unwrap();
+    let workers = start(&store, &reg, "").await;
+    let mut committed = workers.bus().committed();
+    let root = ping(&workers.bus(), 7).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let env = tokio::time::timeout_at(deadline, committed.recv())
+            .await
+            .expect("committed events within the deadline")
+            .unwrap();
+        // Told only once durable: the event is in the log already.
+        let flow = store.events_of_flow(env.flow_id).await.unwrap();
+        assert!(
+            flow.iter().any(|e| e.id == env.id),
+            "{} not in the log",
+            env.id
+        );
+        seen.push((env.event_type.clone(), env.flow_id));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("test.ping".to_owned(), root.flow_id),
+            ("test.pong".to_owned(), root.flow_id)
+        ]
+    );
+    workers.shutdown().await.unwrap();
+}
