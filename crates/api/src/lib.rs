@@ -274,7 +274,7 @@ impl Server {
             }),
         };
         tracker.spawn(
-            feed.run(deps.store, cancel.clone())
+            feed.run(deps.store, state.inner.bus.clone(), cancel.clone())
                 .instrument(info_span!("event_feed")),
         );
         let app = router
