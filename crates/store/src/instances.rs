@@ -114,7 +114,7 @@ pub async fn insert_org(
 /// The values of [`COLUMNS`] for `i`, in order.
 pub(crate) fn insert_args(i: &Instance) -> anyhow::Result<Vec<crate::ops::Arg>> {
     use crate::ops::Arg;
-    Ok(vec![
+    Ok([
         Arg::from(i.id.as_str()),
         Arg::from(i.org_id.as_str()),
         Arg::from(i.name.as_str()),
@@ -122,6 +122,20 @@ pub(crate) fn insert_args(i: &Instance) -> anyhow::Result<Vec<crate::ops::Arg>> 
         Arg::from(i.status.as_str()),
         Arg::Int(i.version),
         Arg::Int(i.generation),
+    ]
+    .into_iter()
+    .chain(state_args(i)?)
+    .chain([
+        Arg::Int(i.created_at.as_micros()),
+        Arg::Int(i.updated_at.as_micros()),
+    ])
+    .collect())
+}
+
+/// The columns the flow changes, from `host` to `flow_id`, in table order.
+pub(crate) fn state_args(i: &Instance) -> anyhow::Result<[crate::ops::Arg; 11]> {
+    use crate::ops::Arg;
+    Ok([
         Arg::from(i.host.as_deref()),
         Arg::from(i.network.as_deref()),
         Arg::from(i.image_tag.as_deref()),
@@ -133,8 +147,6 @@ pub(crate) fn insert_args(i: &Instance) -> anyhow::Result<Vec<crate::ops::Arg>> 
         Arg::Int(i64::from(i.oom_killed)),
         Arg::Int(i.restarts),
         Arg::Text(i.flow_id.to_string()),
-        Arg::Int(i.created_at.as_micros()),
-        Arg::Int(i.updated_at.as_micros()),
     ])
 }
 

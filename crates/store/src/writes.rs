@@ -258,24 +258,16 @@ impl Script {
 const INSTANCE_ROW: usize = 16;
 
 fn instance_row(i: &Instance, at: berth_core::Timestamp) -> anyhow::Result<Vec<Arg>> {
-    Ok(vec![
+    Ok([
         Arg::from(i.id.as_str()),
         Arg::Int(i.version),
         Arg::from(i.status.as_str()),
         Arg::Int(i.generation),
-        Arg::from(i.host.as_deref()),
-        Arg::from(i.network.as_deref()),
-        Arg::from(i.image_tag.as_deref()),
-        Arg::from(i.container.as_deref()),
-        Arg::from(i.ip.as_deref()),
-        Arg::Text(serde_json::to_string(&i.conditions)?),
-        Arg::from(i.error.as_ref().map(serde_json::to_string).transpose()?),
-        Arg::from(i.exit_code),
-        Arg::Int(i64::from(i.oom_killed)),
-        Arg::Int(i.restarts),
-        Arg::Text(i.flow_id.to_string()),
-        Arg::from(at),
-    ])
+    ]
+    .into_iter()
+    .chain(crate::instances::state_args(i)?)
+    .chain([Arg::from(at)])
+    .collect())
 }
 
 /// Arguments per row of the patch.

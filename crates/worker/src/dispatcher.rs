@@ -440,21 +440,7 @@ impl Dispatcher {
         // short, to learn which writes those were.
         let mut exact = false;
         loop {
-            let guarded: Vec<(usize, &Write)> = self
-                .completions
-                .iter()
-                .enumerate()
-                .filter_map(|(i, c)| match &c.finished {
-                    Finished::Ok { writes, .. } => Some((i, writes)),
-                    _ => None,
-                })
-                .chain(
-                    publishes
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| !rejected.contains(i))
-                        .map(|(i, p)| (base + i, &p.writes)),
-                )
+            let guarded: Vec<(usize, &Write)> = declared(&self.completions, publishes, &rejected)
                 .flat_map(|(i, ws)| ws.iter().filter(|w| w.is_guarded()).map(move |w| (i, w)))
                 .collect();
             if guarded.is_empty() {
@@ -625,21 +611,8 @@ impl Dispatcher {
             resched.iter().map(|(e, w, t)| (*e, &**w, *t)).collect();
         script.reschedule(&resched_rows);
         script.insert_dead_letters(&dead);
-        let plain: Vec<&Write> = self
-            .completions
-            .iter()
-            .filter_map(|c| match &c.finished {
-                Finished::Ok { writes, .. } => Some(writes.iter().filter(|w| !w.is_guarded())),
-                _ => None,
-            })
-            .flatten()
-            .chain(
-                publishes
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !rejected.contains(i))
-                    .flat_map(|(_, p)| p.writes.iter().filter(|w| !w.is_guarded())),
-            )
+        let plain: Vec<&Write> = declared(&self.completions, publishes, &rejected)
+            .flat_map(|(_, ws)| ws.iter().filter(|w| !w.is_guarded()))
             .collect();
         script.plain_writes(&plain, now);
 
@@ -828,21 +801,7 @@ impl Dispatcher {
         // In the order the writes were applied: a row patched after it was
         // written whole must end up forgotten.
         let mut last: HashMap<&str, Option<Instance>> = HashMap::new();
-        let applied = self
-            .completions
-            .iter()
-            .filter_map(|c| match &c.finished {
-                Finished::Ok { writes, .. } => Some(writes),
-                _ => None,
-            })
-            .chain(
-                publishes
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !rejected.contains(i))
-                    .map(|(_, p)| &p.writes),
-            )
-            .flatten();
+        let applied = declared(&self.completions, publishes, rejected).flat_map(|(_, ws)| ws);
         for w in applied {
             match w {
                 Write::Instance(i) => {
@@ -966,6 +925,31 @@ impl Dispatcher {
         };
         self.tracker.spawn(task.run().instrument(span));
     }
+}
+
+/// The writes of this turn's successful attempts and of its publish requests
+/// not rejected, each with its owner's tag: an attempt's index, or the
+/// number of attempts plus a request's index.
+fn declared<'a>(
+    completions: &'a [Completion],
+    publishes: &'a [PublishReq],
+    rejected: &'a HashSet<usize>,
+) -> impl Iterator<Item = (usize, &'a [Write])> {
+    let base = completions.len();
+    completions
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| match &c.finished {
+            Finished::Ok { writes, .. } => Some((i, writes.as_slice())),
+            _ => None,
+        })
+        .chain(
+            publishes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !rejected.contains(i))
+                .map(move |(i, p)| (base + i, p.writes.as_slice())),
+        )
 }
 
 async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
