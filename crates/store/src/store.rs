@@ -563,3 +563,28 @@ pub async fn publish(
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::Arc;
+
+    use berth_core::{Clock, IdGen, SeededRng, SystemClock};
+
+    use super::{Store, StoreOptions};
+
+    /// A store on a fresh file, for the crate's unit tests.
+    pub(crate) async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(1))));
+        let s = Store::open(
+            &dir.path().join("t.db"),
+            StoreOptions::default(),
+            clock,
+            ids,
+        )
+        .await
+        .unwrap();
+        (dir, s)
+    }
+}

@@ -310,27 +310,12 @@ pub async fn open_dead_letters(conn: &mut SqliteConnection) -> anyhow::Result<Ve
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use std::sync::Arc;
-
-    use berth_core::{Clock, IdGen, NewEvent, SeededRng, SystemClock};
+    use berth_core::NewEvent;
 
     use super::*;
-    use crate::{Cause, Store, StoreOptions};
+    use crate::{Cause, Store};
 
-    async fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(1))));
-        let s = Store::open(
-            &dir.path().join("t.db"),
-            StoreOptions::default(),
-            clock,
-            ids,
-        )
-        .await
-        .unwrap();
-        (dir, s)
-    }
+    use crate::store::tests::store;
 
     fn org(id: &str, s: &Store) -> Org {
         Org {

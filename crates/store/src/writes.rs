@@ -445,29 +445,14 @@ pub fn passed_guards(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
+    use berth_core::Timestamp;
     use berth_core::domain::{ConditionKind, Conditions, InstanceName};
-    use berth_core::{Clock, IdGen, SeededRng, SystemClock, Timestamp};
 
     use super::*;
+    use crate::Store;
     use crate::instances::{self, InstanceSpec};
-    use crate::{Store, StoreOptions};
 
-    async fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(1))));
-        let s = Store::open(
-            &dir.path().join("t.db"),
-            StoreOptions::default(),
-            clock,
-            ids,
-        )
-        .await
-        .unwrap();
-        (dir, s)
-    }
+    use crate::store::tests::store;
 
     fn instance(s: &Store) -> Instance {
         Instance {
