@@ -77,8 +77,8 @@ impl Script {
     /// by the `usize` tag (the owner) each was given with.
     ///
     /// With `exact`, each write that passes returns a row. Without, the
-    /// multi-row instance writes and patches only report how many rows they
-    /// changed: when all of them pass, as they nearly always do, that is
+    /// multi-row instance writes, patches and inserts only report how many
+    /// rows they changed: when all of them pass, as they nearly always do, that is
     /// enough, and hundreds of rows need not cross from SQLite's thread one
     /// by one (most of a busy turn's time). When a count falls short,
     /// [`passed_guards`] says so and the caller rolls back and redoes the
@@ -145,24 +145,44 @@ impl Script {
             let ret = returning("'guard_patch', instances.id, instances.version");
             self.push_rows_counted(&rows, PATCH_ROW, |t| patch_sql(t, &ret), !exact);
         }
+        // New instances, each only if its org has no live one of its name.
+        // Two of one name in one statement would both pass that check (the
+        // statement reads the table before it inserts) and fail the unique
+        // index, so a name goes at most once per statement.
+        let inserts: Vec<&Instance> = writes
+            .iter()
+            .filter_map(|(_, w)| match w {
+                Write::InsertInstance(i) => Some(&**i),
+                _ => None,
+            })
+            .collect();
+        for layer in layers(&inserts, |i| (i.org_id.as_str(), i.name.as_str())) {
+            let rows = layer
+                .iter()
+                .map(|i| crate::instances::insert_args(i))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let ret = returning("'guard_insert', id, 0");
+            self.push_rows_counted(
+                &rows,
+                INSERT_ROW,
+                |t| {
+                    format!(
+                        "INSERT INTO instances ({cols})
+                         SELECT * FROM (VALUES {t}) AS v
+                          WHERE NOT EXISTS (SELECT 1 FROM instances
+                                WHERE org_id = v.column2 AND name = v.column3
+                                  AND status != 'deleted')
+                         {ret}",
+                        cols = crate::instances::COLUMNS
+                    )
+                },
+                !exact,
+            );
+        }
         for (tag, w) in writes {
             let tag = Arg::Int(i64::try_from(*tag).unwrap_or(i64::MAX));
             match w {
-                Write::InsertInstance(i) => {
-                    self.push(
-                        &format!(
-                            "INSERT INTO instances ({cols})
-                             SELECT ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?
-                              WHERE NOT EXISTS (SELECT 1 FROM instances
-                                    WHERE org_id = ? AND name = ? AND status != 'deleted')
-                             RETURNING 'guard_insert', id, 0",
-                            cols = crate::instances::COLUMNS
-                        ),
-                        crate::instances::insert_args(i)?
-                            .into_iter()
-                            .chain([Arg::from(i.org_id.as_str()), Arg::from(i.name.as_str())]),
-                    );
-                }
+                Write::InsertInstance(_) => {} // above, all together
                 Write::ClaimHost {
                     host,
                     org,
@@ -254,6 +274,9 @@ impl Script {
     }
 }
 
+/// Arguments per row of an instance insert (every column).
+const INSERT_ROW: usize = 20;
+
 /// Arguments per row of the instance update.
 const INSTANCE_ROW: usize = 16;
 
@@ -337,8 +360,11 @@ fn patch_row(p: &InstancePatch, at: berth_core::Timestamp) -> anyhow::Result<Vec
 /// `items` split so that no part holds two with the same key, each item in
 /// the part after the last one holding its key: parts applied in order keep
 /// the order of each key's items.
-fn layers<'a, T: ?Sized>(items: &[&'a T], key: impl Fn(&T) -> &str) -> Vec<Vec<&'a T>> {
-    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+fn layers<'a, T: ?Sized, K: std::hash::Hash + Eq>(
+    items: &[&'a T],
+    key: impl Fn(&'a T) -> K,
+) -> Vec<Vec<&'a T>> {
+    let mut seen: std::collections::HashMap<K, usize> = std::collections::HashMap::new();
     let mut out: Vec<Vec<&'a T>> = Vec::new();
     for item in items {
         let n = seen.entry(key(item)).or_default();
@@ -433,9 +459,14 @@ pub fn passed_guards(
     }
     if counted {
         // Every counted statement changed all its rows: every instance
-        // write and patch passed.
+        // write, patch and insert passed.
         for (k, (tag, w)) in writes.iter().enumerate() {
-            if !matched[k] && matches!(w, Write::Instance(_) | Write::Patch(_)) {
+            if !matched[k]
+                && matches!(
+                    w,
+                    Write::Instance(_) | Write::Patch(_) | Write::InsertInstance(_)
+                )
+            {
                 out.push(*tag);
             }
         }
@@ -617,5 +648,40 @@ mod tests {
             Write::Instance(Box::new(b3)),
         ];
         assert_eq!(run(w, true).await, Some(vec![1]));
+    }
+
+    #[tokio::test]
+    async fn of_two_new_instances_of_one_name_only_the_first_goes_in() {
+        let (_d, s) = store().await;
+        let mut c = s.pool().acquire().await.unwrap();
+        instances::insert_org(&mut c, "o", "o-name", s.now())
+            .await
+            .unwrap();
+        let first = instance(&s);
+        let mut second = instance(&s);
+        second.id = "i2".into();
+        let mut other = instance(&s);
+        other.id = "i3".into();
+        other.name = InstanceName::parse("db").unwrap();
+        let writes: Vec<Write> = [&first, &second, &other]
+            .into_iter()
+            .map(|i| Write::InsertInstance(Box::new(i.clone())))
+            .collect();
+        let tagged: Vec<(usize, &Write)> = writes.iter().enumerate().collect();
+        for exact in [false, true] {
+            let mut script = Script::new();
+            script.push("BEGIN IMMEDIATE", []);
+            script.guarded_writes(&tagged, s.now(), exact).unwrap();
+            let rows = script.run(&mut c).await.unwrap();
+            let passed = passed_guards(&tagged, &rows).unwrap();
+            Script::rollback(&mut c).await.unwrap();
+            if exact {
+                let mut passed = passed.unwrap();
+                passed.sort_unstable();
+                assert_eq!(passed, vec![0, 2], "the second of the name is refused");
+            } else {
+                assert_eq!(passed, None, "a count fell short: redo exactly");
+            }
+        }
     }
 }
