@@ -18,7 +18,7 @@ use std::time::Duration;
 use berth_core::domain::InstanceStatus;
 use berth_core::events::instance as ev;
 use berth_core::events::{WORKER_FAILED_VERSION, WorkerFailed};
-use berth_core::{ErrorInfo, NewEvent, Timestamp};
+use berth_core::{Envelope, ErrorInfo, EventPayload, NewEvent, Timestamp};
 use berth_runtime::{ContainerState, HostId, ResourceKind, RuntimeError, label};
 use berth_store::instances::{self, Instance};
 use berth_store::{Cause, Store};
@@ -233,11 +233,28 @@ impl Reconciler {
                 continue;
             };
             if count < self.config.max_republish {
-                let mut copy = last.clone();
-                copy.id = store.ids().event_id();
-                copy.created_at = now;
-                copy.not_before = None;
-                bus.publish_all(vec![copy]).await?;
+                // A flow stuck at the join: only the delivery of the branch
+                // that finished last acts, and the log's last event may be
+                // the other branch's, so both branches' events go again.
+                let join = [ev::NetworkReady::TYPE, ev::ImageBuilt::TYPE];
+                let again: Vec<&Envelope> = if join.contains(&last.event_type.as_str()) {
+                    join.iter()
+                        .filter_map(|t| events.iter().rev().find(|e| e.event_type == *t))
+                        .collect()
+                } else {
+                    vec![last]
+                };
+                let copies = again
+                    .into_iter()
+                    .map(|e| {
+                        let mut copy = e.clone();
+                        copy.id = store.ids().event_id();
+                        copy.created_at = now;
+                        copy.not_before = None;
+                        copy
+                    })
+                    .collect();
+                bus.publish_all(copies).await?;
                 warn!(instance = %i.id, event = %last.event_type, nudge = count + 1, "flow stuck; re-published its last event");
                 report.republished.push(i.id.clone());
                 seen.insert(i.id.clone(), (version, count + 1));

@@ -925,6 +925,40 @@ async fn a_stuck_flow_is_nudged_forward_by_the_reconciler() {
     w.stop().await;
 }
 
+const JOIN_FAILS_QUIETLY: &str = r#"
+[workers.default]
+max_attempts = 3
+timeout = "5s"
+backoff = { initial = "1ms", max = "4ms" }
+[workers."container.start"]
+max_attempts = 1
+on_exhausted = ""
+"#;
+
+#[tokio::test]
+async fn a_flow_stuck_at_the_join_is_nudged_forward_whichever_branch_came_last() {
+    let mut w = world_with(JOIN_FAILS_QUIETLY).await;
+    w.faulty
+        .fail_next(Op::CreateContainer, 1, FaultKind::Permanent);
+    let (inst, _) = w.create("orga", "web", "busybox").await;
+    w.quiesce().await;
+    let stuck = w.get(&inst.id).await;
+    assert!(
+        stuck.status.is_creating(),
+        "stuck at the join: {}",
+        stuck.status
+    );
+    assert!(stuck.conditions.holds(ConditionKind::NetworkReady));
+    assert!(stuck.conditions.holds(ConditionKind::ImageBuilt));
+    let bus = w.workers.as_ref().unwrap().bus();
+    let report = reconciler().pass(&bus, &w.deps).await.unwrap();
+    assert_eq!(report.republished, vec![inst.id.clone()]);
+    assert_eq!(w.settle(&inst.id).await.status, InstanceStatus::Running);
+    w.quiesce().await;
+    w.check_invariants().await;
+    w.stop().await;
+}
+
 #[tokio::test]
 async fn a_flow_that_stays_stuck_fails_with_flow_timeout() {
     let mut w = world_with(NO_FAILURE_EVENT).await;
