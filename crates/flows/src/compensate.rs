@@ -111,9 +111,23 @@ pub async fn clean_up(
         .await
     {
         Ok(()) => {}
-        // Another instance of the org is being attached right now; its
-        // record will keep the network, and this retry will see it.
         Err(e @ RuntimeError::Conflict { .. }) => {
+            // Still in use. If another instance of the org is being deleted
+            // too, its container may not be gone yet: that delete removes
+            // its container before it tries the network, so the last one
+            // to go finds it free and removes it (and releases the host).
+            // Retrying here instead could exhaust this delete's attempts
+            // while the other's container is slow to go.
+            let deleting = {
+                let mut conn = ctx.store().pool().acquire().await?;
+                instances::deleting_on_host(&mut conn, &inst.org_id, host.as_str(), &inst.id)
+                    .await?
+            };
+            if deleting > 0 {
+                return Ok(None);
+            }
+            // Otherwise another instance is being attached right now; its
+            // record will keep the network, and this retry will see it.
             return Err(HandlerError::retryable(e).with_code("network_in_use"));
         }
         Err(e) => return Err(engine(e)),

@@ -254,6 +254,26 @@ pub async fn others_on_host(
     Ok(n)
 }
 
+/// How many other instances of `org` on `host` are being deleted.
+pub async fn deleting_on_host(
+    conn: &mut SqliteConnection,
+    org: &str,
+    host: &str,
+    except: &str,
+) -> anyhow::Result<i64> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM instances
+          WHERE org_id = ?1 AND host = ?2 AND id != ?3 AND status = 'deleting'",
+    )
+    .bind(org)
+    .bind(host)
+    .bind(except)
+    .fetch_one(&mut *conn)
+    .await
+    .context("failed to count the org's instances being deleted")?;
+    Ok(n)
+}
+
 /// host → orgs holding it.
 pub async fn claims(conn: &mut SqliteConnection) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     let rows = sqlx::query("SELECT host, org_id FROM host_claims ORDER BY host, org_id")
