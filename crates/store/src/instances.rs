@@ -241,17 +241,12 @@ pub async fn others_on_host(
     host: &str,
     except: &str,
 ) -> anyhow::Result<i64> {
-    let n: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM instances
-          WHERE org_id = ?1 AND host = ?2 AND id != ?3 AND status NOT IN ('deleted', 'failed', 'deleting')",
+    count_on_host(
+        conn,
+        "status NOT IN ('deleted', 'failed', 'deleting')",
+        (org, host, except),
     )
-    .bind(org)
-    .bind(host)
-    .bind(except)
-    .fetch_one(&mut *conn)
     .await
-    .context("failed to count the org's instances")?;
-    Ok(n)
 }
 
 /// How many other instances of `org` on `host` are being deleted.
@@ -261,16 +256,27 @@ pub async fn deleting_on_host(
     host: &str,
     except: &str,
 ) -> anyhow::Result<i64> {
-    let n: i64 = sqlx::query_scalar(
+    count_on_host(conn, "status = 'deleting'", (org, host, except)).await
+}
+
+/// Instances of an org on a host, other than one, whose status matches
+/// `status` (a fixed SQL condition, never user input).
+async fn count_on_host(
+    conn: &mut SqliteConnection,
+    status: &'static str,
+    (org, host, except): (&str, &str, &str),
+) -> anyhow::Result<i64> {
+    let sql = format!(
         "SELECT COUNT(*) FROM instances
-          WHERE org_id = ?1 AND host = ?2 AND id != ?3 AND status = 'deleting'",
-    )
-    .bind(org)
-    .bind(host)
-    .bind(except)
-    .fetch_one(&mut *conn)
-    .await
-    .context("failed to count the org's instances being deleted")?;
+          WHERE org_id = ?1 AND host = ?2 AND id != ?3 AND {status}"
+    );
+    let n: i64 = sqlx::query_scalar(&sql)
+        .bind(org)
+        .bind(host)
+        .bind(except)
+        .fetch_one(&mut *conn)
+        .await
+        .context("failed to count the org's instances on a host")?;
     Ok(n)
 }
 
