@@ -21,11 +21,11 @@ use anyhow::Context;
 use berth_core::{Clock, IdGen, NewEvent, SeededRng, SystemClock};
 use berth_store::sqlx::{self, ConnectOptions};
 use berth_store::{Cause, Store, StoreOptions, Synchronous};
-use berth_worker::{BusOptions, Ctx, Policies, PolicyConfig, Registry, Workers, WorkersConfig};
+use berth_worker::{Ctx, Registry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::report::{peak_rss_mb, per_second, quantile, table};
+use crate::report::{peak_rss_mb, per_second, quantile, start_workers, table};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -118,26 +118,8 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         }
         async move { Ok(ctx.done()) }
     })?;
-    let mut cfg = WorkersConfig::new();
-    cfg.insert(
-        "bench.noop".into(),
-        PolicyConfig {
-            concurrency: Some(i64::from(args.concurrency)),
-            ..PolicyConfig::default()
-        },
-    );
-    let policies = Policies::resolve(&cfg, reg.names())
-        .map_err(|e| anyhow::anyhow!("bad bench policy: {e:?}"))?;
-    let workers = Workers::start(
-        store.clone(),
-        &reg,
-        &policies,
-        BusOptions {
-            rng,
-            ..BusOptions::default()
-        },
-    )
-    .await?;
+    // bench.noop is the only worker: the default policy is its policy.
+    let workers = start_workers(&store, &reg, i64::from(args.concurrency), rng).await?;
     let bus = workers.bus();
 
     // Throughput.

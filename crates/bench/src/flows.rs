@@ -26,10 +26,10 @@ use berth_runtime::{
 };
 use berth_store::instances::{self, Instance, InstanceSpec};
 use berth_store::{Store, StoreOptions, Synchronous};
-use berth_worker::{BusOptions, Policies, PolicyConfig, Registry, Workers, WorkersConfig};
+use berth_worker::Registry;
 use tokio::sync::{Semaphore, oneshot};
 
-use crate::report::{peak_rss_mb, per_second, quantile, table};
+use crate::report::{peak_rss_mb, per_second, quantile, start_workers, table};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -127,26 +127,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     let waiters: Waiters = Arc::default();
     // Every worker may hold as many deliveries as there are flows in flight.
     let conc = i64::try_from(args.concurrency.max(16)).unwrap_or(1024);
-    let mut cfg = WorkersConfig::new();
-    cfg.insert(
-        "default".into(),
-        PolicyConfig {
-            concurrency: Some(conc),
-            ..PolicyConfig::default()
-        },
-    );
-    let policies = Policies::resolve(&cfg, reg.names())
-        .map_err(|e| anyhow::anyhow!("bad bench policy: {e:?}"))?;
-    let workers = Workers::start(
-        store.clone(),
-        &reg,
-        &policies,
-        BusOptions {
-            rng,
-            ..BusOptions::default()
-        },
-    )
-    .await?;
+    let workers = start_workers(&store, &reg, conc, rng).await?;
 
     // Each flow ends when its `instance.running` (or `instance.failed`) is
     // committed: the bus says so as it commits, with no worker of ours in

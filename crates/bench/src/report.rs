@@ -1,4 +1,5 @@
-//! Small measurement helpers: percentiles, peak memory, the stderr table.
+//! Small helpers of the benchmarks: percentiles, peak memory, the stderr
+//! table, and starting the workers under test.
 
 use std::time::Duration;
 
@@ -34,6 +35,37 @@ pub fn table(title: &str, rows: &[(&str, String)]) {
     for (k, v) in rows {
         eprintln!("  {k:<w$}  {v}");
     }
+}
+
+/// Starts `reg`'s workers on `store`, every one with `concurrency`
+/// deliveries at most and otherwise the default policy.
+pub async fn start_workers(
+    store: &berth_store::Store,
+    reg: &berth_worker::Registry,
+    concurrency: i64,
+    rng: std::sync::Arc<berth_core::SeededRng>,
+) -> anyhow::Result<berth_worker::Workers> {
+    use berth_worker::{BusOptions, Policies, PolicyConfig, Workers, WorkersConfig};
+    let mut cfg = WorkersConfig::new();
+    cfg.insert(
+        "default".into(),
+        PolicyConfig {
+            concurrency: Some(concurrency),
+            ..PolicyConfig::default()
+        },
+    );
+    let policies = Policies::resolve(&cfg, reg.names())
+        .map_err(|e| anyhow::anyhow!("bad bench policy: {e:?}"))?;
+    Workers::start(
+        store.clone(),
+        reg,
+        &policies,
+        BusOptions {
+            rng,
+            ..BusOptions::default()
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -121,16 +121,14 @@ pub fn new_instance(store: &Store, org: &str, name: InstanceName, spec: Instance
     }
 }
 
-/// [`create_instance`] through the bus: the instance row and its event are
-/// written in the dispatcher's group commit, so concurrent creations share
-/// commits. Same result and errors.
-pub async fn create_instance_on(
-    bus: &Bus,
+/// A new instance row and the `instance.requested` event that starts its
+/// flow (the flow's root, under the instance's flow id).
+fn requested(
+    store: &Store,
     org: &str,
     name: InstanceName,
     spec: InstanceSpec,
 ) -> anyhow::Result<(Instance, Envelope)> {
-    let store = bus.store();
     let inst = new_instance(store, org, name, spec);
     let event = NewEvent::of(&ev::Requested {
         instance_id: inst.id.clone(),
@@ -144,6 +142,19 @@ pub async fn create_instance_on(
             flow_id: inst.flow_id,
         },
     );
+    Ok((inst, env))
+}
+
+/// [`create_instance`] through the bus: the instance row and its event are
+/// written in the dispatcher's group commit, so concurrent creations share
+/// commits. Same result and errors.
+pub async fn create_instance_on(
+    bus: &Bus,
+    org: &str,
+    name: InstanceName,
+    spec: InstanceSpec,
+) -> anyhow::Result<(Instance, Envelope)> {
+    let (inst, env) = requested(bus.store(), org, name, spec)?;
     match bus
         .publish_with(
             vec![env.clone()],
@@ -168,15 +179,7 @@ pub async fn create_instance(
     name: InstanceName,
     spec: InstanceSpec,
 ) -> anyhow::Result<(Instance, Envelope)> {
-    let inst = new_instance(store, org, name, spec);
-    let flow_id = inst.flow_id;
-    let event = NewEvent::of(&ev::Requested {
-        instance_id: inst.id.clone(),
-        generation: inst.generation,
-    })?
-    .org(org)
-    .subject(&inst.id);
-    let env = store.stamp(event, Cause::Root { flow_id });
+    let (inst, env) = requested(store, org, name, spec)?;
     let mut tx = store.begin().await?;
     instances::insert(tx.conn(), &inst).await?;
     tx.publish(std::slice::from_ref(&env)).await?;
