@@ -12,10 +12,12 @@ pub mod model;
 pub mod ops;
 mod store;
 pub mod tenancy;
+pub mod writer;
 pub mod writes;
 
 pub use model::*;
 pub use store::{Cause, Published, Redrive, Store, StoreOptions, Synchronous, Tx, publish};
+pub use writer::{Row, RowRead, Writer};
 
 /// Errors from the store. Kept as one opaque type with context: callers
 /// decide retry-or-not by the operation, not by inspecting SQL errors.

@@ -1,14 +1,18 @@
 //! The SQLite statements behind the store. Writes are built into a
-//! [`Script`]: many statements and their bound parameters sent to SQLite's
-//! thread as *one* command, so that a whole group commit (acknowledgements,
-//! history, retries, new events, deliveries, claims, COMMIT) costs one round
-//! trip instead of a dozen. Bulk statements are multi-row over bound
-//! parameters, cut into chunks of fixed sizes (256, then powers of two) so a
-//! handful of statement shapes cover every batch size.
+//! [`Script`]: many statements and their bound parameters run together, so
+//! that a whole group commit (acknowledgements, history, retries, new
+//! events, deliveries, claims, COMMIT) is one hand-off to SQLite's thread
+//! instead of a dozen. The dispatcher runs its scripts on its own
+//! [`crate::Writer`] (one call per script, each statement kept prepared);
+//! handlers' and the API's transactions run theirs through sqlx. Bulk
+//! statements are multi-row over bound parameters, cut into chunks of fixed
+//! sizes (256, then powers of two) so a handful of statement shapes cover
+//! every batch size.
 //!
-//! This relies on sqlx-sqlite running every statement of a query string and
-//! numbering anonymous `?` parameters across them (sqlx 0.8); revisit on an
-//! upgrade. Numbered parameters (`?1`) must not be used inside a script.
+//! Through sqlx, a small script is sent as one query string: this relies on
+//! sqlx-sqlite running every statement of it and numbering anonymous `?`
+//! parameters across them (sqlx 0.8); revisit on an upgrade. Numbered
+//! parameters (`?1`) must not be used inside a script.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -96,9 +100,10 @@ impl From<Timestamp> for Arg {
     }
 }
 
-/// Statements and their arguments. A small script runs as one command (one
-/// round trip); a large one statement by statement, each a cached prepared
-/// statement. A script's text changes with the shape of its batch, so as one
+/// Statements and their arguments. On a [`crate::Writer`] a script is one
+/// call, each statement prepared once and kept. Through sqlx, a small script
+/// runs as one command (one round trip); a large one statement by
+/// statement, each a cached prepared statement. A script's text changes with the shape of its batch, so as one
 /// command it is prepared anew each time: worth it only while small (with
 /// the threshold at 2000 arguments, re-preparing was half of a busy
 /// dispatcher's time in the flows benchmark).
@@ -119,6 +124,12 @@ impl Script {
 
     pub fn is_empty(&self) -> bool {
         self.stmts.is_empty()
+    }
+
+    /// Each statement with how many arguments it takes, and every argument
+    /// in order.
+    pub(crate) fn into_parts(self) -> (Vec<(String, usize)>, Vec<Arg>) {
+        (self.stmts, self.args)
     }
 
     /// Appends one statement (without its `;`) and its arguments in order.
@@ -413,29 +424,29 @@ pub struct ClaimResult {
 }
 
 /// Reads `claim` and `due` rows out of a script's result.
-pub fn read_claims(
-    rows: &[sqlx::sqlite::SqliteRow],
+pub fn read_claims<R: crate::RowRead>(
+    rows: &[R],
     workers: &HashMap<&str, Arc<str>>,
 ) -> anyhow::Result<ClaimResult> {
     let mut out = ClaimResult::default();
     for r in rows {
-        let tag: String = r.try_get(0)?;
-        let worker: String = r.try_get(1)?;
+        let tag = r.text(0)?;
+        let worker = r.text(1)?;
         match tag.as_str() {
             "claim" => {
-                let ev: String = r.try_get(2)?;
+                let ev = r.text(2)?;
                 let Some(name) = workers.get(worker.as_str()) else {
                     continue;
                 };
                 out.claimed.push(Claimed {
                     event_id: parse_id(&ev, "event id")?,
                     worker: name.clone(),
-                    round: r.try_get(3)?,
-                    attempt: r.try_get(4)?,
+                    round: u32::try_from(r.int(3)?)?,
+                    attempt: u32::try_from(r.int(4)?)?,
                 });
             }
             "due" => {
-                let t: Option<i64> = r.try_get(2)?;
+                let t = r.opt_int(2)?;
                 out.next_due.insert(worker, t.map(Timestamp::from_micros));
             }
             _ => {}

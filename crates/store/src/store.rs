@@ -33,7 +33,7 @@ pub enum Synchronous {
 pub struct StoreOptions {
     pub synchronous: Synchronous,
     /// Connections for handler transactions and reads; the dispatcher holds
-    /// one more of its own.
+    /// two more of its own (its writer, and one for reads).
     pub max_connections: u32,
     /// How long a writer waits for SQLite's single write lock.
     pub busy_timeout: Duration,
@@ -52,6 +52,7 @@ impl Default for StoreOptions {
 struct Inner {
     pool: SqlitePool,
     connect: SqliteConnectOptions,
+    options: StoreOptions,
     path: PathBuf,
     clock: Arc<dyn Clock>,
     ids: Arc<IdGen>,
@@ -162,6 +163,7 @@ impl Store {
             inner: Arc::new(Inner {
                 pool,
                 connect,
+                options,
                 path: path.to_owned(),
                 clock,
                 ids,
@@ -208,6 +210,12 @@ impl Store {
             .connect()
             .await
             .with_context(|| format!("failed to open the database {}", self.inner.path.display()))
+    }
+
+    /// A connection on a thread of its own, for the dispatcher's group
+    /// commits (see [`crate::writer`]).
+    pub fn open_writer(&self) -> anyhow::Result<crate::Writer> {
+        crate::Writer::open(&self.inner.path, &self.inner.options)
     }
 
     /// Takes the exclusive dispatcher lock of this database (a lock file next

@@ -9,6 +9,7 @@ use berth_core::domain::{Condition, InstanceStatus};
 
 use crate::instances::Instance;
 use crate::ops::{Arg, Script};
+use crate::writer::RowRead;
 
 /// One declared write.
 #[derive(Debug, Clone, PartialEq)]
@@ -401,27 +402,26 @@ pub async fn apply(
 /// tags (owners) of those that passed, one entry per passed write; `None`
 /// when a counted statement fell short, so that which writes passed is not
 /// known: redo them exactly.
-pub fn passed_guards(
+pub fn passed_guards<R: RowRead>(
     writes: &[(usize, &Write)],
-    rows: &[sqlx::sqlite::SqliteRow],
+    rows: &[R],
 ) -> anyhow::Result<Option<Vec<usize>>> {
-    use sqlx::Row;
     let mut matched = vec![false; writes.len()];
     let mut out = Vec::new();
     let mut counted = false;
     for r in rows {
-        let kind: String = r.try_get(0)?;
+        let kind = r.text(0)?;
         match kind.as_str() {
             "guard_count" => {
-                let (changed, expected): (i64, i64) = (r.try_get(1)?, r.try_get(2)?);
+                let (changed, expected) = (r.int(1)?, r.int(2)?);
                 if changed != expected {
                     return Ok(None);
                 }
                 counted = true;
             }
             "guard_instance" => {
-                let id: String = r.try_get(1)?;
-                let version: i64 = r.try_get(2)?;
+                let id = r.text(1)?;
+                let version = r.int(2)?;
                 // Statements ran in order, so the first unmatched write of
                 // this instance at the version before is the one that passed.
                 if let Some(k) = writes.iter().enumerate().position(|(k, (_, w))| {
@@ -433,7 +433,7 @@ pub fn passed_guards(
                 }
             }
             "guard_patch" => {
-                let id: String = r.try_get(1)?;
+                let id = r.text(1)?;
                 if let Some(k) = writes.iter().enumerate().position(|(k, (_, w))| {
                     !matched[k] && matches!(w, Write::Patch(p) if p.id == id)
                 }) {
@@ -442,7 +442,7 @@ pub fn passed_guards(
                 }
             }
             "guard_insert" => {
-                let id: String = r.try_get(1)?;
+                let id = r.text(1)?;
                 if let Some(k) = writes.iter().enumerate().position(|(k, (_, w))| {
                     !matched[k] && matches!(w, Write::InsertInstance(i) if i.id == id)
                 }) {
@@ -451,7 +451,7 @@ pub fn passed_guards(
                 }
             }
             "guard_claim" => {
-                let tag: i64 = r.try_get(1)?;
+                let tag = r.int(1)?;
                 out.push(usize::try_from(tag)?);
             }
             _ => {}
@@ -618,8 +618,8 @@ mod tests {
                 let tagged: Vec<(usize, &Write)> = writes.iter().enumerate().collect();
                 let mut script = Script::new();
                 script.guarded_writes(&tagged, s.now(), exact).unwrap();
-                let mut c = s.pool().acquire().await.unwrap();
-                let rows = script.run(&mut c).await.unwrap();
+                // On the dispatcher's writer, as in a group commit.
+                let rows = s.open_writer().unwrap().run(script).await.unwrap();
                 passed_guards(&tagged, &rows).unwrap()
             }
         };
@@ -668,13 +668,14 @@ mod tests {
             .map(|i| Write::InsertInstance(Box::new(i.clone())))
             .collect();
         let tagged: Vec<(usize, &Write)> = writes.iter().enumerate().collect();
+        let writer = s.open_writer().unwrap();
         for exact in [false, true] {
             let mut script = Script::new();
             script.push("BEGIN IMMEDIATE", []);
             script.guarded_writes(&tagged, s.now(), exact).unwrap();
-            let rows = script.run(&mut c).await.unwrap();
+            let rows = writer.run(script).await.unwrap();
             let passed = passed_guards(&tagged, &rows).unwrap();
-            Script::rollback(&mut c).await.unwrap();
+            writer.rollback().await.unwrap();
             if exact {
                 let mut passed = passed.unwrap();
                 passed.sort_unstable();

@@ -139,7 +139,10 @@ pub(crate) struct DispatcherConfig {
 
 pub(crate) struct Dispatcher {
     store: Store,
+    /// For reads outside the turn's transaction.
     conn: berth_store::sqlx::SqliteConnection,
+    /// The turn's transaction: whole scripts on a thread of their own.
+    writer: berth_store::Writer,
     workers: Vec<WorkerRt>,
     by_name: HashMap<Arc<str>, usize>,
     cfg: DispatcherConfig,
@@ -165,6 +168,14 @@ pub(crate) struct Dispatcher {
     pending_envs: HashMap<(EventId, Arc<str>), Arc<Envelope>>,
 }
 
+/// The dispatcher's own connections to the database.
+pub(crate) struct Conns {
+    /// For reads outside the turn's transaction.
+    pub read: berth_store::sqlx::SqliteConnection,
+    /// For the turns' transactions.
+    pub writer: berth_store::Writer,
+}
+
 /// What one turn decided to start once its transaction commits.
 struct Start {
     worker: usize,
@@ -177,7 +188,7 @@ struct Start {
 impl Dispatcher {
     pub(crate) fn new(
         store: Store,
-        conn: berth_store::sqlx::SqliteConnection,
+        conns: Conns,
         specs: Vec<(Arc<str>, Arc<dyn Handler>, Policy)>,
         cfg: DispatcherConfig,
         stats: Arc<Stats>,
@@ -202,7 +213,8 @@ impl Dispatcher {
             .collect();
         Dispatcher {
             store,
-            conn,
+            conn: conns.read,
+            writer: conns.writer,
             workers,
             by_name,
             cfg,
@@ -451,17 +463,15 @@ impl Dispatcher {
                 *needed.entry(*i).or_default() += 1;
             }
             script.guarded_writes(&guarded, now, exact)?;
-            let rows = match std::mem::take(&mut script).run(&mut self.conn).await {
+            let rows = match self.writer.run(std::mem::take(&mut script)).await {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = Script::rollback(&mut self.conn).await;
-                    return Err(
-                        anyhow::Error::new(e).context("the dispatcher's transaction failed")
-                    );
+                    let _ = self.writer.rollback().await;
+                    return Err(e.context("the dispatcher's transaction failed"));
                 }
             };
             let Some(passing) = berth_store::writes::passed_guards(&guarded, &rows)? else {
-                let _ = Script::rollback(&mut self.conn).await;
+                let _ = self.writer.rollback().await;
                 script.push("BEGIN IMMEDIATE", []);
                 exact = true;
                 continue;
@@ -485,7 +495,7 @@ impl Dispatcher {
             if !partial {
                 break;
             }
-            let _ = Script::rollback(&mut self.conn).await;
+            let _ = self.writer.rollback().await;
             script.push("BEGIN IMMEDIATE", []);
         }
 
@@ -711,18 +721,18 @@ impl Dispatcher {
         script.push("COMMIT", []);
 
         let c0 = std::time::Instant::now();
-        let result = script.run(&mut self.conn).await;
+        let result = self.writer.run(script).await;
         let rows_back = match result {
             Ok(r) => r,
             Err(e) => {
                 // A failed statement leaves the transaction open; end it.
-                let _ = Script::rollback(&mut self.conn).await;
+                let _ = self.writer.rollback().await;
                 if is_duplicate_event(&e) {
                     // A publish request repeated an id already in the log:
                     // redo the turn checking ids first.
                     self.check_known = true;
                 }
-                return Err(anyhow::Error::new(e).context("the dispatcher's transaction failed"));
+                return Err(e.context("the dispatcher's transaction failed"));
             }
         };
         self.cache_written(now, publishes, &rejected);
@@ -867,7 +877,7 @@ impl Dispatcher {
                 error!(worker = %c.worker, event_id = %c.event_id, "delivery refers to a missing event; dropping it");
                 let mut s = Script::new();
                 s.delete_deliveries(&[(c.event_id, &*c.worker)]);
-                s.run(&mut self.conn).await?;
+                self.writer.run(s).await?;
                 self.workers[wi].in_flight = self.workers[wi].in_flight.saturating_sub(1);
                 continue;
             };
@@ -1115,9 +1125,8 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Whether `e` is SQLite refusing a second row with the same event id.
-fn is_duplicate_event(e: &berth_store::sqlx::Error) -> bool {
-    e.as_database_error()
-        .is_some_and(|d| d.is_unique_violation() && d.message().contains("events.id"))
+fn is_duplicate_event(e: &anyhow::Error) -> bool {
+    berth_store::writer::is_unique_violation(e, "events.id")
 }
 
 /// A step whose guarded write lost to a concurrent change: retried at once

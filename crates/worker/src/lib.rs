@@ -28,7 +28,7 @@ pub use handler::{
 pub use policy::{Backoff, Jitter, Policies, Policy, PolicyConfig, PolicyError, WorkersConfig};
 pub use registry::{Registry, RegistryError, WorkerSpec};
 
-use dispatcher::{Dispatcher, DispatcherConfig, PublishReq};
+use dispatcher::{Conns, Dispatcher, DispatcherConfig, PublishReq};
 
 /// A publish whose guarded write did not hold (e.g. the name was taken):
 /// nothing of it was written.
@@ -227,9 +227,13 @@ impl Workers {
         let (tx, rx) = mpsc::channel(1024);
         let (committed, _) = tokio::sync::broadcast::channel(COMMITTED_BACKLOG);
         let owner: Arc<str> = Arc::from(format!("{}-{}", std::process::id(), store.ids().ulid()));
+        let conns = Conns {
+            read: conn,
+            writer: store.open_writer()?,
+        };
         let dispatcher = Dispatcher::new(
             store.clone(),
-            conn,
+            conns,
             specs,
             DispatcherConfig {
                 owner,
