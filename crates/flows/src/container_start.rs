@@ -102,10 +102,15 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
 }
 
 /// Whether the delivery of `mine` (one of the two join inputs) is the one to
-/// act: both branches are done and `mine` finished last (the image on a
-/// tie). Both deliveries may read the row after both branches wrote it;
-/// they read the same times, so exactly one acts — two acting would start
-/// the container twice, and one could fail for good while the other goes on.
+/// act: both branches are done and `mine` was committed last (the image on
+/// a tie: both in one commit). Both deliveries may read the row after both
+/// branches wrote it; they read the same times, so exactly one acts — two
+/// acting would start the container twice, and one could fail for good
+/// while the other goes on. The times are those of the commits (see
+/// `InstancePatch::condition`), so the branch committed last is the one
+/// whose delivery is sure to see both: handlers' own clocks could name the
+/// other, whose delivery may have read the row before this branch landed,
+/// and then neither would act.
 fn joined_by(c: &Conditions, mine: ConditionKind) -> bool {
     let (Some(net), Some(img)) = (
         c.get(ConditionKind::NetworkReady).filter(|x| x.status),

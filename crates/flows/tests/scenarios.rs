@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_core::domain::{ConditionKind, InstanceName, InstanceStatus, RestartPolicy};
-use berth_core::{Clock, Envelope, IdGen, SeededRng, SystemClock};
+use berth_core::{Clock, Envelope, IdGen, SeededRng, SystemClock, Timestamp};
 use berth_flows::{
     Deps, FlowError, create_instance, delete_instance, names, restart_instance, start_instance,
     stop_instance,
@@ -18,7 +18,7 @@ use berth_flows::{
 use berth_runtime::ContainerState;
 use berth_runtime::faulty::{FaultKind, FaultyRuntime, Op};
 use berth_runtime::hosts::LocalProvider;
-use berth_runtime::sim::{SimConfig, SimRuntime};
+use berth_runtime::sim::{SimConfig, SimLatency, SimRuntime};
 use berth_runtime::{HostId, Limits, label};
 use berth_store::instances::{self, Instance, InstanceSpec};
 use berth_store::{Store, StoreOptions};
@@ -53,8 +53,23 @@ async fn world_with(policies_toml: &str) -> World {
 }
 
 async fn world_full(policies_toml: &str, hooks: Vec<berth_flows::notify::Webhook>) -> World {
+    world_on(
+        policies_toml,
+        hooks,
+        Arc::new(SystemClock),
+        SimLatency::default(),
+    )
+    .await
+}
+
+/// A world on `clock`, its engine taking `latency` per operation.
+async fn world_on(
+    policies_toml: &str,
+    hooks: Vec<berth_flows::notify::Webhook>,
+    clock: Arc<dyn Clock>,
+    latency: SimLatency,
+) -> World {
     let dir = tempfile::tempdir().unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(5))));
     let store = Store::open(
         &dir.path().join("berth.db"),
@@ -65,7 +80,9 @@ async fn world_full(policies_toml: &str, hooks: Vec<berth_flows::notify::Webhook
     .await
     .unwrap();
     let host = HostId::new("local");
-    let sim = Arc::new(SimRuntime::new(SimConfig::new(vec![host.clone()])));
+    let sim = Arc::new(SimRuntime::new(
+        SimConfig::new(vec![host.clone()]).with_latency(latency),
+    ));
     sim.add_base_image(&host, "busybox");
     let faulty = Arc::new(FaultyRuntime::new(sim.clone(), 7));
     let deps = Arc::new(Deps {
@@ -341,6 +358,56 @@ async fn the_happy_path_emits_the_expected_event_tree() {
         assert!(ok, "{} caused by {parent:?}", e.event_type);
         assert_eq!(e.org_id.as_deref(), Some("orga"));
         assert_eq!(e.subject.as_deref(), Some(inst.id.as_str()));
+    }
+    w.check_invariants().await;
+    w.stop().await;
+}
+
+/// A clock that never moves: every handler reads the same time.
+struct FrozenClock;
+
+impl Clock for FrozenClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_micros(1_800_000_000_000_000)
+    }
+}
+
+#[tokio::test]
+async fn the_join_acts_once_when_its_branches_commit_apart_whatever_the_clocks_say() {
+    // The image is built at once and the network takes a while, so the two
+    // branches land in different commits; the frozen clock gives both the
+    // same handler time. Ordered by handlers' clocks (a tie names the image)
+    // the join waited for the image's delivery, which had read the row
+    // before the network was ready: neither delivery acted and the flow
+    // hung until the reconciler's nudge. Ordered by commits, the network's
+    // delivery (the later one, which sees both) acts.
+    let latency = SimLatency {
+        network: Duration::from_millis(30),
+        ..SimLatency::default()
+    };
+    let mut w = world_on(POLICIES, Vec::new(), Arc::new(FrozenClock), latency).await;
+    let mut made = Vec::new();
+    for name in ["web", "db", "cache"] {
+        made.push(w.create("orga", name, "busybox").await);
+    }
+    for (inst, root) in &made {
+        let done = w.settle(&inst.id).await;
+        assert_eq!(done.status, InstanceStatus::Running, "{:?}", done.error);
+        w.quiesce().await;
+        let events = w.store.events_of_flow(root.flow_id).await.unwrap();
+        let started: Vec<_> = events
+            .iter()
+            .filter(|e| e.event_type == "container.started")
+            .collect();
+        assert_eq!(started.len(), 1, "the join acted once");
+        let cause = events
+            .iter()
+            .find(|e| Some(e.id) == started[0].causation_id);
+        assert_eq!(
+            cause.map(|e| e.event_type.as_str()),
+            Some("network.ready"),
+            "the branch committed last acted"
+        );
     }
     w.check_invariants().await;
     w.stop().await;

@@ -44,8 +44,11 @@ pub struct InstancePatch {
     pub generation: i64,
     pub network: Option<String>,
     pub image_tag: Option<String>,
-    /// Set to hold (status true); its transition time is kept if it already
-    /// held.
+    /// Set to hold (status true), from the time of the commit that writes
+    /// it (whatever time it carries here); its transition time is kept if
+    /// it already held. Commit times follow commit order (the dispatcher's
+    /// turns are strictly later one after another), which the join relies
+    /// on to let exactly one of its two deliveries act.
     pub condition: Condition,
     /// The status to move to, applied only from the statuses that may
     /// become it (the state machine's rule).
@@ -345,13 +348,20 @@ fn patch_row(p: &InstancePatch, at: berth_core::Timestamp) -> anyhow::Result<Vec
         None => Vec::new(),
     };
     let kind = serde_json::to_value(p.condition.kind)?;
+    // The condition holds from the commit that wrote it, not from when its
+    // handler read the clock: the join orders the two branches by these
+    // times, and a branch that read the clock first may commit last.
+    let condition = Condition {
+        last_transition: at,
+        ..p.condition.clone()
+    };
     Ok(vec![
         Arg::from(p.id.as_str()),
         Arg::Int(p.generation),
         Arg::from(p.network.as_deref()),
         Arg::from(p.image_tag.as_deref()),
         Arg::Text(kind.as_str().unwrap_or_default().to_owned()),
-        Arg::Text(serde_json::to_string(&p.condition)?),
+        Arg::Text(serde_json::to_string(&condition)?),
         Arg::Text(serde_json::to_string(&from)?),
         Arg::from(p.status.map(|s| s.as_str()).unwrap_or_default()),
         Arg::from(at),
@@ -548,11 +558,17 @@ mod tests {
         instances::insert(&mut c, &i).await.unwrap();
 
         // Both branches patch the row they read at version 1: both apply.
+        // The network's handler read the clock first but commits last.
+        let t = Timestamp::from_micros;
         let net = patch(ConditionKind::NetworkReady, 10, ("network", "berth-o"));
         let img = patch(ConditionKind::ImageBuilt, 20, ("image", "berth/o/web:g1"));
-        assert!(apply(&mut c, &[img], s.now()).await.unwrap());
-        assert!(apply(&mut c, &[net], s.now()).await.unwrap());
+        assert!(apply(&mut c, &[img], t(1000)).await.unwrap());
+        assert!(apply(&mut c, &[net], t(2000)).await.unwrap());
         let got = instances::get(&mut c, "i1").await.unwrap().unwrap();
+        // The conditions carry their commits' times: the network is last.
+        let time = |k| got.conditions.get(k).unwrap().last_transition;
+        assert_eq!(time(ConditionKind::ImageBuilt), t(1000));
+        assert_eq!(time(ConditionKind::NetworkReady), t(2000));
         assert_eq!(got.network.as_deref(), Some("berth-o"));
         assert_eq!(got.image_tag.as_deref(), Some("berth/o/web:g1"));
         assert!(got.conditions.holds(ConditionKind::NetworkReady));
@@ -562,10 +578,10 @@ mod tests {
 
         // A repeated patch keeps the time the condition first held.
         let again = patch(ConditionKind::ImageBuilt, 99, ("image", "berth/o/web:g1"));
-        assert!(apply(&mut c, &[again], s.now()).await.unwrap());
+        assert!(apply(&mut c, &[again], t(3000)).await.unwrap());
         let got = instances::get(&mut c, "i1").await.unwrap().unwrap();
         let cond = got.conditions.get(ConditionKind::ImageBuilt).unwrap();
-        assert_eq!(cond.last_transition, Timestamp::from_micros(20));
+        assert_eq!(cond.last_transition, t(1000));
         assert_eq!(got.conditions.0.len(), 2);
 
         // Once the instance failed, or in another generation, nothing lands.

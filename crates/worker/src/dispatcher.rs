@@ -166,6 +166,9 @@ pub(crate) struct Dispatcher {
     /// Envelopes of deliveries this process wrote and has not yet claimed,
     /// by (event, worker): claiming them needs no read of the log.
     pending_envs: HashMap<(EventId, Arc<str>), Arc<Envelope>>,
+    /// The time of the last turn: each turn's is later, whatever the clock
+    /// does, so that times written at commit follow commit order.
+    last_turn: Timestamp,
 }
 
 /// The dispatcher's own connections to the database.
@@ -231,6 +234,7 @@ impl Dispatcher {
             failures: 0,
             check_known: false,
             pending_envs: HashMap::new(),
+            last_turn: Timestamp::default(),
         }
     }
 
@@ -355,8 +359,13 @@ impl Dispatcher {
     /// One group commit. On error nothing is committed: completions stay
     /// buffered for the next turn, publishers get the error.
     async fn turn(&mut self) -> anyhow::Result<()> {
-        let clock = self.store.clock().clone();
-        let now = clock.now();
+        // A patch records its condition at this time, and the join orders
+        // its two branches by those times (see `Write::Patch`).
+        let now = self
+            .store
+            .now()
+            .max(self.last_turn.plus(Duration::from_micros(1)));
+        self.last_turn = now;
         let saved_in_flight: Vec<usize> = self.workers.iter().map(|w| w.in_flight).collect();
         let publishes = std::mem::take(&mut self.publishes);
         let checked_before = self.check_known;
