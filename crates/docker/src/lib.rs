@@ -558,7 +558,7 @@ impl ContainerRuntime for DockerRuntime {
                         if error::server_message(&err)
                             .is_some_and(|m| m.contains("active endpoints")) =>
                     {
-                        return Err(RuntimeError::conflict(host, "network", name));
+                        return Err(RuntimeError::in_use(host, "network", name));
                     }
                     Err(err) => return Err(error::map(host, OP, "network", name, err)),
                 }

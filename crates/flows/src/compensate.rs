@@ -111,7 +111,7 @@ pub async fn clean_up(
         .await
     {
         Ok(()) => {}
-        Err(e @ RuntimeError::Conflict { .. }) => {
+        Err(e @ RuntimeError::InUse { .. }) => {
             // Still in use. If another instance of the org is being deleted
             // too, its container may not be gone yet: that delete removes
             // its container before it tries the network, so the last one

@@ -193,7 +193,7 @@ impl Reconciler {
                             continue;
                         }
                         // A network still in use is removed on a later pass.
-                        Err(RuntimeError::Conflict { .. }) => {}
+                        Err(RuntimeError::InUse { .. }) => {}
                         Err(e) => {
                             warn!(%host, name = %r.name, error = %e, "cannot remove an orphan")
                         }

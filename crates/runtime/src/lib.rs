@@ -36,7 +36,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         host: &HostId,
         spec: &NetworkSpec,
     ) -> Result<NetworkInfo, RuntimeError>;
-    /// Removes a network; `Ok` if it does not exist.
+    /// Removes a network; `Ok` if it does not exist, `InUse` while
+    /// containers are attached.
     async fn remove_network(&self, host: &HostId, name: &str) -> Result<(), RuntimeError>;
 
     async fn find_image(&self, host: &HostId, tag: &str)

@@ -511,11 +511,9 @@ impl ContainerRuntime for SimRuntime {
         let mut h = self.enter(host, self.latency.network).await?;
         match h.networks.get(name) {
             None => Ok(()),
-            // Docker: "network has active endpoints". Conflict, not retryable:
-            // waiting does not detach anything; the caller must.
-            Some(n) if !n.endpoints.is_empty() => {
-                Err(RuntimeError::conflict(host, "network", name))
-            }
+            // Docker: "network has active endpoints". Waiting does not
+            // detach anything; the caller must.
+            Some(n) if !n.endpoints.is_empty() => Err(RuntimeError::in_use(host, "network", name)),
             Some(_) => {
                 h.networks.remove(name);
                 Ok(())

@@ -170,6 +170,15 @@ pub enum RuntimeError {
         what: String,
         name: String,
     },
+    /// It cannot be removed while something uses it (a network with
+    /// containers attached). Not retryable as such: waiting detaches
+    /// nothing; the caller decides.
+    #[error("{what} '{name}' is still in use on host {host}")]
+    InUse {
+        host: HostId,
+        what: String,
+        name: String,
+    },
     /// The engine refused the request as invalid (bad reference, bad spec).
     #[error("invalid request to host {host}: {message}")]
     Invalid { host: HostId, message: String },
@@ -206,6 +215,14 @@ impl RuntimeError {
         }
     }
 
+    pub fn in_use(host: &HostId, what: &str, name: &str) -> Self {
+        RuntimeError::InUse {
+            host: host.clone(),
+            what: what.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
     pub fn invalid(host: &HostId, message: impl Into<String>) -> Self {
         RuntimeError::Invalid {
             host: host.clone(),
@@ -229,6 +246,7 @@ impl RuntimeError {
             RuntimeError::NotFound { what, .. } if what == "image" => "image_not_found",
             RuntimeError::NotFound { .. } => "not_found",
             RuntimeError::Conflict { .. } => "conflict",
+            RuntimeError::InUse { .. } => "in_use",
             RuntimeError::Invalid { .. } => "invalid_request",
         }
     }

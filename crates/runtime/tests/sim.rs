@@ -372,7 +372,9 @@ async fn a_network_with_attached_containers_cannot_be_removed() {
     sim.connect_network(&h, "n1", "b", "b").await.unwrap();
 
     let err = sim.remove_network(&h, "n1").await.unwrap_err();
-    assert!(matches!(err, RuntimeError::Conflict { .. }), "{err:?}");
+    assert!(matches!(err, RuntimeError::InUse { .. }), "{err:?}");
+    assert_eq!(err.code(), "in_use");
+    assert_eq!(err.to_string(), "network 'n1' is still in use on host h1");
     assert!(!err.is_retryable());
 
     sim.disconnect_network(&h, "n1", "a").await.unwrap();
