@@ -238,8 +238,23 @@ impl World {
     /// container per instance generation; nothing labelled by Berth without a
     /// live record; nothing left of a failed or deleted instance.
     async fn check_invariants(&self) {
+        // Under the write gate, no commit sits between its write and its
+        // update of the instance cache (the last turn may still be there).
+        let gate = self.store.write_gate().await;
         let all = self.all().await;
         let by_id: HashMap<&str, &Instance> = all.iter().map(|i| (i.id.as_str(), i)).collect();
+        for i in &all {
+            // Steps read rows from the instance cache: it must never hold
+            // anything but what the database holds.
+            if let Some(cached) = self.store.cached_instance(&i.id) {
+                assert_eq!(
+                    &cached, i,
+                    "the cached row of {} is not the stored one",
+                    i.name
+                );
+            }
+        }
+        drop(gate);
         for i in &all {
             assert!(
                 i.status.is_terminal(),

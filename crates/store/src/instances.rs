@@ -10,6 +10,8 @@ use berth_core::{FlowId, Timestamp};
 use serde::{Deserialize, Serialize};
 use sqlx::{Row, SqliteConnection};
 
+use crate::writer::RowRead;
+
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {
@@ -59,39 +61,44 @@ pub(crate) const COLUMNS: &str = "id, org_id, name, spec, status, version, gener
      created_at, updated_at";
 
 fn from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Instance> {
-    let name: String = r.try_get(2)?;
-    let spec: String = r.try_get(3)?;
-    let status: String = r.try_get(4)?;
-    let conditions: String = r.try_get(12)?;
-    let error: Option<String> = r.try_get(13)?;
-    let flow: String = r.try_get(17)?;
+    from_columns(r, 0)
+}
+
+/// The instance in [`COLUMNS`] order from column `at` of `r` on.
+pub(crate) fn from_columns<R: RowRead>(r: &R, at: usize) -> anyhow::Result<Instance> {
+    let name = r.text(at + 2)?;
+    let spec = r.text(at + 3)?;
+    let status = r.text(at + 4)?;
+    let conditions = r.text(at + 12)?;
+    let error = r.opt_text(at + 13)?;
+    let flow = r.text(at + 17)?;
     Ok(Instance {
-        id: r.try_get(0)?,
-        org_id: r.try_get(1)?,
+        id: r.text(at)?,
+        org_id: r.text(at + 1)?,
         name: InstanceName::parse(&name).context("corrupt instance name in the store")?,
         spec: serde_json::from_str(&spec).context("corrupt instance spec in the store")?,
         status: status
             .parse()
             .context("corrupt instance status in the store")?,
-        version: r.try_get(5)?,
-        generation: r.try_get(6)?,
-        host: r.try_get(7)?,
-        network: r.try_get(8)?,
-        image_tag: r.try_get(9)?,
-        container: r.try_get(10)?,
-        ip: r.try_get(11)?,
+        version: r.int(at + 5)?,
+        generation: r.int(at + 6)?,
+        host: r.opt_text(at + 7)?,
+        network: r.opt_text(at + 8)?,
+        image_tag: r.opt_text(at + 9)?,
+        container: r.opt_text(at + 10)?,
+        ip: r.opt_text(at + 11)?,
         conditions: serde_json::from_str(&conditions)
             .context("corrupt instance conditions in the store")?,
         error: error
             .map(|e| serde_json::from_str(&e))
             .transpose()
             .context("corrupt instance error in the store")?,
-        exit_code: r.try_get(14)?,
-        oom_killed: r.try_get(15)?,
-        restarts: r.try_get(16)?,
+        exit_code: r.opt_int(at + 14)?,
+        oom_killed: r.int(at + 15)? != 0,
+        restarts: r.int(at + 16)?,
         flow_id: flow.parse().context("corrupt flow id in the store")?,
-        created_at: Timestamp::from_micros(r.try_get(18)?),
-        updated_at: Timestamp::from_micros(r.try_get(19)?),
+        created_at: Timestamp::from_micros(r.int(at + 18)?),
+        updated_at: Timestamp::from_micros(r.int(at + 19)?),
     })
 }
 

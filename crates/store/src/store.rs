@@ -307,11 +307,12 @@ impl Store {
     /// The instance row `id` as last written by this process, if it is
     /// known to be current: a step reads it without a query. Only writers
     /// fill the cache, holding the write gate — the dispatcher with the rows
-    /// its group commit wrote, [`Tx::commit`] by emptying it — so it never
-    /// holds a row older than the database (one process writes the database;
-    /// the dispatcher's lock sees to that). A reader racing a write may get
-    /// the row before it, as it would from the database; its guarded write
-    /// then fails and is retried.
+    /// its group commit wrote (patched rows as the patches returned them),
+    /// [`Tx::commit`] by emptying it — so whenever no one holds the gate it
+    /// holds no row older than the database (one process writes the
+    /// database; the dispatcher's lock sees to that). A reader racing a
+    /// write may get the row before it, as it would from the database; its
+    /// guarded write then fails and is retried.
     pub fn cached_instance(&self, id: &str) -> Option<Instance> {
         lock(&self.inner.instances).get(id).cloned()
     }

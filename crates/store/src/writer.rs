@@ -189,7 +189,11 @@ impl Row {
 
 /// Reading the columns of a script's result rows, from either connection.
 pub trait RowRead {
-    fn text(&self, i: usize) -> anyhow::Result<String>;
+    fn opt_text(&self, i: usize) -> anyhow::Result<Option<String>>;
+    fn text(&self, i: usize) -> anyhow::Result<String> {
+        self.opt_text(i)?
+            .with_context(|| format!("column {i} of a result row is NULL"))
+    }
     fn opt_int(&self, i: usize) -> anyhow::Result<Option<i64>>;
     fn int(&self, i: usize) -> anyhow::Result<i64> {
         self.opt_int(i)?
@@ -198,9 +202,10 @@ pub trait RowRead {
 }
 
 impl RowRead for Row {
-    fn text(&self, i: usize) -> anyhow::Result<String> {
+    fn opt_text(&self, i: usize) -> anyhow::Result<Option<String>> {
         match self.value(i)? {
-            Value::Text(s) => Ok(s.clone()),
+            Value::Text(s) => Ok(Some(s.clone())),
+            Value::Null => Ok(None),
             v => anyhow::bail!(
                 "column {i} of a result row is {:?}, not text",
                 v.data_type()
@@ -220,7 +225,7 @@ impl RowRead for Row {
 }
 
 impl RowRead for sqlx::sqlite::SqliteRow {
-    fn text(&self, i: usize) -> anyhow::Result<String> {
+    fn opt_text(&self, i: usize) -> anyhow::Result<Option<String>> {
         Ok(sqlx::Row::try_get(self, i)?)
     }
     fn opt_int(&self, i: usize) -> anyhow::Result<Option<i64>> {

@@ -146,7 +146,17 @@ impl Script {
                 .iter()
                 .map(|p| patch_row(p, at))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let ret = returning("'guard_patch', instances.id, instances.version");
+            // Always the whole row, counted or not: a patch is merged in SQL,
+            // and this is how the caller learns the result (the dispatcher
+            // keeps it in the instance cache instead of reading it again).
+            let ret = format!(
+                "RETURNING 'guard_patch', instances.id, instances.version, {}",
+                crate::instances::COLUMNS
+                    .split(", ")
+                    .map(|c| format!("instances.{}", c.trim()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             self.push_rows_counted(&rows, PATCH_ROW, |t| patch_sql(t, &ret), !exact);
         }
         // New instances, each only if its org has no live one of its name.
@@ -406,6 +416,16 @@ pub async fn apply(
     s.plain_writes(&plain, at);
     let rows = s.run(conn).await?;
     Ok(passed_guards(&guarded, &rows)?.is_some_and(|p| p.len() == guarded.len()))
+}
+
+/// The rows patches left, as the patches' own result rows carry them, in the
+/// order they were applied (a row patched twice appears twice, the later
+/// last).
+pub fn patched_rows<R: RowRead>(rows: &[R]) -> anyhow::Result<Vec<Instance>> {
+    rows.iter()
+        .filter(|r| r.text(0).is_ok_and(|k| k == "guard_patch"))
+        .map(|r| crate::instances::from_columns(r, 3))
+        .collect()
 }
 
 /// For guarded writes appended in order by [`Script::guarded_writes`], the

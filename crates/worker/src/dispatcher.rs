@@ -460,6 +460,8 @@ impl Dispatcher {
         // Counted first (no row per write); exact only after a count fell
         // short, to learn which writes those were.
         let mut exact = false;
+        // The rows the patches left, for the instance cache.
+        let mut patched: Vec<Instance> = Vec::new();
         loop {
             let guarded: Vec<(usize, &Write)> = declared(&self.completions, publishes, &rejected)
                 .flat_map(|(i, ws)| ws.iter().filter(|w| w.is_guarded()).map(move |w| (i, w)))
@@ -502,6 +504,7 @@ impl Dispatcher {
                 }
             }
             if !partial {
+                patched = berth_store::writes::patched_rows(&rows)?;
                 break;
             }
             let _ = self.writer.rollback().await;
@@ -744,7 +747,7 @@ impl Dispatcher {
                 return Err(e.context("the dispatcher's transaction failed"));
             }
         };
-        self.cache_written(now, publishes, &rejected);
+        self.cache_written(now, publishes, &rejected, patched);
         if self.committed_tx.receiver_count() > 0 {
             for e in &fresh {
                 // No receiver, or one that lags (it is told so), is fine.
@@ -815,10 +818,14 @@ impl Dispatcher {
 
     /// Tells the store's instance cache what this turn's declared writes did
     /// (before the write gate is released): rows written whole are known as
-    /// written; patched rows are forgotten, to be read again.
-    fn cache_written(&self, now: Timestamp, publishes: &[PublishReq], rejected: &HashSet<usize>) {
-        // In the order the writes were applied: a row patched after it was
-        // written whole must end up forgotten.
+    /// written, patched rows as the patches returned them (`patched`).
+    fn cache_written(
+        &self,
+        now: Timestamp,
+        publishes: &[PublishReq],
+        rejected: &HashSet<usize>,
+        patched: Vec<Instance>,
+    ) {
         let mut last: HashMap<&str, Option<Instance>> = HashMap::new();
         let applied = declared(&self.completions, publishes, rejected).flat_map(|(_, ws)| ws);
         for w in applied {
@@ -832,10 +839,20 @@ impl Dispatcher {
                 Write::InsertInstance(i) => {
                     last.insert(&i.id, Some((**i).clone()));
                 }
-                Write::Patch(p) => {
-                    last.insert(&p.id, None);
-                }
+                // Below: patches are applied after every whole write.
+                Write::Patch(_) => {}
                 Write::ClaimHost { .. } | Write::ReleaseHost { .. } => {}
+            }
+        }
+        // SQL applies a turn's patches after its whole writes, so a patched
+        // row is as its last patch returned it, whatever order the writes
+        // were declared in; one declared but not applied (its guard failed)
+        // left nothing known: forget the row.
+        let after_patches: HashMap<String, Instance> =
+            patched.into_iter().map(|i| (i.id.clone(), i)).collect();
+        for w in declared(&self.completions, publishes, rejected).flat_map(|(_, ws)| ws) {
+            if let Write::Patch(p) = w {
+                last.insert(&p.id, after_patches.get(&p.id).cloned());
             }
         }
         let mut written = Vec::new();
