@@ -33,13 +33,13 @@ pub mod instance {
     use crate::envelope::EventPayload;
 
     macro_rules! payload {
-        ($(#[$doc:meta])* $name:ident, $ty:literal { $($field:ident : $fty:ty),* $(,)? }) => {
+        ($(#[$doc:meta])* $name:ident, $ty:literal { $($(#[$fattr:meta])* $field:ident : $fty:ty),* $(,)? }) => {
             $(#[$doc])*
             #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
             pub struct $name {
                 pub instance_id: String,
                 pub generation: i64,
-                $(pub $field: $fty,)*
+                $($(#[$fattr])* pub $field: $fty,)*
             }
             impl EventPayload for $name {
                 const TYPE: &'static str = $ty;
@@ -101,8 +101,15 @@ pub mod instance {
         StartRequested, "instance.start.requested" { restart: bool }
     );
     payload!(
-        /// The container exited (engine event).
-        Exited, "instance.exited" { exit_code: i64, oom_killed: bool }
+        /// The container exited (engine event), or is gone.
+        Exited, "instance.exited" {
+            exit_code: i64,
+            oom_killed: bool,
+            /// The container no longer exists (removed outside Berth);
+            /// `exit_code` is then -1. Counts as a failure.
+            #[serde(default)]
+            gone: bool
+        }
     );
     payload!(
         /// The engine reported that a container of this instance died, at
@@ -112,6 +119,10 @@ pub mod instance {
             oom_killed: bool,
             container: String,
             at: crate::clock::Timestamp,
+            /// Not a death the engine reported: the reconciler found the
+            /// container missing (`exit_code` -1).
+            #[serde(default)]
+            gone: bool,
         }
     );
     payload!(

@@ -10,6 +10,7 @@ use berth_core::EventPayload;
 use berth_core::domain::{ConditionKind, Conditions, InstanceStatus};
 use berth_core::events::instance as ev;
 use berth_runtime::{ContainerSpec, HostId, RuntimeError};
+use berth_store::instances::Instance;
 use berth_worker::{Ctx, HandlerError, HandlerResult, Registry, RegistryError};
 use serde::Deserialize;
 
@@ -69,23 +70,7 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         .with_code("inconsistent_instance"));
     };
     let host = HostId::new(host);
-    let name = names::container(&inst);
-    // No lookup first: the name is the generation's, so a conflict can only
-    // be the container an earlier attempt created, and it is used as is.
-    let spec = ContainerSpec {
-        name: name.clone(),
-        image,
-        labels: names::instance_labels(&deps.install, &inst),
-        limits: deps.limits.clone(),
-    };
-    match deps.runtime.create_container(&host, &spec).await {
-        Ok(_) | Err(RuntimeError::Conflict { .. }) => {}
-        Err(e) => return Err(engine(e)),
-    }
-    deps.runtime
-        .start_container(&host, &name)
-        .await
-        .map_err(engine)?;
+    let name = create_and_start(&deps, &inst, &host, image).await?;
     inst.container = Some(name.clone());
     step::save(
         &mut ctx,
@@ -99,6 +84,34 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         container: name,
     })?;
     Ok(ctx.done())
+}
+
+/// Creates and starts the instance's container for its generation from
+/// `image`; returns its name. No lookup first: the name is the
+/// generation's, so a conflict can only be the container an earlier attempt
+/// created, and it is used as is.
+pub(crate) async fn create_and_start(
+    deps: &Deps,
+    inst: &Instance,
+    host: &HostId,
+    image: String,
+) -> Result<String, HandlerError> {
+    let name = names::container(inst);
+    let spec = ContainerSpec {
+        name: name.clone(),
+        image,
+        labels: names::instance_labels(&deps.install, inst),
+        limits: deps.limits.clone(),
+    };
+    match deps.runtime.create_container(host, &spec).await {
+        Ok(_) | Err(RuntimeError::Conflict { .. }) => {}
+        Err(e) => return Err(engine(e)),
+    }
+    deps.runtime
+        .start_container(host, &name)
+        .await
+        .map_err(engine)?;
+    Ok(name)
 }
 
 /// Whether the delivery of `mine` (one of the two join inputs) is the one to

@@ -1,14 +1,15 @@
 //! Containers that stop on their own. A listener per host turns the engine's
 //! die/oom events for Berth's containers into `engine.container.died`
 //! events; `instance.exit` records the instance `exited` with the exit code
-//! (and whether the kernel killed it for memory); `restart.policy` applies
+//! (and whether the kernel killed it for memory; or, when the reconciler
+//! found the container gone, a `ContainerGone` condition); `restart.policy` applies
 //! the instance's restart policy (`no`, `on-failure[:max]`, `always`) with
 //! back-off between restarts.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_core::domain::{InstanceStatus, RestartPolicy};
+use berth_core::domain::{ConditionKind, InstanceStatus, RestartPolicy};
 use berth_core::events::instance as ev;
 use berth_core::{EventPayload, NewEvent, Timestamp};
 use berth_runtime::{EngineEventKind, HostId, label};
@@ -41,14 +42,28 @@ async fn exit(mut ctx: Ctx) -> HandlerResult {
     {
         return Ok(ctx.done());
     }
-    inst.exit_code = Some(p.exit_code);
     inst.oom_killed = p.oom_killed;
+    if p.gone {
+        // No exit code to show; the condition says what happened, and the
+        // container is made again when the instance starts.
+        inst.exit_code = None;
+        inst.conditions.set(
+            ConditionKind::ContainerStarted,
+            false,
+            "ContainerGone",
+            &format!("container {} was removed outside Berth", p.container),
+            ctx.store().now(),
+        );
+    } else {
+        inst.exit_code = Some(p.exit_code);
+    }
     step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Exited));
     ctx.emit_payload(&ev::Exited {
         instance_id: inst.id.clone(),
         generation: inst.generation,
         exit_code: p.exit_code,
         oom_killed: p.oom_killed,
+        gone: p.gone,
     })?;
     Ok(ctx.done())
 }
@@ -70,7 +85,7 @@ async fn restart(mut ctx: Ctx) -> HandlerResult {
         RestartPolicy::No => false,
         RestartPolicy::Always => true,
         RestartPolicy::OnFailure { max } => {
-            p.exit_code != 0 && max.is_none_or(|m| inst.restarts < i64::from(m))
+            (p.gone || p.exit_code != 0) && max.is_none_or(|m| inst.restarts < i64::from(m))
         }
     };
     if !wanted {
@@ -150,6 +165,7 @@ pub async fn listen(bus: Bus, deps: Arc<Deps>, host: HostId, cancel: Cancellatio
                         oom_killed,
                         container: e.container.clone(),
                         at: e.at,
+                        gone: false,
                     }) {
                         Ok(ev) => ev.org(org.clone()).subject(id.clone()),
                         Err(err) => {

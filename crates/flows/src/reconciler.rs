@@ -292,8 +292,9 @@ impl Reconciler {
 /// while nobody listened (Berth was down; the engine replays only its last
 /// events) gets the `engine.container.died` event its death would have
 /// caused, so that the instance becomes `exited` and its restart policy
-/// applies. A vanished container is only reported: there is nothing to
-/// restart.
+/// applies. A container that is gone altogether (removed outside Berth)
+/// gets the same event marked `gone`: the instance becomes `exited` without
+/// an exit code, and starting it again makes a new container.
 async fn observe(
     bus: &Bus,
     deps: &Deps,
@@ -313,15 +314,15 @@ async fn observe(
                 continue;
             }
         };
-        let (exit_code, oom_killed) = match info.map(|c| c.state) {
+        let (exit_code, oom_killed, gone) = match info.map(|c| c.state) {
             Some(ContainerState::Exited {
                 exit_code,
                 oom_killed,
-            }) => (exit_code, oom_killed),
+            }) => (exit_code, oom_killed, false),
             Some(_) => continue,
             None => {
                 warn!(instance = %i.id, %container, "the container of a running instance is gone");
-                continue;
+                (-1, false, true)
             }
         };
         let event = NewEvent::of(&ev::ContainerDied {
@@ -331,6 +332,7 @@ async fn observe(
             oom_killed,
             container,
             at: store.now(),
+            gone,
         })?
         .org(i.org_id.clone())
         .subject(i.id.clone());
@@ -341,7 +343,11 @@ async fn observe(
             },
         )
         .await?;
-        info!(instance = %i.id, exit_code, "a container exited unseen; recorded its exit");
+        if gone {
+            info!(instance = %i.id, "recorded the instance's container as gone");
+        } else {
+            info!(instance = %i.id, exit_code, "a container exited unseen; recorded its exit");
+        }
         report.exited.push(i.id.clone());
     }
     Ok(())

@@ -808,6 +808,97 @@ async fn a_death_no_listener_saw_is_recorded_by_the_reconciler() {
 }
 
 #[tokio::test]
+async fn a_container_removed_outside_berth_is_recorded_and_made_again_on_start() {
+    use berth_runtime::ContainerRuntime;
+    let mut w = world().await;
+    let (web, _) = w.create("orga", "web", "busybox").await;
+    let (job, _) = create_instance(
+        &w.store,
+        "orga",
+        InstanceName::parse("job").unwrap(),
+        spec_with("busybox", RestartPolicy::Always),
+    )
+    .await
+    .unwrap();
+    for i in [&web, &job] {
+        let running = w.settle(&i.id).await;
+        // `docker rm -f` behind Berth's back, while no listener runs.
+        w.sim
+            .remove_container(&w.host, running.container.as_deref().unwrap())
+            .await
+            .unwrap();
+    }
+    w.quiesce().await;
+    let bus = w.workers.as_ref().unwrap().bus();
+    let mut report = reconciler().pass(&bus, &w.deps).await.unwrap();
+    report.exited.sort();
+    let mut both = vec![web.id.clone(), job.id.clone()];
+    both.sort();
+    assert_eq!(report.exited, both);
+
+    // Restart policy `no`: exited, saying why, with no exit code to show.
+    let gone = w.until(&web.id, InstanceStatus::Exited).await;
+    assert_eq!(gone.exit_code, None);
+    let cond = gone
+        .conditions
+        .get(ConditionKind::ContainerStarted)
+        .unwrap();
+    assert!(!cond.status);
+    assert_eq!(cond.reason, "ContainerGone");
+
+    // A made-again container is as the flow made it: running, attached to
+    // the org's network under the instance's name.
+    let check_made_again = |i: &Instance| {
+        let name = i.container.as_deref().unwrap();
+        let c = w
+            .sim
+            .containers(&w.host)
+            .into_iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("{name} was not made again"));
+        assert_eq!(c.state, ContainerState::Running);
+        let network = i.network.as_deref().unwrap();
+        assert_eq!(
+            c.networks.get(network),
+            i.ip.as_ref(),
+            "attached, IP recorded"
+        );
+        assert!(i.conditions.holds(ConditionKind::ContainerStarted));
+        assert!(i.conditions.holds(ConditionKind::NetworkAttached));
+    };
+    // Restart policy `always`: made again at once.
+    let start = Instant::now();
+    let job_again = loop {
+        let i = w.get(&job.id).await;
+        if i.status == InstanceStatus::Running && i.restarts == 1 {
+            break i;
+        }
+        assert!(start.elapsed() < DEADLINE, "not restarted: {}", i.status);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    check_made_again(&job_again);
+    assert_eq!(
+        w.sim
+            .resolve(&w.host, job_again.container.as_deref().unwrap(), "job"),
+        job_again.ip,
+        "reachable by name again"
+    );
+
+    // And `web` when the user starts it.
+    assert!(
+        start_instance(&w.store, "orga", &web.id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let web_again = w.until(&web.id, InstanceStatus::Running).await;
+    check_made_again(&web_again);
+    w.quiesce().await;
+    w.check_invariants().await;
+    w.stop().await;
+}
+
+#[tokio::test]
 async fn on_failure_restarts_up_to_its_limit() {
     let mut w = world().await;
     let listener = w.listen();
