@@ -41,9 +41,9 @@ use berth_runtime::{
 };
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EndpointSettings,
-    EventMessage, HostConfig, NetworkConnectRequest, NetworkCreateRequest,
-    NetworkDisconnectRequest,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
+    ContainerSummaryStateEnum, EndpointSettings, EventMessage, HostConfig, NetworkConnectRequest,
+    NetworkCreateRequest, NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
     BuildImageOptions, CreateContainerOptions, EventsOptions, InspectContainerOptions,
@@ -947,6 +947,7 @@ impl ContainerRuntime for DockerRuntime {
                 kind: ResourceKind::Network,
                 name: n.name.unwrap_or_default(),
                 labels: labels(n.labels),
+                running: false,
             }));
 
             let images = e
@@ -971,6 +972,7 @@ impl ContainerRuntime for DockerRuntime {
                     kind: ResourceKind::Image,
                     name,
                     labels: image_labels.clone(),
+                    running: false,
                 }));
             }
 
@@ -993,6 +995,7 @@ impl ContainerRuntime for DockerRuntime {
                         .trim_start_matches('/')
                         .to_owned(),
                     labels: labels(c.labels),
+                    running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
                 }
             }));
             Ok(out)

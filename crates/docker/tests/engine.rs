@@ -530,22 +530,38 @@ async fn the_labelled_sweep_lists_networks_images_and_containers() {
     .await
     .unwrap();
     let name = container(&rt, &run, "l", &["true"]).await;
-    let mut mine: Vec<(ResourceKind, String)> = rt
-        .list_labelled(&host, TEST_LABEL)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.labels.get(TEST_LABEL) == Some(&run))
-        .map(|r| (r.kind, r.name))
-        .collect();
-    mine.sort_by_key(|(k, n)| (format!("{k:?}"), n.clone()));
+    let list = || async {
+        let mut mine: Vec<(ResourceKind, String, bool)> = rt
+            .list_labelled(&host, TEST_LABEL)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.labels.get(TEST_LABEL) == Some(&run))
+            .map(|r| (r.kind, r.name, r.running))
+            .collect();
+        mine.sort_by_key(|(k, n, _)| (format!("{k:?}"), n.clone()));
+        mine
+    };
     assert_eq!(
-        mine,
+        list().await,
         vec![
-            (ResourceKind::Container, name),
-            (ResourceKind::Image, format!("berth-test/{run}/l:1")),
-            (ResourceKind::Network, net),
+            (ResourceKind::Container, name.clone(), false),
+            (ResourceKind::Image, format!("berth-test/{run}/l:1"), false),
+            (ResourceKind::Network, net.clone(), false),
         ]
+    );
+    // The listing says which containers run (the reconciler inspects only
+    // the others).
+    let sleeper = container(&rt, &run, "s", &["sleep", "60"]).await;
+    rt.start_container(&host, &sleeper).await.unwrap();
+    let listed = list().await;
+    assert!(
+        listed.contains(&(ResourceKind::Container, sleeper, true)),
+        "{listed:?}"
+    );
+    assert!(
+        listed.contains(&(ResourceKind::Container, name, false)),
+        "{listed:?}"
     );
 }
 

@@ -11,7 +11,7 @@
 //! records the exit of any `running` instance whose container exited while
 //! no engine event reached Berth.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,9 +110,9 @@ impl Reconciler {
             instances::list(&mut c, None).await?
         };
         let mut report = PassReport::default();
-        self.sweep(store, deps, &all, &mut report).await?;
+        let listed = self.sweep(store, deps, &all, &mut report).await?;
         self.unstick(bus, &all, &mut report).await?;
-        observe(bus, deps, &all, &mut report).await?;
+        observe(bus, deps, &all, &listed, &mut report).await?;
         Ok(report)
     }
 
@@ -122,7 +122,8 @@ impl Reconciler {
         deps: &Deps,
         all: &[Instance],
         report: &mut PassReport,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Listed> {
+        let mut listed = Listed::default();
         let now = store.now();
         let by_id: HashMap<&str, &Instance> = all.iter().map(|i| (i.id.as_str(), i)).collect();
         let live = |i: &Instance| !matches!(i.status.as_str(), "failed" | "deleted");
@@ -135,11 +136,15 @@ impl Reconciler {
                     continue;
                 }
             };
+            listed.hosts.insert(host.clone());
             for r in resources {
                 // Another installation's, on a shared engine (or from before
                 // installs were labelled): never ours to remove.
                 if r.labels.get(label::INSTALL) != Some(&deps.install) {
                     continue;
+                }
+                if r.running {
+                    listed.running.insert((host.clone(), r.name.clone()));
                 }
                 let orphan = match r.kind {
                     ResourceKind::Network => r
@@ -203,7 +208,7 @@ impl Reconciler {
             }
         }
         self.first_seen = still;
-        Ok(())
+        Ok(listed)
     }
 
     async fn unstick(
@@ -288,6 +293,15 @@ impl Reconciler {
     }
 }
 
+/// What the sweep's listings showed, for `observe`.
+#[derive(Debug, Default)]
+struct Listed {
+    /// Hosts whose listing succeeded.
+    hosts: HashSet<HostId>,
+    /// Berth's containers the listings saw running, by host and name.
+    running: HashSet<(HostId, String)>,
+}
+
 /// Compares each `running` instance with its container: one that exited
 /// while nobody listened (Berth was down; the engine replays only its last
 /// events) gets the `engine.container.died` event its death would have
@@ -299,6 +313,7 @@ async fn observe(
     bus: &Bus,
     deps: &Deps,
     all: &[Instance],
+    listed: &Listed,
     report: &mut PassReport,
 ) -> anyhow::Result<()> {
     let store = bus.store();
@@ -307,6 +322,14 @@ async fn observe(
             continue;
         };
         let host = HostId::new(host);
+        // The sweep's listing saw it running: no need to ask. Only the
+        // others (and all on a host that could not be listed) are looked
+        // at one by one.
+        if listed.hosts.contains(&host)
+            && listed.running.contains(&(host.clone(), container.clone()))
+        {
+            continue;
+        }
         let info = match deps.runtime.find_container(&host, &container).await {
             Ok(info) => info,
             Err(e) => {

@@ -801,8 +801,14 @@ async fn a_death_no_listener_saw_is_recorded_by_the_reconciler() {
         "a running container is left alone"
     );
     w.quiesce().await;
+    let ops = w.sim.op_count();
     let again = reconciler().pass(&bus, &w.deps).await.unwrap();
     assert!(again.exited.is_empty(), "recorded once");
+    assert_eq!(
+        w.sim.op_count() - ops,
+        1,
+        "one listing; a container it shows running is not inspected"
+    );
     w.check_invariants().await;
     w.stop().await;
 }

@@ -722,6 +722,7 @@ impl ContainerRuntime for SimRuntime {
             kind,
             name: name.to_owned(),
             labels: labels.clone(),
+            running: false,
         };
         let networks = h
             .networks
@@ -737,7 +738,10 @@ impl ContainerRuntime for SimRuntime {
             .containers
             .values()
             .filter(|c| c.info.labels.contains_key(key))
-            .map(|c| resource(ResourceKind::Container, &c.info.name, &c.info.labels));
+            .map(|c| Resource {
+                running: c.info.state == ContainerState::Running,
+                ..resource(ResourceKind::Container, &c.info.name, &c.info.labels)
+            });
         Ok(networks.chain(images).chain(containers).collect())
     }
 

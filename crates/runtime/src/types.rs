@@ -127,6 +127,9 @@ pub struct Resource {
     pub kind: ResourceKind,
     pub name: String,
     pub labels: Labels,
+    /// A container the listing says is running (false for anything else):
+    /// lets a caller skip inspecting each container it expects running.
+    pub running: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
