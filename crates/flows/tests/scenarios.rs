@@ -163,19 +163,35 @@ impl World {
 
     /// Polls until the instance has `status`.
     async fn until(&self, id: &str, status: InstanceStatus) -> Instance {
+        self.until_is(id, &format!("{status}"), |i| i.status == status)
+            .await
+    }
+
+    /// Polls until the instance is as `wanted` says (`what`, for the
+    /// message if it never is).
+    async fn until_is(&self, id: &str, what: &str, wanted: impl Fn(&Instance) -> bool) -> Instance {
         let start = Instant::now();
         loop {
             let i = self.get(id).await;
-            if i.status == status {
+            if wanted(&i) {
                 return i;
             }
             assert!(
                 start.elapsed() < DEADLINE,
-                "instance {id} stuck in {}, wanted {status}",
-                i.status
+                "instance {id} stuck in {} (restarts {}), wanted {what}",
+                i.status,
+                i.restarts
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+    }
+
+    /// Polls until the instance is running again after `n` restarts.
+    async fn until_restarted(&self, id: &str, n: i64) -> Instance {
+        self.until_is(id, &format!("running after {n} restarts"), |i| {
+            i.status == InstanceStatus::Running && i.restarts == n
+        })
+        .await
     }
 
     fn container_state(&self, name: &str) -> Option<ContainerState> {
@@ -201,19 +217,8 @@ impl World {
 
     /// Polls until the instance's status is terminal.
     async fn settle(&self, id: &str) -> Instance {
-        let start = Instant::now();
-        loop {
-            let i = self.get(id).await;
-            if i.status.is_terminal() {
-                return i;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "instance {id} stuck in {}",
-                i.status
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        self.until_is(id, "a terminal status", |i| i.status.is_terminal())
+            .await
     }
 
     /// Waits until the bus has nothing queued or in flight.
@@ -873,15 +878,7 @@ async fn a_container_removed_outside_berth_is_recorded_and_made_again_on_start()
         assert!(i.conditions.holds(ConditionKind::NetworkAttached));
     };
     // Restart policy `always`: made again at once.
-    let start = Instant::now();
-    let job_again = loop {
-        let i = w.get(&job.id).await;
-        if i.status == InstanceStatus::Running && i.restarts == 1 {
-            break i;
-        }
-        assert!(start.elapsed() < DEADLINE, "not restarted: {}", i.status);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let job_again = w.until_restarted(&job.id, 1).await;
     check_made_again(&job_again);
     assert_eq!(
         w.sim
@@ -919,20 +916,7 @@ async fn on_failure_restarts_up_to_its_limit() {
     let container = w.settle(&inst.id).await.container.unwrap();
     w.sim.kill(&w.host, &container, 1, false).unwrap();
     // Exited, then restarted after the back-off.
-    let start = Instant::now();
-    loop {
-        let i = w.get(&inst.id).await;
-        if i.status == InstanceStatus::Running && i.restarts == 1 {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "not restarted: {} restarts={}",
-            i.status,
-            i.restarts
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    w.until_restarted(&inst.id, 1).await;
     assert_eq!(w.container_state(&container), Some(ContainerState::Running));
     w.sim.kill(&w.host, &container, 1, false).unwrap();
     let down = w.until(&inst.id, InstanceStatus::Exited).await;
