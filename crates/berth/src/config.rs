@@ -233,8 +233,9 @@ pub struct BusConfig {
     /// process (a `berth redrive`); work from this process wakes it at once.
     #[serde(with = "berth_core::duration::human")]
     pub poll_interval: Duration,
-    /// How often the WAL is checkpointed in the background, so that no
-    /// commit stalls on a checkpoint.
+    /// How often the WAL is checkpointed in the background while Berth
+    /// writes to the database (never while it does not), so that no commit
+    /// stalls on a checkpoint.
     #[serde(with = "berth_core::duration::human")]
     pub checkpoint_interval: Duration,
     /// Seed of the random generator (back-off jitter); unset: from entropy.
@@ -253,7 +254,7 @@ impl Default for BusConfig {
             poll_interval: d.poll_interval,
             checkpoint_interval: d
                 .checkpoint_interval
-                .unwrap_or(std::time::Duration::from_millis(500)),
+                .unwrap_or(std::time::Duration::from_millis(50)),
             seed: None,
         }
     }

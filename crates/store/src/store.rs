@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -60,6 +61,10 @@ struct Inner {
     /// Signalled after any commit that added deliveries, so the dispatcher
     /// wakes on commit instead of polling; `woken` says for which workers.
     committed: Notify,
+    /// Write transactions committed by this process; see [`Store::commits`].
+    commits: AtomicU64,
+    /// Signalled by each of those commits; see [`Store::wrote`].
+    wrote: Notify,
     woken: Mutex<HashSet<String>>,
     /// One writer at a time, in arrival order. SQLite allows a single writer
     /// and makes the others wait in its busy handler, which sleeps and polls
@@ -169,6 +174,8 @@ impl Store {
                 ids,
                 subscriptions: RwLock::new(Arc::new(Subscriptions::new())),
                 committed: Notify::new(),
+                commits: AtomicU64::new(0),
+                wrote: Notify::new(),
                 woken: Mutex::new(HashSet::new()),
                 write_gate: Arc::new(tokio::sync::Mutex::new(())),
                 instances: Mutex::new(HashMap::new()),
@@ -363,6 +370,24 @@ impl Store {
         Ok(())
     }
 
+    /// How many write transactions this process has committed (group
+    /// commits included): unchanged means nothing was written in between.
+    pub fn commits(&self) -> u64 {
+        self.inner.commits.load(Ordering::Relaxed)
+    }
+
+    /// Counts a commit made outside [`Tx`] (the dispatcher's writer).
+    pub fn note_commit(&self) {
+        self.inner.commits.fetch_add(1, Ordering::Relaxed);
+        self.inner.wrote.notify_one();
+    }
+
+    /// Waits for a commit by this process; one made since the last wait
+    /// (nobody waiting) answers at once.
+    pub async fn wrote(&self) {
+        self.inner.wrote.notified().await
+    }
+
     /// Publishes events in a transaction of their own.
     pub async fn publish(&self, envs: Vec<Envelope>) -> anyhow::Result<HashSet<EventId>> {
         let mut tx = self.begin().await?;
@@ -514,6 +539,7 @@ impl Tx {
         let result = tx.commit().await.context("failed to commit");
         lock(&store.inner.instances).clear();
         result?;
+        store.note_commit();
         drop(_gate);
         if !woken.is_empty() {
             store.notify_committed(woken);

@@ -748,6 +748,7 @@ impl Dispatcher {
             }
         };
         self.cache_written(now, publishes, &rejected, patched);
+        self.store.note_commit();
         if self.committed_tx.receiver_count() > 0 {
             for e in &fresh {
                 // No receiver, or one that lags (it is told so), is fine.
