@@ -398,6 +398,13 @@ impl Dispatcher {
                 Ok(())
             }
             Err(e) => {
+                // A step that failed between statements (a corrupt row, a
+                // failed read) may have left the transaction open: end it,
+                // or every later turn's BEGIN would fail too. Nothing if
+                // none is open.
+                if let Err(r) = self.writer.rollback().await {
+                    warn!(error = %format!("{r:#}"), "could not roll back a failed turn");
+                }
                 for (w, n) in self.workers.iter_mut().zip(saved_in_flight) {
                     w.in_flight = n;
                     w.backlog = Backlog::Unknown;
