@@ -171,6 +171,10 @@ pub(crate) struct Dispatcher {
     last_turn: Timestamp,
 }
 
+/// Failed turns in a row after which finished attempts are retried on their
+/// own (see `Dispatcher::suspect_completions`).
+const SUSPECT_AFTER: u32 = 3;
+
 /// The dispatcher's own connections to the database.
 pub(crate) struct Conns {
     /// For reads outside the turn's transaction.
@@ -346,6 +350,9 @@ impl Dispatcher {
                         .saturating_mul(1 << self.failures.min(6))
                         .min(Duration::from_secs(5));
                     error!(error = %format!("{e:#}"), failures = self.failures, retry_in = ?pause, "dispatcher turn failed; retrying");
+                    if self.failures >= SUSPECT_AFTER {
+                        self.suspect_completions(&e);
+                    }
                     tokio::time::sleep(pause).await;
                 }
             }
@@ -421,6 +428,40 @@ impl Dispatcher {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// After [`SUSPECT_AFTER`] failed turns in a row, the cause may be what
+    /// a finished attempt declared (a write the database refuses every
+    /// time): kept in every turn, it would stop the whole bus. Each such
+    /// attempt becomes a retryable failure instead, so the next turn
+    /// commits without its writes and each is retried on its own — an
+    /// innocent one succeeds (handlers are idempotent), the culprit fails
+    /// until its policy dead-letters it with the database's error.
+    fn suspect_completions(&mut self, e: &anyhow::Error) {
+        let mut suspects = 0;
+        for c in &mut self.completions {
+            if matches!(c.finished, Finished::Ok { .. }) {
+                c.finished = Finished::Failed {
+                    outcome: Outcome::Retry,
+                    kind: FailureKind::Retryable,
+                    error: ErrorInfo {
+                        code: "commit_failed".into(),
+                        message: format!(
+                            "the group commit holding this attempt's writes failed {} times",
+                            self.failures
+                        ),
+                        chain: e.chain().map(|c| c.to_string()).collect(),
+                    },
+                };
+                suspects += 1;
+            }
+        }
+        if suspects > 0 {
+            warn!(
+                suspects,
+                "retrying the finished attempts of the failing turns on their own"
+            );
         }
     }
 

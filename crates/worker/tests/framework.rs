@@ -858,3 +858,86 @@ async fn committed_events_reach_in_process_listeners_after_their_commit() {
     );
     workers.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_attempt_whose_writes_the_database_always_refuses_does_not_stop_the_bus() {
+    use berth_core::domain::{Condition, ConditionKind};
+    use berth_store::writes::{InstancePatch, Write};
+    let db = TestDb::new();
+    let store = open_store(&db.path, false).await;
+    // A row whose conditions are not JSON: any patch of it fails in SQL,
+    // every time, and so would every group commit holding that patch.
+    berth_store::sqlx::query(
+        "INSERT INTO instances (id, org_id, name, spec, status, version, generation,
+                                conditions, flow_id, created_at, updated_at)
+         VALUES ('bad', 'o', 'web', '{}', 'provisioning', 1, 1, 'not json', 'f', 0, 0)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let mut reg = Registry::new();
+    reg.register("poison", &["test.ping"], |mut ctx: Ctx| async move {
+        ctx.write(Write::Patch(Box::new(InstancePatch {
+            id: "bad".into(),
+            generation: 1,
+            network: Some("net".into()),
+            image_tag: None,
+            condition: Condition {
+                kind: ConditionKind::NetworkReady,
+                status: true,
+                reason: "Ready".into(),
+                message: "net".into(),
+                last_transition: Timestamp::from_micros(0),
+            },
+            status: None,
+        })));
+        Ok(ctx.done())
+    })
+    .unwrap();
+    let (tx, mut healthy) = mpsc::unbounded_channel();
+    reg.register("healthy", &["test.pong"], move |ctx: Ctx| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(ctx.payload::<Pong>()?.n);
+            Ok(ctx.done())
+        }
+    })
+    .unwrap();
+    let mut failures = failure_watcher(&mut reg, "poison");
+    let workers = start(
+        &store,
+        &reg,
+        "[workers.poison]\nmax_attempts = 2\nbackoff = { initial = \"1ms\", max = \"1ms\" }\n",
+    )
+    .await;
+    let bus = workers.bus();
+    let poison = ping(&bus, 1).await;
+    // Other work goes on: a publish refused while a turn fails is retried,
+    // as any publisher would.
+    let flow = store.ids().flow_id();
+    eventually("a publish to go through", || {
+        let bus = bus.clone();
+        async move {
+            bus.publish(
+                NewEvent::of(&Pong { n: 7 }).unwrap(),
+                berth_store::Cause::Root { flow_id: flow },
+            )
+            .await
+            .is_ok()
+        }
+    })
+    .await;
+    assert_eq!(recv(&mut healthy, "the healthy worker's event").await, 7);
+    // The culprit fails on its own, with the database's reason.
+    let (_, f) = recv(&mut failures, "the poison's dead letter").await;
+    assert_eq!(f.event_id, poison.id);
+    assert_eq!(f.reason, "exhausted");
+    assert_eq!(f.attempts, 2);
+    assert_eq!(f.error.code, "commit_failed");
+    assert!(
+        f.error.chain.iter().any(|c| c.contains("JSON")),
+        "{:?}",
+        f.error.chain
+    );
+    workers.shutdown().await.unwrap();
+}
