@@ -221,8 +221,12 @@ impl Store {
 
     /// A connection on a thread of its own, for the dispatcher's group
     /// commits (see [`crate::writer`]).
-    pub fn open_writer(&self) -> anyhow::Result<crate::Writer> {
-        crate::Writer::open(&self.inner.path, &self.inner.options)
+    pub async fn open_writer(&self) -> anyhow::Result<crate::Writer> {
+        // Opening a file and setting pragmas blocks: not on the runtime.
+        let (path, options) = (self.inner.path.clone(), self.inner.options.clone());
+        tokio::task::spawn_blocking(move || crate::Writer::open(&path, &options))
+            .await
+            .context("the task opening the database writer failed")?
     }
 
     /// Takes the exclusive dispatcher lock of this database (a lock file next

@@ -289,7 +289,7 @@ mod tests {
     #[tokio::test]
     async fn a_script_commits_as_one_transaction_the_pool_then_sees() {
         let (_d, store) = store().await;
-        let writer = store.open_writer().unwrap();
+        let writer = store.open_writer().await.unwrap();
         let mut script = Script::new();
         script.push("BEGIN IMMEDIATE", []);
         for (stmts, args) in [org_insert("a"), org_insert("b")].map(Script::into_parts) {
@@ -314,7 +314,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_statement_is_reported_and_rolled_back_and_the_writer_goes_on() {
         let (_d, store) = store().await;
-        let writer = store.open_writer().unwrap();
+        let writer = store.open_writer().await.unwrap();
         let mut script = Script::new();
         script.push("BEGIN IMMEDIATE", []);
         let (stmts, args) = org_insert("a").into_parts();
@@ -344,7 +344,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_job_fails_alone() {
         let (_d, store) = store().await;
-        let writer = store.open_writer().unwrap();
+        let writer = store.open_writer().await.unwrap();
         let err = writer.call(|_| -> () { panic!("boom") }).await.unwrap_err();
         assert!(err.to_string().contains("panicked"), "{err:#}");
         let n = writer

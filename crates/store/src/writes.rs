@@ -661,7 +661,7 @@ mod tests {
                 let mut script = Script::new();
                 script.guarded_writes(&tagged, s.now(), exact).unwrap();
                 // On the dispatcher's writer, as in a group commit.
-                let rows = s.open_writer().unwrap().run(script).await.unwrap();
+                let rows = s.open_writer().await.unwrap().run(script).await.unwrap();
                 passed_guards(&tagged, &rows).unwrap()
             }
         };
@@ -710,7 +710,7 @@ mod tests {
             .map(|i| Write::InsertInstance(Box::new(i.clone())))
             .collect();
         let tagged: Vec<(usize, &Write)> = writes.iter().enumerate().collect();
-        let writer = s.open_writer().unwrap();
+        let writer = s.open_writer().await.unwrap();
         for exact in [false, true] {
             let mut script = Script::new();
             script.push("BEGIN IMMEDIATE", []);

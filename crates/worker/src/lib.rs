@@ -244,7 +244,7 @@ impl Workers {
         let owner: Arc<str> = Arc::from(format!("{}-{}", std::process::id(), store.ids().ulid()));
         let conns = Conns {
             read: conn,
-            writer: store.open_writer()?,
+            writer: store.open_writer().await?,
         };
         let dispatcher = Dispatcher::new(
             store.clone(),
