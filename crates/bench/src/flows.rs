@@ -415,7 +415,7 @@ async fn create_synchronously(
                 host,
                 &NetworkSpec {
                     name: net.clone(),
-                    labels: names::network_labels(store.install_id(), &inst.org_id),
+                    labels: names::org_labels(store.install_id(), &inst.org_id),
                 },
             )
             .await

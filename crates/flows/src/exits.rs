@@ -2,9 +2,9 @@
 //! die/oom events for Berth's containers into `engine.container.died`
 //! events; `instance.exit` records the instance `exited` with the exit code
 //! (and whether the kernel killed it for memory; or, when the reconciler
-//! found the container gone, a `ContainerGone` condition); `restart.policy` applies
-//! the instance's restart policy (`no`, `on-failure[:max]`, `always`) with
-//! back-off between restarts.
+//! found the container gone, a `ContainerGone` condition); `restart.policy`
+//! applies the instance's restart policy (`no`, `on-failure[:max]`,
+//! `always`) with back-off between restarts.
 
 use std::sync::Arc;
 use std::time::Duration;

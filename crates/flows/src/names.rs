@@ -31,7 +31,7 @@ pub fn container(i: &Instance) -> String {
 
 /// Labels of an instance's container.
 pub fn instance_labels(install: &str, i: &Instance) -> Labels {
-    let mut l = network_labels(install, &i.org_id);
+    let mut l = org_labels(install, &i.org_id);
     l.insert(label::INSTANCE.into(), i.id.clone());
     l.insert(label::GENERATION.into(), i.generation.to_string());
     l.insert(label::FLOW.into(), i.flow_id.to_string());
@@ -40,11 +40,6 @@ pub fn instance_labels(install: &str, i: &Instance) -> Labels {
 
 /// Labels of an org's network and images.
 pub fn org_labels(install: &str, org: &str) -> Labels {
-    network_labels(install, org)
-}
-
-/// Labels of an org's network.
-pub fn network_labels(install: &str, org: &str) -> Labels {
     let mut l = Labels::new();
     l.insert(label::MANAGED.into(), "true".into());
     l.insert(label::INSTALL.into(), install.to_owned());

@@ -54,7 +54,7 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
     {
         let spec = NetworkSpec {
             name: name.clone(),
-            labels: names::network_labels(&deps.install, &inst.org_id),
+            labels: names::org_labels(&deps.install, &inst.org_id),
         };
         match deps.runtime.create_network(&host, &spec).await {
             // Another instance of the org created it at the same moment.

@@ -110,9 +110,9 @@ impl Reconciler {
             instances::list(&mut c, None).await?
         };
         let mut report = PassReport::default();
-        let listed = self.sweep(store, deps, &all, &mut report).await?;
+        let running = self.sweep(store, deps, &all, &mut report).await?;
         self.unstick(bus, &all, &mut report).await?;
-        observe(bus, deps, &all, &listed, &mut report).await?;
+        observe(bus, deps, &all, &running, &mut report).await?;
         Ok(report)
     }
 
@@ -122,11 +122,22 @@ impl Reconciler {
         deps: &Deps,
         all: &[Instance],
         report: &mut PassReport,
-    ) -> anyhow::Result<Listed> {
-        let mut listed = Listed::default();
+    ) -> anyhow::Result<Running> {
+        let mut running = Running::new();
         let now = store.now();
         let by_id: HashMap<&str, &Instance> = all.iter().map(|i| (i.id.as_str(), i)).collect();
         let live = |i: &Instance| !matches!(i.status.as_str(), "failed" | "deleted");
+        // What live records name, looked up once per resource.
+        let live_orgs: HashSet<&str> = all
+            .iter()
+            .filter(|i| live(i))
+            .map(|i| i.org_id.as_str())
+            .collect();
+        let live_images: HashSet<(&str, &str, i64)> = all
+            .iter()
+            .filter(|i| live(i))
+            .map(|i| (i.org_id.as_str(), i.name.as_str(), i.generation))
+            .collect();
         let mut still = HashMap::new();
         for host in deps.hosts.hosts() {
             let resources = match deps.runtime.list_labelled(&host, label::MANAGED).await {
@@ -136,7 +147,6 @@ impl Reconciler {
                     continue;
                 }
             };
-            listed.hosts.insert(host.clone());
             for r in resources {
                 // Another installation's, on a shared engine (or from before
                 // installs were labelled): never ours to remove.
@@ -144,24 +154,17 @@ impl Reconciler {
                     continue;
                 }
                 if r.running {
-                    listed.running.insert((host.clone(), r.name.clone()));
+                    running.insert((host.clone(), r.name.clone()));
                 }
                 let orphan = match r.kind {
                     ResourceKind::Network => r
                         .labels
                         .get(label::ORG)
-                        .is_none_or(|org| !all.iter().any(|i| &i.org_id == org && live(i))),
+                        .is_none_or(|org| !live_orgs.contains(org.as_str())),
                     // An image names its instance by its tag (it carries
                     // only its org's labels).
                     ResourceKind::Image if !r.labels.contains_key(label::INSTANCE) => {
-                        names::parse_image(&r.name).is_none_or(|(org, name, generation)| {
-                            !all.iter().any(|i| {
-                                live(i)
-                                    && i.org_id == org
-                                    && i.name.as_str() == name
-                                    && i.generation == generation
-                            })
-                        })
+                        names::parse_image(&r.name).is_none_or(|tag| !live_images.contains(&tag))
                     }
                     ResourceKind::Container | ResourceKind::Image => {
                         match r
@@ -208,7 +211,7 @@ impl Reconciler {
             }
         }
         self.first_seen = still;
-        Ok(listed)
+        Ok(running)
     }
 
     async fn unstick(
@@ -293,14 +296,8 @@ impl Reconciler {
     }
 }
 
-/// What the sweep's listings showed, for `observe`.
-#[derive(Debug, Default)]
-struct Listed {
-    /// Hosts whose listing succeeded.
-    hosts: HashSet<HostId>,
-    /// Berth's containers the listings saw running, by host and name.
-    running: HashSet<(HostId, String)>,
-}
+/// Berth's containers the sweep's listings saw running, by host and name.
+type Running = HashSet<(HostId, String)>;
 
 /// Compares each `running` instance with its container: one that exited
 /// while nobody listened (Berth was down; the engine replays only its last
@@ -313,7 +310,7 @@ async fn observe(
     bus: &Bus,
     deps: &Deps,
     all: &[Instance],
-    listed: &Listed,
+    running: &Running,
     report: &mut PassReport,
 ) -> anyhow::Result<()> {
     let store = bus.store();
@@ -325,9 +322,7 @@ async fn observe(
         // The sweep's listing saw it running: no need to ask. Only the
         // others (and all on a host that could not be listed) are looked
         // at one by one.
-        if listed.hosts.contains(&host)
-            && listed.running.contains(&(host.clone(), container.clone()))
-        {
+        if running.contains(&(host.clone(), container.clone())) {
             continue;
         }
         let info = match deps.runtime.find_container(&host, &container).await {

@@ -103,10 +103,11 @@ impl From<Timestamp> for Arg {
 /// Statements and their arguments. On a [`crate::Writer`] a script is one
 /// call, each statement prepared once and kept. Through sqlx, a small script
 /// runs as one command (one round trip); a large one statement by
-/// statement, each a cached prepared statement. A script's text changes with the shape of its batch, so as one
-/// command it is prepared anew each time: worth it only while small (with
-/// the threshold at 2000 arguments, re-preparing was half of a busy
-/// dispatcher's time in the flows benchmark).
+/// statement, each a cached prepared statement. A script's text changes
+/// with the shape of its batch, so as one command it is prepared anew each
+/// time: worth it only while small (with the threshold at 2000 arguments,
+/// re-preparing was half of a busy dispatcher's time in the flows
+/// benchmark).
 #[derive(Debug, Default)]
 pub struct Script {
     /// Each statement with the number of arguments it takes.

@@ -5,7 +5,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -61,9 +60,8 @@ struct Inner {
     /// Signalled after any commit that added deliveries, so the dispatcher
     /// wakes on commit instead of polling; `woken` says for which workers.
     committed: Notify,
-    /// Write transactions committed by this process; see [`Store::commits`].
-    commits: AtomicU64,
-    /// Signalled by each of those commits; see [`Store::wrote`].
+    /// Signalled by every write transaction this process commits; see
+    /// [`Store::wrote`].
     wrote: Notify,
     woken: Mutex<HashSet<String>>,
     /// One writer at a time, in arrival order. SQLite allows a single writer
@@ -174,7 +172,6 @@ impl Store {
                 ids,
                 subscriptions: RwLock::new(Arc::new(Subscriptions::new())),
                 committed: Notify::new(),
-                commits: AtomicU64::new(0),
                 wrote: Notify::new(),
                 woken: Mutex::new(HashSet::new()),
                 write_gate: Arc::new(tokio::sync::Mutex::new(())),
@@ -374,15 +371,9 @@ impl Store {
         Ok(())
     }
 
-    /// How many write transactions this process has committed (group
-    /// commits included): unchanged means nothing was written in between.
-    pub fn commits(&self) -> u64 {
-        self.inner.commits.load(Ordering::Relaxed)
-    }
-
-    /// Counts a commit made outside [`Tx`] (the dispatcher's writer).
+    /// Signals a commit made outside [`Tx`] (the dispatcher's writer) to
+    /// [`Store::wrote`].
     pub fn note_commit(&self) {
-        self.inner.commits.fetch_add(1, Ordering::Relaxed);
         self.inner.wrote.notify_one();
     }
 

@@ -50,8 +50,8 @@ pub struct BusOptions {
     /// process; work committed in this process wakes it at once.
     pub poll_interval: Duration,
     /// How often the WAL is checkpointed in the background while this
-    /// process commits (never while it does not); `None`
-    /// leaves it to SQLite's automatic checkpoint (tests on a paused clock, where an
+    /// process commits (never while it does not); `None` leaves it to
+    /// SQLite's automatic checkpoint (tests on a paused clock, where an
     /// ever-armed timer would make time jump during database IO).
     pub checkpoint_interval: Option<Duration>,
     /// The generator for back-off jitter.
@@ -182,24 +182,21 @@ async fn checkpoint_loop(store: Store, every: Option<Duration>, cancel: Cancella
     let Some(every) = every else {
         return;
     };
-    let mut last = None;
     loop {
+        // A commit since the last checkpoint (the signal waits for whoever
+        // asks) or the next one: an idle server arms no timer.
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = store.wrote() => {}
+        }
+        // Then let the writes of one interval gather into one checkpoint.
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(every) => {}
         }
-        let commits = store.commits();
-        if last == Some(commits) {
-            // Nothing written since the last checkpoint.
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = store.wrote() => continue,
-            }
-        }
         if let Err(e) = store.checkpoint().await {
             tracing::warn!(error = %format!("{e:#}"), "WAL checkpoint failed; will retry");
         }
-        last = Some(commits);
     }
 }
 
