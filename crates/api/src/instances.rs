@@ -12,9 +12,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use berth_core::domain::{InstanceStatus, RestartPolicy};
 use berth_core::{Envelope, FlowId};
-use berth_flows::FlowError;
+use berth_flows::{FlowError, QuotaExceeded};
 use berth_runtime::HostId;
-use berth_store::instances::{self, Instance, NameTaken};
+use berth_store::instances::{self, BuildRef, Instance, NameTaken};
 use futures::StreamExt;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -162,7 +162,7 @@ fn flow_headers(mut resp: Response, id: &str, flow: &str) -> Response {
         (status = 400, description = "`malformed_json`, `invalid_type`, `missing_field`, `unknown_field`, `invalid_parameter`", body = ErrorBody),
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
         (status = 408, description = "With `wait=true`: `wait_timeout`, with the current state in `instance`", body = ErrorBody),
-        (status = 409, description = "`name_taken`; with `wait=true`, the flow's error (e.g. `image_not_found`, with `step`) and `instance`", body = ErrorBody),
+        (status = 409, description = "`name_taken`; `quota_exceeded` (the org has `limits.max_instances_per_org` live instances); with `wait=true`, the flow's error (e.g. `image_not_found`, with `step`) and `instance`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`invalid_value`: a field breaks its rule", body = ErrorBody),
@@ -176,14 +176,45 @@ pub async fn create(
 ) -> ApiResult<Response> {
     let wait = flag("wait", q.wait.as_deref())?;
     let limit = timeout(q.timeout.as_deref())?;
-    let (name, spec) = body.validate()?;
+    let quotas = &state.inner.quotas;
+    let (name, mut spec, build) = body.validate(quotas)?;
+    if let Some(id) = build {
+        let found = {
+            let mut conn = state.conn().await?;
+            berth_store::builds::get(&mut conn, &auth.org_id, &id).await?
+        };
+        // Another org's build answers exactly like one that does not exist.
+        let Some(b) = found else {
+            return Err(ApiError::invalid(
+                "build",
+                format!("no build {id:?} in this org; upload the context with POST /v1/builds"),
+            ));
+        };
+        spec.build = Some(BuildRef {
+            id: b.id,
+            digest: b.digest,
+        });
+    }
     check_running(&state)?;
+    let quota = Some(quotas.max_instances_per_org);
     let (inst, env) =
         // Through the bus: the row and its event go into the dispatcher's
         // next group commit instead of a transaction of their own.
-        match berth_flows::create_instance_on(&state.inner.bus, &auth.org_id, name, spec).await {
+        match berth_flows::create_instance_on(&state.inner.bus, &auth.org_id, name, spec, quota)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
+                if let Some(q) = e.downcast_ref::<QuotaExceeded>() {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "quota_exceeded",
+                        format!(
+                            "the org has {} live instances, its quota (limits.max_instances_per_org); delete one first",
+                            q.max
+                        ),
+                    ));
+                }
                 if let Some(t) = e.downcast_ref::<NameTaken>() {
                     return Err(ApiError::new(
                         StatusCode::CONFLICT,

@@ -8,6 +8,7 @@
 //! org's ids answer 404 exactly like ids that do not exist.
 
 pub mod auth;
+mod builds;
 pub mod error;
 mod events;
 mod extract;
@@ -40,6 +41,7 @@ use utoipa_axum::routes;
 use crate::error::ApiError;
 
 pub use error::{ApiError as Error, ErrorBody, ErrorDetail};
+pub use validate::Quotas;
 
 /// The response header carrying the id of the flow a request started.
 pub const FLOW_HEADER: &str = "berth-flow-id";
@@ -50,6 +52,8 @@ pub struct ApiDeps {
     pub bus: Bus,
     /// For container logs.
     pub runtime: Arc<dyn ContainerRuntime>,
+    /// Container limits and org quotas (`[limits]`).
+    pub quotas: validate::Quotas,
 }
 
 impl std::fmt::Debug for ApiDeps {
@@ -68,6 +72,7 @@ struct Inner {
     store: Store,
     bus: Bus,
     runtime: Arc<dyn ContainerRuntime>,
+    quotas: validate::Quotas,
     /// SHA-256 of the admin token.
     admin_hash: String,
     feed: Arc<feed::Feed>,
@@ -122,6 +127,7 @@ impl ApiState {
     tags(
         (name = "orgs", description = "Orgs and tokens"),
         (name = "instances", description = "Instances and their actions"),
+        (name = "builds", description = "Build contexts instances are built from"),
         (name = "flows", description = "Flow traces and dead letters"),
         (name = "events", description = "The org's live event stream"),
         (name = "system", description = "Health, metrics, this document"),
@@ -154,6 +160,8 @@ fn api_router() -> OpenApiRouter<ApiState> {
         .routes(routes!(orgs::create_org))
         .routes(routes!(orgs::create_token, orgs::list_tokens))
         .routes(routes!(orgs::revoke_token))
+        .routes(routes!(builds::create, builds::list))
+        .routes(routes!(builds::get))
         .routes(routes!(instances::create, instances::list))
         .routes(routes!(instances::get, instances::delete))
         .routes(routes!(instances::stop))
@@ -263,6 +271,7 @@ impl Server {
                 store: deps.store.clone(),
                 bus: deps.bus,
                 runtime: deps.runtime,
+                quotas: deps.quotas,
                 admin_hash,
                 feed: feed.clone(),
                 metrics: metrics::Metrics::new(cursor),

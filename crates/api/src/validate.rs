@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use berth_core::domain::{InstanceName, RestartPolicy};
-use berth_store::instances::InstanceSpec;
+use berth_core::size::ByteSize;
+use berth_store::instances::{InstanceSpec, ResourceLimits};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
@@ -18,15 +19,79 @@ const MAX_CMD_BYTES: usize = 64 * 1024;
 const MAX_PORTS: usize = 64;
 const MAX_IMAGE_NAME: usize = 255;
 
+/// The least memory the engine accepts for a container.
+pub const MIN_MEMORY: u64 = 6 * 1024 * 1024;
+
+/// What containers may use and orgs may have (`[limits]` in the
+/// configuration).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quotas {
+    /// Limits of a request that names none (each field separately).
+    pub default: ResourceLimits,
+    /// The most a request may ask for.
+    pub max: ResourceLimits,
+    pub max_instances_per_org: u32,
+    pub max_builds_per_org: u32,
+    /// Bytes of one uploaded build context.
+    pub max_build_context: usize,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            default: ResourceLimits {
+                memory_bytes: 512 << 20,
+                nano_cpus: 1_000_000_000,
+                pids: 512,
+            },
+            max: ResourceLimits {
+                memory_bytes: 4 << 30,
+                nano_cpus: 4_000_000_000,
+                pids: 4096,
+            },
+            max_instances_per_org: 500,
+            max_builds_per_org: 100,
+            max_build_context: 64 << 20,
+        }
+    }
+}
+
+/// `limits` of `POST /v1/instances`; each field omitted takes the
+/// configured default.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// Memory, e.g. `"256MiB"`, `"1GiB"`, or bytes; at least 6MiB, at most
+    /// the configured `limits.max_memory`. No swap beyond it.
+    #[schema(value_type = Option<String>, example = "256MiB")]
+    pub memory: Option<ByteSize>,
+    /// CPUs, e.g. `0.5`; at least 0.01, at most `limits.max_cpus`.
+    pub cpus: Option<f64>,
+    /// Processes; at least 1, at most `limits.max_pids`.
+    pub pids: Option<i64>,
+}
+
 /// `POST /v1/instances`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateInstance {
     /// `^[a-z0-9][a-z0-9-]{0,62}$`, unique among the org's live instances.
     pub name: String,
-    /// A Docker image reference: `busybox`, `busybox:1.36`,
-    /// `registry.example.com:5000/team/app:v2`, `app@sha256:…`.
-    pub image: String,
+    /// The base image, by reference: `busybox`, `busybox:1.36`,
+    /// `registry.example.com:5000/team/app:v2`, `app@sha256:<digest>`.
+    /// Never an image id (`sha256:…`). It must be on the org's host, found
+    /// there by that name; images Berth made for other orgs never count.
+    /// Exactly one of `image` and `build`.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The id of a build context the org uploaded (`POST /v1/builds`): the
+    /// image is built from it (once per context; instances of the same
+    /// context share it). Exactly one of `image` and `build`.
+    #[serde(default)]
+    pub build: Option<String>,
+    /// Resource limits of the container.
+    #[serde(default)]
+    pub limits: Option<LimitsRequest>,
     /// Keys `^[A-Za-z_][A-Za-z0-9_]*$`; at most 256 variables and 64 KiB of
     /// keys and values in all. Values are secrets: shown as `***` later.
     #[serde(default)]
@@ -51,20 +116,57 @@ fn show(s: &str) -> String {
 }
 
 impl CreateInstance {
-    /// Checks every rule; the first broken one is the answer.
-    pub fn validate(self) -> Result<(InstanceName, InstanceSpec), ApiError> {
+    /// Checks every rule; the first broken one is the answer. The spec's
+    /// `build` is left for the caller to resolve: the id given is returned.
+    pub fn validate(
+        self,
+        quotas: &Quotas,
+    ) -> Result<(InstanceName, InstanceSpec, Option<String>), ApiError> {
         let name = InstanceName::parse(&self.name).map_err(|e| {
             ApiError::invalid("name", format!("name {:?} {}", show(&e.value), e.rule))
         })?;
-        check_image(&self.image).map_err(|rule| {
-            ApiError::invalid(
-                "image",
-                format!(
-                    "image {:?} is not a valid image reference: {rule}",
-                    show(&self.image)
-                ),
-            )
-        })?;
+        let image = match (self.image, &self.build) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "build",
+                    "give either image or build, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::BAD_REQUEST,
+                    "missing_field",
+                    "image is required (a base image by reference), or build (an uploaded context's id)",
+                )
+                .field("image"));
+            }
+            (Some(image), None) => {
+                check_image(&image).map_err(|rule| {
+                    ApiError::invalid(
+                        "image",
+                        format!(
+                            "image {:?} is not a valid image reference: {rule}",
+                            show(&image)
+                        ),
+                    )
+                })?;
+                image
+            }
+            (None, Some(b)) => {
+                let ok = !b.is_empty()
+                    && b.len() <= 64
+                    && b.bytes()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+                if !ok {
+                    return Err(ApiError::invalid(
+                        "build",
+                        format!("build {:?} is not a build id", show(b)),
+                    ));
+                }
+                String::new()
+            }
+        };
+        let limits = check_limits(self.limits.unwrap_or_default(), quotas)?;
         check_env(&self.env)?;
         if let Some(cmd) = &self.cmd {
             if cmd.is_empty() {
@@ -120,14 +222,65 @@ impl CreateInstance {
         Ok((
             name,
             InstanceSpec {
-                image: self.image,
+                image,
+                build: None,
                 env: self.env,
                 cmd: self.cmd,
                 ports,
                 restart,
+                limits: Some(limits),
             },
+            self.build,
         ))
     }
+}
+
+/// The request's limits, each missing one from the defaults, each within
+/// its range.
+fn check_limits(r: LimitsRequest, q: &Quotas) -> Result<ResourceLimits, ApiError> {
+    let memory_bytes = match r.memory {
+        None => q.default.memory_bytes,
+        Some(m) => {
+            let max = u64::try_from(q.max.memory_bytes).unwrap_or(0);
+            if m.bytes() < MIN_MEMORY || m.bytes() > max {
+                return Err(ApiError::invalid(
+                    "limits.memory",
+                    format!("limits.memory {m} must be 6MiB to {}", ByteSize(max)),
+                ));
+            }
+            i64::try_from(m.bytes()).unwrap_or(i64::MAX)
+        }
+    };
+    let nano_cpus = match r.cpus {
+        None => q.default.nano_cpus,
+        Some(c) => {
+            let max = q.max.nano_cpus as f64 / 1e9;
+            if !c.is_finite() || c < 0.01 || c > max {
+                return Err(ApiError::invalid(
+                    "limits.cpus",
+                    format!("limits.cpus {c} must be 0.01 to {max}"),
+                ));
+            }
+            (c * 1e9).round() as i64
+        }
+    };
+    let pids = match r.pids {
+        None => q.default.pids,
+        Some(p) => {
+            if p < 1 || p > q.max.pids {
+                return Err(ApiError::invalid(
+                    "limits.pids",
+                    format!("limits.pids {p} must be 1 to {}", q.max.pids),
+                ));
+            }
+            p
+        }
+    };
+    Ok(ResourceLimits {
+        memory_bytes,
+        nano_cpus,
+        pids,
+    })
 }
 
 /// Env keys, count and size. Values are never quoted back.
@@ -174,6 +327,15 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
 pub fn check_image(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err("it is empty".into());
+    }
+    // An id is not a reference: the engine would take it (or any prefix of
+    // it) for whatever image has it, another org's included.
+    let hex64 = |t: &str| t.len() == 64 && t.bytes().all(|c| c.is_ascii_hexdigit());
+    if s.starts_with("sha256:") || hex64(s) {
+        return Err(
+            "an image id is not accepted; name the image by reference (name[:tag] or name@sha256:digest)"
+                .into(),
+        );
     }
     if s.len() > 512 {
         return Err("it is over 512 characters".into());
@@ -331,6 +493,9 @@ mod tests {
             "a___b",
             "has space",
             "app@sha256:xyz",
+            "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "sha256:0123",
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "app@sha256:0123",
             "host:port/app",
             "/app",

@@ -103,7 +103,16 @@ pub struct ConditionView {
 pub struct InstanceView {
     pub id: String,
     pub name: String,
+    /// The base image as requested (empty for an instance made from a build).
     pub image: String,
+    /// The build context it is made from, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
+    /// The id of the image its container runs, once the image step pinned
+    /// it: a later retag of the name changes no instance.
+    pub image_id: Option<String>,
+    /// The container's resource limits.
+    pub limits: Option<LimitsView>,
     /// Values are `***` unless asked for with `?reveal=true`.
     pub env: BTreeMap<String, String>,
     pub cmd: Option<Vec<String>>,
@@ -132,6 +141,14 @@ impl InstanceView {
             id: i.id.clone(),
             name: i.name.to_string(),
             image: i.spec.image.clone(),
+            build: i.spec.build.as_ref().map(|b| b.id.clone()),
+            image_id: i.image_tag.clone().filter(|t| t.starts_with("sha256:")),
+            limits: i.spec.limits.map(|l| LimitsView {
+                memory: berth_core::size::ByteSize(u64::try_from(l.memory_bytes).unwrap_or(0))
+                    .to_string(),
+                cpus: l.nano_cpus as f64 / 1e9,
+                pids: l.pids,
+            }),
             env: i
                 .spec
                 .env
@@ -172,6 +189,15 @@ impl InstanceView {
             updated_at: i.updated_at.to_string(),
         }
     }
+}
+
+/// A container's resource limits.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LimitsView {
+    /// E.g. `512MiB`.
+    pub memory: String,
+    pub cpus: f64,
+    pub pids: i64,
 }
 
 /// The org's instances.
@@ -360,4 +386,36 @@ pub struct TokenList {
 pub struct Health {
     /// `ok`.
     pub status: String,
+}
+
+/// An uploaded build context.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BuildView {
+    /// What `POST /v1/instances {"build": …}` names.
+    pub id: String,
+    /// `sha256:<hex>` of the archive: the same bytes are the same build.
+    pub digest: String,
+    /// Bytes of the archive.
+    pub size: i64,
+    /// The images its Dockerfile's stages start from.
+    pub bases: Vec<String>,
+    pub created_at: String,
+}
+
+impl BuildView {
+    pub fn new(b: &berth_store::builds::Build) -> Self {
+        BuildView {
+            id: b.id.clone(),
+            digest: b.digest.clone(),
+            size: b.size,
+            bases: b.bases.clone(),
+            created_at: b.created_at.to_string(),
+        }
+    }
+}
+
+/// The org's build contexts.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BuildList {
+    pub builds: Vec<BuildView>,
 }

@@ -7,8 +7,10 @@
 //! bus's feed of committed events wakes the waiting task). The baseline is the seed's ten-line
 //! function — save, ensure host, ensure network, build, save, create+start,
 //! save, attach, save IP, notify — called directly with the same runtime,
-//! store and concurrency. On Docker, one image of the same base, env and cmd
-//! is built first so that both sides find the same build cache.
+//! store and concurrency. The floor under both is `raw`: the engine's own
+//! create + start + connect of the same image, with the same limits, env
+//! and concurrency, nothing recorded (`raw_docker_p50_ms` on Docker), so
+//! that Berth's cost is a ratio measured in the same run.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,9 +23,7 @@ use berth_core::{Clock, EventPayload, IdGen, SeededRng, SystemClock};
 use berth_flows::{Deps, names};
 use berth_runtime::hosts::LocalProvider;
 use berth_runtime::sim::{SimConfig, SimLatency, SimRuntime};
-use berth_runtime::{
-    ContainerRuntime, ContainerSpec, HostId, ImageSpec, Limits, NetworkSpec, RuntimeError,
-};
+use berth_runtime::{ContainerRuntime, ContainerSpec, HostId, Limits, NetworkSpec, RuntimeError};
 use berth_store::instances::{self, Instance, InstanceSpec};
 use berth_store::{Store, StoreOptions, Synchronous};
 use berth_worker::Registry;
@@ -96,31 +96,15 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     };
     let event_org = format!("bench{run_id}");
     let base_org = format!("baseline{run_id}");
-    if args.runtime == "docker" {
-        // Instances of one base, env and cmd share the build's cached steps
-        // up to their own LABEL; whichever side ran first would pay for
-        // them. One image built here, kept until the sweep, gives both
-        // sides the same cache.
-        let labels = names::org_labels(store.install_id(), &event_org);
-        runtime
-            .build_image(
-                &host,
-                &ImageSpec {
-                    tag: format!("berth/{event_org}/warmup:g0"),
-                    base: base_image.to_owned(),
-                    env: vec![],
-                    cmd: spec(base_image).cmd,
-                    labels,
-                },
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("the warm-up build failed: {e}"))?;
-    }
+    let raw_org = format!("raw{run_id}");
+    let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let raw = raw_engine(&store, &runtime, &host, &raw_org, base_image, &args, &sem).await?;
     let deps = Arc::new(Deps {
         runtime: runtime.clone(),
         hosts: Arc::new(LocalProvider),
         limits: Limits::default(),
         install: store.install_id().to_owned(),
+        builds: Default::default(),
     });
     let mut reg = Registry::new();
     berth_flows::register(&mut reg, deps.clone())?;
@@ -179,7 +163,6 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     };
 
     // Event-driven.
-    let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let mut lat = Vec::with_capacity(args.count);
@@ -195,7 +178,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
             let start = Instant::now();
             let (tx, rx) = oneshot::channel();
             let (inst, _) =
-                berth_flows::create_instance_on(&bus, &org, name, spec(base_image)).await?;
+                berth_flows::create_instance_on(&bus, &org, name, spec(base_image), None).await?;
             waiters
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -266,7 +249,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     let base_elapsed = t1.elapsed();
     store.pool().close().await;
     if args.runtime == "docker" {
-        sweep(&*runtime, &host, &[&event_org, &base_org]).await;
+        sweep(&*runtime, &host, &[&event_org, &base_org, &raw_org]).await;
     }
 
     anyhow::ensure!(
@@ -286,6 +269,9 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     let flows_per_s = per_second(args.count as u64, elapsed);
     let base_per_s = per_second(args.count as u64, base_elapsed);
     let ratio = if b50 > 0.0 { p50 / b50 } else { 0.0 };
+    let r50 = ms(quantile(&raw, 0.5));
+    let r99 = ms(quantile(&raw, 0.99));
+    let to_raw = if r50 > 0.0 { p50 / r50 } else { 0.0 };
     let rss = peak_rss_mb().unwrap_or(0.0);
     table(
         "berth-bench flows",
@@ -314,6 +300,11 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
             ),
             ("ratio p50 (event / sync)", format!("{ratio:.3}")),
             (
+                "engine alone: create+start+connect p50 / p99",
+                format!("{r50:.2} ms / {r99:.2} ms"),
+            ),
+            ("ratio p50 (event / engine alone)", format!("{to_raw:.3}")),
+            (
                 "event-driven group commits",
                 format!(
                     "{turns} ({handled} attempts; busy {turn_ms} ms of {} ms, {commit_ms} ms in the final statement)",
@@ -336,6 +327,11 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         "baseline_p50_ms": (b50 * 100.0).round() / 100.0,
         "baseline_p99_ms": (b99 * 100.0).round() / 100.0,
         "ratio_p50": (ratio * 1000.0).round() / 1000.0,
+        "raw_p50_ms": (r50 * 100.0).round() / 100.0,
+        "raw_p99_ms": (r99 * 100.0).round() / 100.0,
+        "raw_docker_p50_ms": (args.runtime == "docker").then(|| (r50 * 100.0).round() / 100.0),
+        "raw_docker_p99_ms": (args.runtime == "docker").then(|| (r99 * 100.0).round() / 100.0),
+        "ratio_to_raw_p50": (to_raw * 1000.0).round() / 1000.0,
         "peak_rss_mb": (rss * 10.0).round() / 10.0,
     })
     .to_string())
@@ -373,14 +369,102 @@ async fn sweep(rt: &dyn ContainerRuntime, host: &HostId, orgs: &[&str]) {
     }
 }
 
+/// What every side runs: the base image, one env var, a command, and the
+/// default limits.
 fn spec(image: &str) -> InstanceSpec {
     InstanceSpec {
         image: image.into(),
-        env: Default::default(),
+        env: [("BENCH".to_owned(), "1".to_owned())].into(),
         cmd: Some(vec!["sleep".into(), "3600".into()]),
         ports: vec![],
         restart: Default::default(),
+        build: None,
+        limits: Some(berth_api_limits()),
     }
+}
+
+/// The configured default limits (`[limits]`), as the API would record them.
+fn berth_api_limits() -> berth_store::instances::ResourceLimits {
+    berth_store::instances::ResourceLimits {
+        memory_bytes: 512 << 20,
+        nano_cpus: 1_000_000_000,
+        pids: 512,
+    }
+}
+
+/// The engine alone: create + start + connect of the base image (pinned by
+/// id, as Berth runs it) with the same limits and env, `count` times at the
+/// same concurrency, recording nothing. Returns each one's µs.
+async fn raw_engine(
+    store: &Store,
+    runtime: &Arc<dyn ContainerRuntime>,
+    host: &HostId,
+    org: &str,
+    base: &str,
+    args: &Args,
+    sem: &Arc<Semaphore>,
+) -> anyhow::Result<Vec<u64>> {
+    let image = runtime
+        .find_image(host, base)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?
+        .with_context(|| format!("base image {base} is not on the engine"))?;
+    let net = names::network(org);
+    match runtime
+        .create_network(
+            host,
+            &NetworkSpec {
+                name: net.clone(),
+                labels: names::org_labels(store.install_id(), org),
+            },
+        )
+        .await
+    {
+        Ok(_) | Err(RuntimeError::Conflict { .. }) => {}
+        Err(e) => anyhow::bail!("cannot make the raw side's network: {e}"),
+    }
+    let l = berth_api_limits();
+    let s = spec(base);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut out = Vec::with_capacity(args.count);
+    for n in 0..args.count {
+        let permit = sem.clone().acquire_owned().await?;
+        let rt = runtime.clone();
+        let host = host.clone();
+        let net = net.clone();
+        let container = ContainerSpec {
+            name: format!("berth-{org}-r{n}"),
+            image: image.id.clone(),
+            labels: names::org_labels(store.install_id(), org),
+            limits: Limits {
+                memory_bytes: Some(l.memory_bytes),
+                nano_cpus: Some(l.nano_cpus),
+                pids: Some(l.pids),
+            },
+            env: s.env.clone().into_iter().collect(),
+            cmd: s.cmd.clone(),
+        };
+        tasks.spawn(async move {
+            let _permit = permit;
+            let start = Instant::now();
+            let e = |e: RuntimeError| anyhow::anyhow!(e);
+            rt.create_container(&host, &container).await.map_err(e)?;
+            rt.start_container(&host, &container.name)
+                .await
+                .map_err(e)?;
+            rt.connect_network(&host, &net, &container.name, &container.name)
+                .await
+                .map_err(e)?;
+            anyhow::Ok(start.elapsed().as_micros() as u64)
+        });
+        while let Some(r) = tasks.try_join_next() {
+            out.push(r??);
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        out.push(r??);
+    }
+    Ok(out)
 }
 
 /// The seed's synchronous function: every step in sequence, each record
@@ -425,20 +509,13 @@ async fn create_synchronously(
         }
     }
     inst.network = Some(net.clone());
-    // build image, save build
-    let tag = names::image(&inst);
-    rt.build_image(
-        host,
-        &ImageSpec {
-            tag: tag.clone(),
-            base: inst.spec.image.clone(),
-            env: vec![],
-            cmd: inst.spec.cmd.clone(),
-            labels: names::org_labels(store.install_id(), &inst.org_id),
-        },
-    )
-    .await
-    .map_err(engine)?;
+    // resolve the image, save it
+    let image = rt
+        .find_image(host, &inst.spec.image)
+        .await
+        .map_err(engine)?
+        .with_context(|| format!("base image {} is not on the engine", inst.spec.image))?;
+    let tag = image.id;
     inst.image_tag = Some(tag.clone());
     save(store, &mut inst, ConditionKind::ImageBuilt).await?;
     // create + start container, save container
@@ -450,6 +527,8 @@ async fn create_synchronously(
             image: tag,
             labels: names::instance_labels(store.install_id(), &inst),
             limits: Limits::default(),
+            env: inst.spec.env.clone().into_iter().collect(),
+            cmd: inst.spec.cmd.clone(),
         },
     )
     .await

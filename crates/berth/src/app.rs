@@ -105,8 +105,9 @@ pub async fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimR
             let deps = Arc::new(Deps {
                 runtime: Arc::new(docker),
                 hosts: provider,
-                limits: Limits::default(),
+                limits: default_limits(config)?,
                 install: String::new(),
+                builds: Default::default(),
             });
             Ok((deps, None))
         }
@@ -120,12 +121,26 @@ pub async fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimR
             let deps = Arc::new(Deps {
                 runtime: sim.clone(),
                 hosts: provider,
-                limits: Limits::default(),
+                limits: default_limits(config)?,
                 install: String::new(),
+                builds: Default::default(),
             });
             Ok((deps, Some(sim)))
         }
     }
+}
+
+/// The configured default limits, for instances recorded without their own.
+fn default_limits(config: &Config) -> anyhow::Result<Limits> {
+    let q = config
+        .limits
+        .quotas()
+        .map_err(|rule| anyhow::anyhow!("{rule}"))?;
+    Ok(Limits {
+        memory_bytes: Some(q.default.memory_bytes),
+        nano_cpus: Some(q.default.nano_cpus),
+        pids: Some(q.default.pids),
+    })
 }
 
 /// A running Berth: the store, the workers on it, and the HTTP API.
@@ -207,6 +222,10 @@ impl App {
                     store: store.clone(),
                     bus: workers.bus(),
                     runtime: deps.runtime.clone(),
+                    quotas: config
+                        .limits
+                        .quotas()
+                        .map_err(|rule| anyhow::anyhow!("{rule}"))?,
                 },
                 admin.hash,
             )

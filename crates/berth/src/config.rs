@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use berth_core::size::ByteSize;
 use berth_store::Synchronous;
 use berth_worker::{Policies, WorkersConfig};
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub hosts: HostsConfig,
     pub reconciler: ReconcilerSection,
+    pub limits: LimitsSection,
     /// Notification providers, one worker each.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<WebhookSection>,
@@ -186,9 +188,109 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             hosts: HostsConfig::default(),
             reconciler: ReconcilerSection::default(),
+            limits: LimitsSection::default(),
             webhooks: Vec::new(),
             workers: WorkersConfig::new(),
         }
+    }
+}
+
+/// `[limits]`: what one container may use (the defaults of a request that
+/// names no `limits`, and the most one may ask for), and what one org may
+/// have. Several orgs share an engine: without these one could starve the
+/// others.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Memory of a container (no swap beyond it).
+    pub memory: ByteSize,
+    /// CPUs of a container (fractions allowed).
+    pub cpus: f64,
+    /// Processes of a container.
+    pub pids: i64,
+    /// The most memory a request may ask for.
+    pub max_memory: ByteSize,
+    /// The most CPUs a request may ask for.
+    pub max_cpus: f64,
+    /// The most processes a request may ask for.
+    pub max_pids: i64,
+    /// Live (not deleted) instances per org; past it, creating answers 409
+    /// `quota_exceeded`.
+    pub max_instances_per_org: u32,
+    /// Uploaded build contexts per org.
+    pub max_builds_per_org: u32,
+    /// The largest build context an upload may carry.
+    pub max_build_context: ByteSize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let d = berth_api::Quotas::default();
+        LimitsSection {
+            memory: ByteSize(d.default.memory_bytes as u64),
+            cpus: d.default.nano_cpus as f64 / 1e9,
+            pids: d.default.pids,
+            max_memory: ByteSize(d.max.memory_bytes as u64),
+            max_cpus: d.max.nano_cpus as f64 / 1e9,
+            max_pids: d.max.pids,
+            max_instances_per_org: d.max_instances_per_org,
+            max_builds_per_org: d.max_builds_per_org,
+            max_build_context: ByteSize(d.max_build_context as u64),
+        }
+    }
+}
+
+impl LimitsSection {
+    /// The limits as the API applies them, or the rule a value breaks.
+    pub fn quotas(&self) -> Result<berth_api::Quotas, String> {
+        let limits = |what: &str, memory: ByteSize, cpus: f64, pids: i64| {
+            let memory_bytes = i64::try_from(memory.bytes())
+                .map_err(|_| format!("limits.{what}memory: {memory} is too large"))?;
+            if memory.bytes() < berth_api::validate::MIN_MEMORY {
+                return Err(format!(
+                    "limits.{what}memory: {memory} is under the 6MiB the engine needs"
+                ));
+            }
+            if !(cpus.is_finite() && (0.01..=1024.0).contains(&cpus)) {
+                return Err(format!("limits.{what}cpus: {cpus} must be 0.01 to 1024"));
+            }
+            if pids < 1 {
+                return Err(format!("limits.{what}pids: {pids} must be at least 1"));
+            }
+            Ok(berth_store::instances::ResourceLimits {
+                memory_bytes,
+                nano_cpus: (cpus * 1e9).round() as i64,
+                pids,
+            })
+        };
+        let default = limits("", self.memory, self.cpus, self.pids)?;
+        let max = limits("max_", self.max_memory, self.max_cpus, self.max_pids)?;
+        if default.memory_bytes > max.memory_bytes {
+            return Err(format!(
+                "limits.memory: {} is over limits.max_memory ({})",
+                self.memory, self.max_memory
+            ));
+        }
+        if default.nano_cpus > max.nano_cpus {
+            return Err(format!(
+                "limits.cpus: {} is over limits.max_cpus ({})",
+                self.cpus, self.max_cpus
+            ));
+        }
+        if default.pids > max.pids {
+            return Err(format!(
+                "limits.pids: {} is over limits.max_pids ({})",
+                self.pids, self.max_pids
+            ));
+        }
+        Ok(berth_api::Quotas {
+            default,
+            max,
+            max_instances_per_org: self.max_instances_per_org,
+            max_builds_per_org: self.max_builds_per_org,
+            max_build_context: usize::try_from(self.max_build_context.bytes())
+                .map_err(|_| "limits.max_build_context: too large".to_owned())?,
+        })
     }
 }
 
@@ -334,6 +436,9 @@ impl Config {
                     t.chars().count()
                 )));
             }
+        }
+        if let Err(rule) = config.limits.quotas() {
+            return Err(ConfigError(format!("{source}: {rule}")));
         }
         Ok(config)
     }

@@ -22,6 +22,7 @@ struct Alpha {
     dead_letter: String,
     second_token: String,
     event: String,
+    build: String,
 }
 
 impl Alpha {
@@ -33,6 +34,7 @@ impl Alpha {
             self.dead_letter.clone(),
             self.second_token.clone(),
             self.event.clone(),
+            self.build.clone(),
         ];
         for i in [&self.running, &self.failed] {
             for k in ["id", "flow_id", "name"] {
@@ -67,7 +69,12 @@ async fn alpha(t: &TestApp) -> Alpha {
         .to_owned();
     let second = t.call(Method::POST, "/v1/tokens", Some(&token), None).await;
     let second_token = second.ok(201)["id"].as_str().unwrap().to_owned();
+    let tar = berth_runtime::context::tar_of(&[("Dockerfile", b"FROM busybox\nLABEL alpha=1\n")])
+        .unwrap();
+    let build = t.raw("/v1/builds", &token, "application/x-tar", tar).await;
+    let build = build.ok(201)["id"].as_str().unwrap().to_owned();
     Alpha {
+        build,
         org,
         token,
         running,
@@ -117,6 +124,9 @@ async fn one_org_never_sees_another() {
         (Method::POST, "/v1/tokens", None),
         (Method::GET, "/v1/tokens", None),
         (Method::DELETE, "/v1/tokens/{id}", Some(&a.second_token)),
+        (Method::POST, "/v1/builds", None),
+        (Method::GET, "/v1/builds", None),
+        (Method::GET, "/v1/builds/{id}", Some(&a.build)),
         (Method::POST, "/v1/instances", None),
         (Method::GET, "/v1/instances", None),
         (Method::GET, "/v1/instances/{id}", Some(run)),
@@ -185,6 +195,10 @@ async fn one_org_never_sees_another() {
                 let ans = t.call(method.clone(), template, Some(&b), body).await;
                 match *template {
                     "/v1/orgs" => ans.error(401, "admin_token_required"),
+                    // A JSON call is no build context.
+                    "/v1/builds" if *method == Method::POST => {
+                        ans.error(415, "unsupported_media_type")
+                    }
                     "/v1/events" => ans.error(400, "websocket_required"),
                     _ => {
                         assert!(ans.status.is_success(), "{method} {template}: {}", ans.text);

@@ -160,6 +160,8 @@ impl InstanceStatus {
                 | (Stopping, Stopped)
                 | (Stopping, Starting)
                 | (Running, Exited)
+                // The container ended before its start was recorded done.
+                | (Starting, Exited)
                 | (Exited | Stopped, Starting)
                 | (Deleting, Deleted)
         )

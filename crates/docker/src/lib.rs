@@ -1,17 +1,23 @@
 //! The Docker runtime: [`ContainerRuntime`] on the Docker Engine API through
 //! bollard, fronting one engine per [`HostId`].
 //!
-//! - **Images** are built from a generated Dockerfile (`FROM` base, `ENV`,
-//!   `CMD`, `LABEL`) sent as a tar context, with the classic builder and
-//!   without pulling: the base must already be on the host, and a missing
-//!   one is `NotFound { what: "image", name: base }` (`image_not_found`).
+//! - **Images** are found by name only: inspecting an image also matches
+//!   ids and id prefixes, so a reference counts only if the image's
+//!   `RepoTags` (or `RepoDigests`, for `name@digest`) hold it. Builds take
+//!   the caller's tar context (its `FROM`s already pinned to ids), run with
+//!   the classic builder, no network and nothing pulled; a failing
+//!   instruction is `BuildFailed` with its step and the output's tail.
+//!   Labels go on as build options, never into the Dockerfile.
 //! - **Networks** are user-defined bridges. Engines before API 1.44 accept a
 //!   second network with a taken name, so creation is serialized per runtime
 //!   and engine, and a duplicate the engine warns about (made by another
 //!   process) is removed again and reported as `Conflict`. Names resolve to
 //!   the lowest id of any duplicates left, so all callers agree.
-//! - **Containers** are created never privileged, without host mounts or
-//!   published ports, with the spec's limits, and on the `none` network: a
+//! - **Containers** are created never privileged, with `no-new-privileges`,
+//!   a reduced capability set ([`DROPPED_CAPS`]), a capped log
+//!   ([`LOG_MAX_SIZE`] × [`LOG_MAX_FILES`]), no swap beyond the memory
+//!   limit, without host mounts or published ports, with the spec's limits,
+//!   env and command, and on the `none` network: a
 //!   container has no network at all until `connect_network` moves it onto
 //!   its org's bridge, so it is never reachable on Docker's default bridge.
 //! - **Events** are the engine's event stream filtered by label, from a
@@ -35,15 +41,15 @@ use async_trait::async_trait;
 use berth_core::Timestamp;
 use berth_runtime::hosts::LOCAL;
 use berth_runtime::{
-    BuildOutput, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, EngineEvent,
-    EngineEventKind, HostId, ImageInfo, ImageSpec, Labels, NetworkInfo, NetworkSpec, Resource,
+    BuildOutput, BuildSpec, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState,
+    EngineEvent, EngineEventKind, HostId, ImageInfo, Labels, NetworkInfo, NetworkSpec, Resource,
     ResourceKind, RuntimeError,
 };
 use bollard::errors::Error as BollardError;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
-    ContainerSummaryStateEnum, EndpointSettings, EventMessage, HostConfig, NetworkConnectRequest,
-    NetworkCreateRequest, NetworkDisconnectRequest,
+    ContainerSummaryStateEnum, EndpointSettings, EventMessage, HostConfig, HostConfigLogConfig,
+    NetworkConnectRequest, NetworkCreateRequest, NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
     BuildImageOptions, CreateContainerOptions, EventsOptions, InspectContainerOptions,
@@ -55,6 +61,25 @@ use futures::stream::{self, BoxStream, StreamExt};
 
 pub use bollard;
 pub use error::ConnectError;
+
+/// Capabilities every container goes without, beyond Docker's own reduced
+/// default set: raw sockets (spoofing on the org's bridge), device nodes,
+/// chroot, the audit log, and changing file ownership or signalling
+/// processes it does not own are not what an instance needs, and each has
+/// been a step in container escapes.
+pub const DROPPED_CAPS: &[&str] = &[
+    "NET_RAW",
+    "MKNOD",
+    "SYS_CHROOT",
+    "AUDIT_WRITE",
+    "SETFCAP",
+    "NET_BIND_SERVICE",
+];
+
+/// Each container's log (json-file) is at most this many files of this size,
+/// so that one chatty instance cannot fill the host's disk.
+pub const LOG_MAX_SIZE: &str = "10m";
+pub const LOG_MAX_FILES: &str = "3";
 
 /// The engine's default endpoint when `DOCKER_HOST` is not set.
 pub const DEFAULT_ENDPOINT: &str = "unix:///var/run/docker.sock";
@@ -374,21 +399,69 @@ impl Engine {
         }
     }
 
+    /// The image named exactly `reference`, by its tags or digests: the
+    /// engine's inspect also answers ids and id prefixes, and those are not
+    /// names (anyone could guess at them).
     async fn image(
         &self,
         host: &HostId,
         op: &str,
-        tag: &str,
+        reference: &str,
     ) -> Result<Option<ImageInfo>, RuntimeError> {
-        match self.docker.inspect_image(tag).await {
-            Ok(i) => Ok(Some(ImageInfo {
-                id: i.id.unwrap_or_default(),
-                tag: tag.to_owned(),
-                labels: labels(i.config.and_then(|c| c.labels)),
-            })),
+        match self.docker.inspect_image(reference).await {
+            Ok(i) => {
+                let wanted = normal(reference);
+                let named = i
+                    .repo_tags
+                    .iter()
+                    .flatten()
+                    .chain(i.repo_digests.iter().flatten())
+                    .any(|t| normal(t) == wanted);
+                if !named {
+                    return Ok(None);
+                }
+                Ok(Some(ImageInfo {
+                    id: i.id.unwrap_or_default(),
+                    tag: reference.to_owned(),
+                    labels: labels(i.config.and_then(|c| c.labels)),
+                }))
+            }
             Err(e) if error::status(&e) == Some(404) => Ok(None),
-            Err(e) => Err(error::map(host, op, "image", tag, e)),
+            // A reference the engine cannot parse names nothing.
+            Err(e) if error::status(&e) == Some(400) => Ok(None),
+            Err(e) => Err(error::map(host, op, "image", reference, e)),
         }
+    }
+}
+
+impl Engine {
+    /// Whether a `FROM` of a build can be had: an image id exactly (what
+    /// Berth pins bases to), or a name as [`Engine::image`] finds it.
+    async fn has_image(&self, host: &HostId, op: &str, r: &str) -> Result<bool, RuntimeError> {
+        if r.starts_with("sha256:") {
+            return match self.docker.inspect_image(r).await {
+                Ok(i) => Ok(i.id.as_deref() == Some(r)),
+                Err(e) if matches!(error::status(&e), Some(404 | 400)) => Ok(false),
+                Err(e) => Err(error::map(host, op, "image", r, e)),
+            };
+        }
+        Ok(self.image(host, op, r).await?.is_some())
+    }
+}
+
+/// A reference as the engine lists it: Docker Hub's implicit prefixes
+/// dropped, `:latest` added to a bare name.
+fn normal(r: &str) -> String {
+    let r = r
+        .strip_prefix("docker.io/library/")
+        .or_else(|| r.strip_prefix("docker.io/"))
+        .or_else(|| r.strip_prefix("index.docker.io/library/"))
+        .unwrap_or(r);
+    let last = r.rsplit('/').next().unwrap_or(r);
+    if r.contains('@') || last.contains(':') {
+        r.to_owned()
+    } else {
+        format!("{r}:latest")
     }
 }
 
@@ -586,33 +659,38 @@ impl ContainerRuntime for DockerRuntime {
     async fn build_image(
         &self,
         host: &HostId,
-        spec: &ImageSpec,
+        spec: &BuildSpec,
     ) -> Result<BuildOutput, RuntimeError> {
         const OP: &str = "build_image";
         check_name(host, "image", &spec.tag)?;
         let e = self.engine(host)?;
-        let dockerfile = build::dockerfile(spec).map_err(|why| RuntimeError::invalid(host, why))?;
-        let context = build::context(&dockerfile).map_err(|err| {
-            RuntimeError::invalid(host, format!("cannot write the build context: {err}"))
-        })?;
+        let dockerfile = berth_runtime::context::dockerfile_of(&spec.context)
+            .map_err(|why| RuntimeError::invalid(host, why.to_string()))?;
+        let bases = berth_runtime::context::base_images(&dockerfile)
+            .map_err(|why| RuntimeError::invalid(host, why.to_string()))?;
         self.timed(host, OP, self.timeouts.build, async {
             // Checked first: the classic builder would otherwise try to pull
             // a missing base, which here can only fail, slowly and vaguely.
-            if e.image(host, OP, &spec.base).await?.is_none() {
-                return Err(RuntimeError::not_found(host, "image", &spec.base));
+            // The caller pins bases to ids, which `image` (names only) does
+            // not answer, so ids are looked up as such here.
+            for base in &bases {
+                if !e.has_image(host, OP, base).await? {
+                    return Err(RuntimeError::not_found(host, "image", base));
+                }
             }
             let options = BuildImageOptions {
                 dockerfile: "Dockerfile".to_owned(),
                 t: Some(spec.tag.clone()),
                 rm: true,
                 forcerm: true,
-                // Nothing in the Dockerfile needs a network; no step gets one.
+                // No step gets a network: a build reaches nothing and
+                // nothing reaches it.
                 networkmode: Some("none".to_owned()),
+                labels: Some(spec.labels.clone().into_iter().collect()),
                 ..Default::default()
             };
-            let mut output =
-                e.docker
-                    .build_image(options, None, Some(bollard::body_full(context.into())));
+            let body = bollard::body_full(spec.context.to_vec().into());
+            let mut output = e.docker.build_image(options, None, Some(body));
             let mut tail = build::Tail::default();
             let mut failure = None;
             while let Some(item) = output.next().await {
@@ -621,34 +699,28 @@ impl ContainerRuntime for DockerRuntime {
                         if let Some(s) = info.stream.as_deref().or(info.status.as_deref()) {
                             tail.push(s);
                         }
+                        if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                            failure = Some(err);
+                            break;
+                        }
                     }
                     Err(BollardError::DockerStreamError { error }) => {
                         failure = Some(error);
                         break;
                     }
-                    Err(err) => return Err(error::map(host, OP, "image", &spec.base, err)),
+                    Err(err) => return Err(error::map(host, OP, "image", &spec.tag, err)),
                 }
             }
+            let step = tail.step().map(str::to_owned);
             let log_tail = tail.finish();
             if let Some(why) = failure {
-                // The base may have gone since it was checked.
-                if e.image(host, OP, &spec.base).await?.is_none() {
-                    return Err(RuntimeError::not_found(host, "image", &spec.base));
+                // A base may have gone since it was checked.
+                for base in &bases {
+                    if !e.has_image(host, OP, base).await? {
+                        return Err(RuntimeError::not_found(host, "image", base));
+                    }
                 }
-                // The Dockerfile is generated and checked, and has no `RUN`:
-                // nothing in it can fail a build for good. What does fail one
-                // is the engine, e.g. a cached step shared with another
-                // instance's image whose removal pruned it mid-build ("failed
-                // to get digest …"). A second attempt builds it afresh.
-                return Err(RuntimeError::Unavailable {
-                    host: host.clone(),
-                    message: format!(
-                        "building {} from {} failed: {why}\n{}",
-                        spec.tag,
-                        spec.base,
-                        log_tail.join("\n")
-                    ),
-                });
+                return Err(build::failure(host, step, why, log_tail));
             }
             let image =
                 e.image(host, OP, &spec.tag)
@@ -713,9 +785,20 @@ impl ContainerRuntime for DockerRuntime {
         self.timed(host, OP, self.timeouts.call, async {
             let host_config = HostConfig {
                 memory: spec.limits.memory_bytes,
+                // No swap on top: the memory limit is the limit.
+                memory_swap: spec.limits.memory_bytes,
                 nano_cpus: spec.limits.nano_cpus,
                 pids_limit: spec.limits.pids,
                 privileged: Some(false),
+                security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+                cap_drop: Some(DROPPED_CAPS.iter().map(|c| (*c).to_owned()).collect()),
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("json-file".to_owned()),
+                    config: Some(HashMap::from([
+                        ("max-size".to_owned(), LOG_MAX_SIZE.to_owned()),
+                        ("max-file".to_owned(), LOG_MAX_FILES.to_owned()),
+                    ])),
+                }),
                 network_mode: Some(NO_NETWORK.to_owned()),
                 publish_all_ports: Some(false),
                 binds: None,
@@ -725,6 +808,8 @@ impl ContainerRuntime for DockerRuntime {
             let body = ContainerCreateBody {
                 image: Some(spec.image.clone()),
                 labels: Some(spec.labels.clone().into_iter().collect()),
+                env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+                cmd: spec.cmd.clone(),
                 host_config: Some(host_config),
                 ..Default::default()
             };

@@ -13,8 +13,8 @@ use std::time::Duration;
 use berth_docker::DockerRuntime;
 use berth_docker::bollard::query_parameters::{InspectContainerOptions, KillContainerOptions};
 use berth_runtime::{
-    ContainerRuntime, ContainerSpec, ContainerState, EngineEvent, EngineEventKind, HostId,
-    ImageSpec, Labels, Limits, NetworkSpec, ResourceKind, RuntimeError,
+    BuildSpec, ContainerRuntime, ContainerSpec, ContainerState, EngineEvent, EngineEventKind,
+    HostId, Labels, Limits, NetworkSpec, ResourceKind, RuntimeError,
 };
 use common::{BASE, Sweep, exec, local, reaches, unique, until};
 use futures::StreamExt;
@@ -27,14 +27,23 @@ fn labels(run: &str) -> Labels {
     Labels::from([(TEST_LABEL.to_owned(), run.to_owned())])
 }
 
-fn image_spec(run: &str, name: &str, cmd: &[&str]) -> ImageSpec {
-    ImageSpec {
-        tag: format!("berth-test/{run}/{name}:1"),
-        base: BASE.to_owned(),
-        env: vec![],
-        cmd: Some(cmd.iter().map(|s| (*s).to_owned()).collect()),
-        labels: labels(run),
-    }
+/// An image of `BASE` whose command is `cmd`, from a context holding only
+/// its Dockerfile.
+fn image_spec(run: &str, name: &str, cmd: &[&str]) -> BuildSpec {
+    dockerfile_spec(
+        run,
+        name,
+        &format!("FROM {BASE}\nCMD {}\n", serde_json::to_string(cmd).unwrap()),
+    )
+}
+
+fn dockerfile_spec(run: &str, name: &str, dockerfile: &str) -> BuildSpec {
+    BuildSpec::dockerfile_only(
+        format!("berth-test/{run}/{name}:1"),
+        dockerfile,
+        labels(run),
+    )
+    .unwrap()
 }
 
 fn container_spec(run: &str, name: &str, image: &str) -> ContainerSpec {
@@ -43,6 +52,8 @@ fn container_spec(run: &str, name: &str, image: &str) -> ContainerSpec {
         image: image.to_owned(),
         labels: labels(run),
         limits: Limits::default(),
+        env: vec![],
+        cmd: None,
     }
 }
 
@@ -105,25 +116,16 @@ async fn the_api_version_is_negotiated_down_to_the_engines() {
 }
 
 #[tokio::test]
-async fn an_image_gets_env_cmd_and_labels_from_a_generated_dockerfile() {
+async fn env_and_cmd_go_to_the_container_never_into_the_image() {
     let Some(rt) = common::engine().await else {
         return;
     };
     let run = unique("img");
     let _sweep = Sweep::new(TEST_LABEL, &[&run]);
     let host = local();
-    let tricky = r#"a "quoted" $HOME and \ backslash"#;
-    let mut spec = image_spec(
-        &run,
-        "env",
-        &["sh", "-c", "echo \"$GREETING\"; echo \"$TRICKY\""],
-    );
-    spec.env = vec![
-        ("GREETING".to_owned(), "hi there".to_owned()),
-        ("TRICKY".to_owned(), tricky.to_owned()),
-    ];
+    let docker = rt.client(&host).unwrap();
+    let mut spec = image_spec(&run, "env", &["true"]);
     spec.labels.insert("berth.org".to_owned(), "o".to_owned());
-
     let built = rt.build_image(&host, &spec).await.unwrap();
     assert_eq!(built.image.tag, spec.tag);
     assert!(built.image.id.starts_with("sha256:"), "{:?}", built.image);
@@ -141,15 +143,25 @@ async fn an_image_gets_env_cmd_and_labels_from_a_generated_dockerfile() {
     assert_eq!(found.id, built.image.id);
     assert_eq!(found.labels.get("berth.org").map(String::as_str), Some("o"));
 
-    // The env and the command made it, taken literally.
-    let name = container_spec(&run, "env", &spec.tag).name;
-    rt.create_container(&host, &container_spec(&run, "env", &spec.tag))
-        .await
-        .unwrap();
-    rt.start_container(&host, &name).await.unwrap();
+    // The env and the command are the container's, taken literally.
+    let tricky = r#"a "quoted" $HOME and \ backslash"#;
+    let secret = format!("s3cret-{run}");
+    let mut c = container_spec(&run, "env", &built.image.id);
+    c.env = vec![
+        ("GREETING".to_owned(), "hi there".to_owned()),
+        ("TRICKY".to_owned(), tricky.to_owned()),
+        ("SECRET".to_owned(), secret.clone()),
+    ];
+    c.cmd = Some(
+        ["sh", "-c", "echo \"$GREETING\"; echo \"$TRICKY\""]
+            .map(str::to_owned)
+            .to_vec(),
+    );
+    rt.create_container(&host, &c).await.unwrap();
+    rt.start_container(&host, &c.name).await.unwrap();
     let lines = until(WAIT, "the container's output", || async {
         let lines: Vec<String> = rt
-            .logs(&host, &name, 10, false)
+            .logs(&host, &c.name, 10, false)
             .map(|l| l.unwrap())
             .collect()
             .await;
@@ -158,12 +170,58 @@ async fn an_image_gets_env_cmd_and_labels_from_a_generated_dockerfile() {
     .await;
     assert_eq!(lines, vec!["hi there".to_owned(), tricky.to_owned()]);
 
+    // Nothing of the env is in the image: not its config, not a layer.
+    let inspected = docker.inspect_image(&built.image.id).await.unwrap();
+    let all = serde_json::to_string(&inspected).unwrap();
+    assert!(!all.contains(&secret), "image inspect holds the secret");
+    let history = docker.image_history(&built.image.id).await.unwrap();
+    let all = serde_json::to_string(&history).unwrap();
+    assert!(!all.contains(&secret) && !all.contains("GREETING"), "{all}");
+
     // Rebuilding replaces the tag; removing twice is fine.
     rt.build_image(&host, &spec).await.unwrap();
-    rt.remove_container(&host, &name).await.unwrap();
+    rt.remove_container(&host, &c.name).await.unwrap();
     rt.remove_image(&host, &spec.tag).await.unwrap();
     rt.remove_image(&host, &spec.tag).await.unwrap();
     assert!(rt.find_image(&host, &spec.tag).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn images_are_found_by_name_never_by_id_or_id_prefix() {
+    let Some(rt) = common::engine().await else {
+        return;
+    };
+    let host = local();
+    let base = rt.find_image(&host, BASE).await.unwrap().unwrap();
+    assert!(base.id.starts_with("sha256:"));
+    // The same image by its implicit tag and by Docker Hub's long form.
+    let bare = BASE.trim_end_matches(":latest");
+    assert_eq!(
+        rt.find_image(&host, bare).await.unwrap().map(|i| i.id),
+        Some(base.id.clone())
+    );
+    assert_eq!(
+        rt.find_image(&host, &format!("docker.io/library/{BASE}"))
+            .await
+            .unwrap()
+            .map(|i| i.id),
+        Some(base.id.clone())
+    );
+    let hex = base.id.trim_start_matches("sha256:");
+    for probe in [
+        base.id.clone(),
+        hex.to_owned(),
+        hex[..12].to_owned(),
+        hex[..4].to_owned(),
+        hex[..2].to_owned(),
+        format!("{}:latest", &hex[..2]),
+    ] {
+        assert_eq!(
+            rt.find_image(&host, &probe).await.unwrap(),
+            None,
+            "{probe} found"
+        );
+    }
 }
 
 #[tokio::test]
@@ -174,25 +232,26 @@ async fn a_missing_base_is_image_not_found_and_nothing_is_pulled() {
     let run = unique("nobase");
     let _sweep = Sweep::new(TEST_LABEL, &[&run]);
     let host = local();
-    let mut spec = image_spec(&run, "web", &["true"]);
-    spec.base = format!("berth-no-such-base-{run}:1");
+    let missing = format!("berth-no-such-base-{run}:1");
+    let spec = dockerfile_spec(&run, "web", &format!("FROM {missing}\nCMD [\"true\"]\n"));
     let err = rt.build_image(&host, &spec).await.unwrap_err();
     assert_eq!(err.code(), "image_not_found", "{err}");
     assert!(
-        matches!(&err, RuntimeError::NotFound { what, name, .. } if what == "image" && *name == spec.base),
+        matches!(&err, RuntimeError::NotFound { what, name, .. } if what == "image" && *name == missing),
         "{err:?}"
     );
     assert!(!err.is_retryable());
     assert!(rt.find_image(&host, &spec.tag).await.unwrap().is_none());
 
-    // A reference the engine cannot parse, and a value a Dockerfile cannot
-    // hold, are invalid requests, not missing images.
-    spec.base = "Upper/Case:1".to_owned();
-    let err = rt.build_image(&host, &spec).await.unwrap_err();
-    assert_eq!(err.code(), "invalid_request", "{err}");
-    let mut spec = image_spec(&run, "web", &["true"]);
-    spec.env = vec![("A".to_owned(), "two\nlines".to_owned())];
-    let err = rt.build_image(&host, &spec).await.unwrap_err();
+    // A context without a Dockerfile is an invalid request.
+    let bare = BuildSpec {
+        tag: spec.tag.clone(),
+        context: berth_runtime::context::tar_of(&[("x", b"y")])
+            .unwrap()
+            .into(),
+        labels: labels(&run),
+    };
+    let err = rt.build_image(&host, &bare).await.unwrap_err();
     assert_eq!(err.code(), "invalid_request", "{err}");
 
     // A container of a missing image is image_not_found too.
@@ -201,6 +260,56 @@ async fn a_missing_base_is_image_not_found_and_nothing_is_pulled() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), "image_not_found", "{err}");
+}
+
+#[tokio::test]
+async fn a_failing_instruction_is_build_failed_with_its_step_and_tail() {
+    let Some(rt) = common::engine().await else {
+        return;
+    };
+    let run = unique("bfail");
+    let _sweep = Sweep::new(TEST_LABEL, &[&run]);
+    let host = local();
+    let spec = dockerfile_spec(
+        &run,
+        "web",
+        &format!("FROM {BASE}\nRUN echo building-{run}\nRUN exit 3\nCMD [\"true\"]\n"),
+    );
+    let err = rt.build_image(&host, &spec).await.unwrap_err();
+    assert_eq!(err.code(), "build_failed", "{err}");
+    assert!(!err.is_retryable());
+    let RuntimeError::BuildFailed {
+        step,
+        message,
+        log_tail,
+        ..
+    } = &err
+    else {
+        panic!("{err:?}")
+    };
+    assert!(
+        step.starts_with("Step 3/") && step.ends_with(" : RUN exit 3"),
+        "{err:?}"
+    );
+    assert!(message.contains("non-zero code: 3"), "{message}");
+    assert!(
+        log_tail
+            .iter()
+            .any(|l| l.contains(&format!("building-{run}"))),
+        "{log_tail:?}"
+    );
+    assert!(rt.find_image(&host, &spec.tag).await.unwrap().is_none());
+
+    // A build has no network.
+    let spec = dockerfile_spec(
+        &run,
+        "net",
+        &format!(
+            "FROM {BASE}\nRUN cat /proc/net/route | wc -l > /routes\nRUN test \"$(cat /routes)\" = 1\n"
+        ),
+    );
+    let built = rt.build_image(&host, &spec).await;
+    assert!(built.is_ok(), "a build step saw a route: {built:?}");
 }
 
 #[tokio::test]
@@ -237,7 +346,34 @@ async fn containers_get_their_limits_no_privileges_and_no_network_until_attached
     assert_eq!(hc.memory, Some(64 * 1024 * 1024));
     assert_eq!(hc.nano_cpus, Some(500_000_000));
     assert_eq!(hc.pids_limit, Some(64));
+    assert_eq!(
+        hc.memory_swap,
+        Some(64 * 1024 * 1024),
+        "no swap beyond the limit"
+    );
     assert_eq!(hc.privileged, Some(false));
+    assert_eq!(
+        hc.security_opt.unwrap_or_default(),
+        vec!["no-new-privileges:true".to_owned()]
+    );
+    let dropped = hc.cap_drop.unwrap_or_default();
+    for cap in ["NET_RAW", "MKNOD", "SYS_CHROOT", "AUDIT_WRITE"] {
+        assert!(
+            dropped.iter().any(|c| c == cap),
+            "{cap} not dropped: {dropped:?}"
+        );
+    }
+    let log = hc.log_config.unwrap();
+    assert_eq!(log.typ.as_deref(), Some("json-file"));
+    let log = log.config.unwrap_or_default();
+    assert_eq!(
+        log.get("max-size").map(String::as_str),
+        Some(berth_docker::LOG_MAX_SIZE)
+    );
+    assert_eq!(
+        log.get("max-file").map(String::as_str),
+        Some(berth_docker::LOG_MAX_FILES)
+    );
     assert_eq!(hc.network_mode.as_deref(), Some("none"));
     assert!(hc.binds.unwrap_or_default().is_empty());
     assert!(hc.mounts.unwrap_or_default().is_empty());

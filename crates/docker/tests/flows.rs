@@ -67,6 +67,7 @@ async fn world(runtime: Arc<dyn ContainerRuntime>, docker: Arc<DockerRuntime>) -
             pids: Some(64),
         },
         install: store.install_id().to_owned(),
+        builds: Default::default(),
     });
     let mut reg = Registry::new();
     berth_flows::register(&mut reg, deps.clone()).unwrap();
@@ -110,6 +111,8 @@ fn spec(image: &str) -> InstanceSpec {
         ]),
         ports: vec![],
         restart: Default::default(),
+        build: None,
+        limits: None,
     }
 }
 
@@ -356,7 +359,7 @@ async fn flows_complete_through_engine_failures_and_lost_replies() {
         (Op::FindNetwork, vec![FaultKind::Transient]),
         (Op::CreateNetwork, vec![FaultKind::LostReply]),
         (
-            Op::BuildImage,
+            Op::FindImage,
             vec![FaultKind::Transient, FaultKind::LostReply],
         ),
         (

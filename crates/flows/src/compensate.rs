@@ -1,8 +1,10 @@
 //! Compensations (DESIGN §4): one worker per step's failure event, each with
 //! its own retry policy. Every one leaves the same end state — the instance
 //! `failed` with an error a user can act on, and nothing of it left on the
-//! host: its container (stopped and removed), its image, and, when the org
-//! has nothing else there, the org's network and host claim. Doing the whole
+//! host: its container (stopped and removed) and, when the org has nothing
+//! else there, the org's network and host claim. (Images are not the
+//! instance's: a base is the user's, a build image is shared by the org's
+//! instances of its context and goes with the reconciler once none is left.) Doing the whole
 //! clean-up in every compensation costs a few idempotent "remove" calls and
 //! makes the end state independent of which branch failed first.
 
@@ -96,9 +98,6 @@ pub async fn clean_up(
     for c in &containers {
         rt.remove_container(&host, c).await.map_err(engine)?;
     }
-    rt.remove_image(&host, &names::image(inst))
-        .await
-        .map_err(engine)?;
     let others = {
         let mut conn = ctx.store().pool().acquire().await?;
         instances::others_on_host(&mut conn, &inst.org_id, host.as_str(), &inst.id).await?

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use berth_core::EventPayload;
 use berth_core::domain::{ConditionKind, Conditions, InstanceStatus};
 use berth_core::events::instance as ev;
-use berth_runtime::{ContainerSpec, HostId, RuntimeError};
+use berth_runtime::{ContainerSpec, HostId, Limits, RuntimeError};
 use berth_store::instances::Instance;
 use berth_worker::{Ctx, HandlerError, HandlerResult, Registry, RegistryError};
 use serde::Deserialize;
@@ -97,11 +97,28 @@ pub(crate) async fn create_and_start(
     image: String,
 ) -> Result<String, HandlerError> {
     let name = names::container(inst);
+    let limits = match inst.spec.limits {
+        Some(l) => Limits {
+            memory_bytes: Some(l.memory_bytes),
+            nano_cpus: Some(l.nano_cpus),
+            pids: Some(l.pids),
+        },
+        None => deps.limits.clone(),
+    };
     let spec = ContainerSpec {
         name: name.clone(),
         image,
         labels: names::instance_labels(&deps.install, inst),
-        limits: deps.limits.clone(),
+        limits,
+        // The env lives here and nowhere else: no image, label or build
+        // log of Berth's holds a value of it.
+        env: inst
+            .spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        cmd: inst.spec.cmd.clone(),
     };
     match deps.runtime.create_container(host, &spec).await {
         Ok(_) | Err(RuntimeError::Conflict { .. }) => {}

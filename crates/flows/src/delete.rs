@@ -1,5 +1,5 @@
 //! The delete flow: on `instance.delete.requested`, stops and removes the
-//! container, removes the image, drops the org's network and releases its
+//! container, drops the org's network and releases its
 //! host when this was the org's last instance there, and marks the instance
 //! `deleted`. Emits `instance.deleted`.
 

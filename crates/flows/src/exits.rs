@@ -12,9 +12,9 @@ use std::time::Duration;
 use berth_core::domain::{ConditionKind, InstanceStatus, RestartPolicy};
 use berth_core::events::instance as ev;
 use berth_core::{EventPayload, NewEvent, Timestamp};
-use berth_runtime::{EngineEventKind, HostId, label};
+use berth_runtime::{ContainerState, EngineEventKind, HostId, label};
 use berth_store::{Cause, Store};
-use berth_worker::{Bus, Ctx, HandlerResult, Registry, RegistryError};
+use berth_worker::{Bus, Ctx, HandlerError, HandlerResult, Registry, RegistryError};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -22,25 +22,70 @@ use tracing::{debug, info, warn};
 use crate::Deps;
 use crate::step;
 
-pub fn register(reg: &mut Registry) -> Result<(), RegistryError> {
-    reg.register("instance.exit", &[ev::ContainerDied::TYPE], exit)?;
+pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError> {
+    reg.register("instance.exit", &[ev::ContainerDied::TYPE], move |ctx| {
+        exit(ctx, deps.clone())
+    })?;
     reg.register("restart.policy", &[ev::Exited::TYPE], restart)?;
     Ok(())
 }
 
-async fn exit(mut ctx: Ctx) -> HandlerResult {
+async fn exit(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
     let p: ev::ContainerDied = ctx.payload()?;
     let mut inst = step::load(&ctx, &p.instance_id).await?;
+    if inst.generation != p.generation {
+        return Ok(ctx.done());
+    }
+    // A death while the instance is being started (by its creation flow,
+    // or by a start or restart) is not lost: it is applied once the start
+    // is recorded, which is soon — meanwhile this delivery backs off and
+    // is retried. (The creation's last step also asks the engine, so an
+    // instance whose container ended at once is never reported running.)
+    if inst.status == InstanceStatus::Starting
+        && inst
+            .container
+            .as_deref()
+            .is_none_or(|c| c == p.container.as_str())
+    {
+        return Err(HandlerError::retryable(anyhow::anyhow!(
+            "container {} ended while its instance was starting; applied once the start is recorded",
+            p.container
+        ))
+        .with_code("instance_starting"));
+    }
     // Only the current generation's container, and only while it should be
     // running: a stop or restart we asked for also makes the engine say "die".
-    // A death from before the instance last became running is one we caused
-    // (a stop or restart), seen late.
-    if inst.generation != p.generation
-        || inst.status != InstanceStatus::Running
+    if inst.status != InstanceStatus::Running
         || inst.container.as_deref() != Some(p.container.as_str())
-        || p.at < inst.updated_at
     {
         return Ok(ctx.done());
+    }
+    let mut p = p;
+    if p.at < inst.updated_at && !p.gone {
+        // From before the instance last became running: either one we
+        // caused (the stop of a restart), seen late, or a death during its
+        // start that waited above. The engine tells which: a container
+        // that runs now was started again after it.
+        let Some(host) = inst.host.clone() else {
+            return Ok(ctx.done());
+        };
+        match deps
+            .runtime
+            .find_container(&HostId::new(host), &p.container)
+            .await
+            .map_err(step::engine)?
+            .map(|c| c.state)
+        {
+            Some(ContainerState::Exited {
+                exit_code,
+                oom_killed,
+            }) => {
+                p.exit_code = exit_code;
+                p.oom_killed |= oom_killed;
+            }
+            // Running again (a stale death), or gone (the reconciler's).
+            _ => return Ok(ctx.done()),
+        }
     }
     inst.oom_killed = p.oom_killed;
     if p.gone {

@@ -11,7 +11,7 @@ mod container_start;
 mod delete;
 pub mod exits;
 mod host_ensure;
-mod image_build;
+pub mod image_build;
 mod instance_finish;
 mod lifecycle;
 pub mod names;
@@ -42,6 +42,8 @@ pub struct Deps {
     pub limits: Limits,
     /// This installation's id (`Store::install_id`), on every label set.
     pub install: String,
+    /// Builds under way in this process, one per image.
+    pub builds: Arc<image_build::BuildLocks>,
 }
 
 impl Deps {
@@ -52,6 +54,7 @@ impl Deps {
             hosts: self.hosts.clone(),
             limits: self.limits.clone(),
             install: install.to_owned(),
+            builds: self.builds.clone(),
         }
     }
 }
@@ -85,11 +88,11 @@ pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError
     image_build::register(reg, deps.clone())?;
     container_start::register(reg, deps.clone())?;
     network_attach::register(reg, deps.clone())?;
-    instance_finish::register(reg)?;
+    instance_finish::register(reg, deps.clone())?;
     compensate::register(reg, deps.clone())?;
     delete::register(reg, deps.clone())?;
-    lifecycle::register(reg, deps)?;
-    exits::register(reg)?;
+    lifecycle::register(reg, deps.clone())?;
+    exits::register(reg, deps)?;
     Ok(())
 }
 
@@ -148,26 +151,45 @@ fn requested(
 /// [`create_instance`] through the bus: the instance row and its event are
 /// written in the dispatcher's group commit, so concurrent creations share
 /// commits. Same result and errors.
+/// With `quota`, the org's live instances must stay at most that many
+/// (checked in the same statement as the insert, so concurrent creations
+/// cannot pass it together): past it, [`QuotaExceeded`].
 pub async fn create_instance_on(
     bus: &Bus,
     org: &str,
     name: InstanceName,
     spec: InstanceSpec,
+    quota: Option<u32>,
 ) -> anyhow::Result<(Instance, Envelope)> {
     let (inst, env) = requested(bus.store(), org, name, spec)?;
     match bus
         .publish_with(
             vec![env.clone()],
-            vec![Write::InsertInstance(Box::new(inst.clone()))],
+            vec![Write::InsertInstance(Box::new(inst.clone()), quota)],
         )
         .await
     {
         Ok(_) => Ok((inst, env)),
         Err(e) if e.downcast_ref::<berth_worker::Rejected>().is_some() => {
+            // Refused by one of two guards; which one is told by counting
+            // (a count under the quota now means the name was the reason).
+            if let Some(max) = quota {
+                let mut conn = bus.store().pool().acquire().await?;
+                if instances::live_in_org(&mut conn, org).await? >= i64::from(max) {
+                    return Err(QuotaExceeded { max }.into());
+                }
+            }
             Err(instances::NameTaken(inst.name.to_string()).into())
         }
         Err(e) => Err(e),
     }
+}
+
+/// A creation refused because the org has its quota of live instances.
+#[derive(Debug, thiserror::Error)]
+#[error("the org has {max} instances, its quota; delete one first")]
+pub struct QuotaExceeded {
+    pub max: u32,
 }
 
 /// Records a new instance and its `instance.requested` event in one

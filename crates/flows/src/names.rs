@@ -9,14 +9,25 @@ pub fn network(org: &str) -> String {
     format!("berth-{org}")
 }
 
-/// The image of one generation of an instance. The tag is the image's link
-/// to its instance: the image itself carries only its org's labels, so that
-/// instances of the same base, env and cmd share every build step.
-pub fn image(i: &Instance) -> String {
-    format!("berth/{}/{}:g{}", i.org_id, i.name, i.generation)
+/// The image built from an org's build context (`digest`: `sha256:<hex>`):
+/// one per org and context, shared by every instance made from it.
+pub fn build_image(org: &str, digest: &str) -> String {
+    format!(
+        "berth/{org}/build:{}",
+        digest.strip_prefix("sha256:").unwrap_or(digest)
+    )
 }
 
-/// The org, instance name and generation an image tag of [`image`] names.
+/// The org and digest (`sha256:<hex>`) a tag of [`build_image`] names.
+pub fn parse_build_image(tag: &str) -> Option<(&str, String)> {
+    let rest = tag.strip_prefix("berth/")?;
+    let (org, hex) = rest.split_once("/build:")?;
+    Some((org, format!("sha256:{hex}")))
+}
+
+/// The org, instance name and generation an image tag of earlier versions
+/// names (`berth/<org>/<name>:g<generation>`, one image per instance with
+/// its env inside; an upgraded database may still run on such images).
 pub fn parse_image(tag: &str) -> Option<(&str, &str, i64)> {
     let rest = tag.strip_prefix("berth/")?;
     let (org, rest) = rest.split_once('/')?;
@@ -49,6 +60,17 @@ pub fn org_labels(install: &str, org: &str) -> Labels {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn build_tags_name_their_org_and_digest() {
+        let tag = super::build_image("o1", "sha256:ab12");
+        assert_eq!(tag, "berth/o1/build:ab12");
+        assert_eq!(
+            super::parse_build_image(&tag),
+            Some(("o1", "sha256:ab12".to_owned()))
+        );
+        assert_eq!(super::parse_build_image("berth/o1/web:g1"), None);
+    }
+
     #[test]
     fn image_tags_name_their_instance() {
         assert_eq!(

@@ -138,6 +138,11 @@ impl Reconciler {
             .filter(|i| live(i))
             .map(|i| (i.org_id.as_str(), i.name.as_str(), i.generation))
             .collect();
+        let live_builds: HashSet<(&str, &str)> = all
+            .iter()
+            .filter(|i| live(i))
+            .filter_map(|i| Some((i.org_id.as_str(), i.spec.build.as_ref()?.digest.as_str())))
+            .collect();
         let mut still = HashMap::new();
         for host in deps.hosts.hosts() {
             let resources = match deps.runtime.list_labelled(&host, label::MANAGED).await {
@@ -161,8 +166,15 @@ impl Reconciler {
                         .labels
                         .get(label::ORG)
                         .is_none_or(|org| !live_orgs.contains(org.as_str())),
-                    // An image names its instance by its tag (it carries
-                    // only its org's labels).
+                    // A build image lives while an instance of its org is
+                    // made from its context.
+                    ResourceKind::Image if r.labels.contains_key(label::BUILD) => {
+                        names::parse_build_image(&r.name).is_none_or(|(org, digest)| {
+                            !live_builds.contains(&(org, digest.as_str()))
+                        })
+                    }
+                    // An image of an earlier version names its instance by
+                    // its tag (it carries only its org's labels).
                     ResourceKind::Image if !r.labels.contains_key(label::INSTANCE) => {
                         names::parse_image(&r.name).is_none_or(|tag| !live_images.contains(&tag))
                     }

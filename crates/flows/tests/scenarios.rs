@@ -90,6 +90,7 @@ async fn world_on(
         hosts: Arc::new(LocalProvider),
         limits: Limits::default(),
         install: store.install_id().to_owned(),
+        builds: Default::default(),
     });
     let mut reg = Registry::new();
     berth_flows::register(&mut reg, deps.clone()).unwrap();
@@ -136,6 +137,8 @@ fn spec_with(image: &str, restart: RestartPolicy) -> InstanceSpec {
         cmd: Some(vec!["sleep".into(), "3600".into()]),
         ports: vec![],
         restart,
+        build: None,
+        limits: None,
     }
 }
 
@@ -292,7 +295,18 @@ impl World {
             if !img.labels.contains_key(label::MANAGED) {
                 continue; // a base image
             }
-            // An instance's image names it by its tag.
+            // A build image lives while an instance of its org uses it.
+            if let Some((org, digest)) = names::parse_build_image(&img.tag) {
+                assert!(
+                    all.iter().any(|i| live(i)
+                        && i.org_id == org
+                        && i.spec.build.as_ref().is_some_and(|b| b.digest == digest)),
+                    "build image {} survives every instance of its context",
+                    img.tag
+                );
+                continue;
+            }
+            // An image of an earlier version names its instance by its tag.
             let (org, name, generation) = names::parse_image(&img.tag)
                 .unwrap_or_else(|| panic!("image {} is not an instance's", img.tag));
             // A name is reused once its instance is deleted: some record of
@@ -480,7 +494,7 @@ async fn orgs_reach_their_own_instances_by_name_and_never_another_orgs() {
 const STEPS: &[(Op, &str)] = &[
     (Op::Ping, "host.ensure"),
     (Op::FindNetwork, "network.ensure"),
-    (Op::BuildImage, "image.build"),
+    (Op::FindImage, "image.build"),
     (Op::CreateContainer, "container.start"),
     (Op::StartContainer, "container.start"),
     (Op::ConnectNetwork, "network.attach"),
@@ -668,7 +682,10 @@ async fn a_duplicate_of_every_event_creates_nothing_twice() {
     assert_eq!(after.version, before.version, "the row did not change");
     assert_eq!(w.sim.containers(&w.host).len(), 1);
     assert_eq!(w.sim.networks(&w.host).len(), 1);
-    assert_eq!(w.sim.images(&w.host).len(), 1);
+    assert!(
+        w.sim.images(&w.host).is_empty(),
+        "a base image is used as it is: nothing is built"
+    );
     let all_events = w.store.events_of_flow(root.flow_id).await.unwrap();
     assert_eq!(
         all_events.len(),
@@ -942,7 +959,7 @@ fn reconciler() -> berth_flows::reconciler::Reconciler {
 
 #[tokio::test]
 async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else() {
-    use berth_runtime::{ContainerRuntime, ContainerSpec, ImageSpec, NetworkSpec};
+    use berth_runtime::{BuildSpec, ContainerRuntime, ContainerSpec, NetworkSpec};
     let mut w = world().await;
     let (inst, _) = w.create("orga", "web", "busybox").await;
     assert_eq!(w.settle(&inst.id).await.status, InstanceStatus::Running);
@@ -979,13 +996,8 @@ async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else(
     .unwrap();
     rt.build_image(
         &w.host,
-        &ImageSpec {
-            tag: "berth/ghostorg/ghost:g1".into(),
-            base: "busybox".into(),
-            env: vec![],
-            cmd: None,
-            labels: labels.clone(),
-        },
+        &BuildSpec::dockerfile_only("berth/ghostorg/ghost:g1", "FROM busybox\n", labels.clone())
+            .unwrap(),
     )
     .await
     .unwrap();
@@ -996,6 +1008,8 @@ async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else(
             image: "berth/ghostorg/ghost:g1".into(),
             labels,
             limits: Limits::default(),
+            env: vec![],
+            cmd: None,
         },
     )
     .await
@@ -1005,13 +1019,22 @@ async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else(
     let gone = format!("berth/{}/gone:g1", inst.org_id);
     rt.build_image(
         &w.host,
-        &ImageSpec {
-            tag: gone.clone(),
-            base: "busybox".into(),
-            env: vec![],
-            cmd: None,
-            labels: names::org_labels(&w.deps.install, &inst.org_id),
-        },
+        &BuildSpec::dockerfile_only(
+            gone.clone(),
+            "FROM busybox\n",
+            names::org_labels(&w.deps.install, &inst.org_id),
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    // A build image of a live org that no instance is made from.
+    let unused = names::build_image(&inst.org_id, "sha256:0123abcd");
+    let mut build_labels = names::org_labels(&w.deps.install, &inst.org_id);
+    build_labels.insert(label::BUILD.into(), "bunused".into());
+    rt.build_image(
+        &w.host,
+        &BuildSpec::dockerfile_only(unused.clone(), "FROM busybox\n", build_labels).unwrap(),
     )
     .await
     .unwrap();
@@ -1028,6 +1051,7 @@ async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else(
         "berth-ghostorg".to_owned(),
         "berth/ghostorg/ghost:g1".to_owned(),
         gone,
+        unused,
     ];
     expected.sort();
     assert_eq!(removed, expected);
@@ -1040,13 +1064,9 @@ async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else(
     );
     rt.remove_network(&w.host, "berth-theirs").await.unwrap();
     assert_eq!(w.get(&inst.id).await.status, InstanceStatus::Running);
-    let live = w.get(&inst.id).await;
     assert!(
-        w.sim
-            .images(&w.host)
-            .iter()
-            .any(|i| i.tag == names::image(&live)),
-        "the live instance's image stays"
+        w.sim.images(&w.host).is_empty(),
+        "no image of Berth's is left: the live instance runs its base image"
     );
     assert_eq!(
         w.sim.containers(&w.host).len(),
@@ -1152,7 +1172,7 @@ async fn a_name_is_unique_among_an_orgs_live_instances_on_both_paths() {
     create_instance(&w.store, "orga", name(), spec("busybox"))
         .await
         .unwrap();
-    let e = berth_flows::create_instance_on(&bus, "orga", name(), spec("busybox"))
+    let e = berth_flows::create_instance_on(&bus, "orga", name(), spec("busybox"), None)
         .await
         .unwrap_err();
     assert!(e.downcast_ref::<instances::NameTaken>().is_some(), "{e:#}");
@@ -1160,7 +1180,7 @@ async fn a_name_is_unique_among_an_orgs_live_instances_on_both_paths() {
         .await
         .unwrap_err();
     assert!(e.downcast_ref::<instances::NameTaken>().is_some(), "{e:#}");
-    berth_flows::create_instance_on(&bus, "orgb", name(), spec("busybox"))
+    berth_flows::create_instance_on(&bus, "orgb", name(), spec("busybox"), None)
         .await
         .unwrap();
     w.quiesce().await;
@@ -1287,6 +1307,7 @@ async fn pool_hosts_are_dedicated_per_org_and_released_with_its_last_instance() 
         hosts: Arc::new(PoolProvider::new(vec![h1.clone(), h2.clone()])),
         limits: Limits::default(),
         install: "pool-test".to_owned(),
+        builds: Default::default(),
     });
     let mut reg = Registry::new();
     berth_flows::register(&mut reg, deps).unwrap();
@@ -1331,6 +1352,7 @@ async fn pool_hosts_are_dedicated_per_org_and_released_with_its_last_instance() 
                 org,
                 InstanceName::parse(name).unwrap(),
                 spec("busybox"),
+                None,
             )
             .await
             .unwrap()

@@ -19,8 +19,8 @@ use berth_core::{SeededRng, Timestamp};
 use futures::stream::BoxStream;
 
 use crate::{
-    BuildOutput, ContainerInfo, ContainerRuntime, ContainerSpec, EngineEvent, HostId, ImageInfo,
-    ImageSpec, NetworkInfo, NetworkSpec, Resource, RuntimeError,
+    BuildOutput, BuildSpec, ContainerInfo, ContainerRuntime, ContainerSpec, EngineEvent, HostId,
+    ImageInfo, NetworkInfo, NetworkSpec, Resource, RuntimeError,
 };
 
 /// The operations faults can be injected into (every trait method but
@@ -311,7 +311,7 @@ impl ContainerRuntime for FaultyRuntime {
     async fn build_image(
         &self,
         host: &HostId,
-        spec: &ImageSpec,
+        spec: &BuildSpec,
     ) -> Result<BuildOutput, RuntimeError> {
         self.guard(Op::BuildImage, host, self.inner.build_image(host, spec))
             .await

@@ -9,6 +9,7 @@
 //! name is taken; callers look first with `find_*` (idempotent workers), and
 //! removal of something already gone is `Ok` so compensations can repeat.
 
+pub mod context;
 pub mod faulty;
 pub mod hosts;
 pub mod sim;
@@ -40,15 +41,22 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// containers are attached.
     async fn remove_network(&self, host: &HostId, name: &str) -> Result<(), RuntimeError>;
 
-    async fn find_image(&self, host: &HostId, tag: &str)
-    -> Result<Option<ImageInfo>, RuntimeError>;
-    /// Builds `spec.tag` from `spec.base` (which must already be on the host:
-    /// nothing is pulled) plus env, cmd and labels. A missing base is
-    /// `NotFound` with the base image's name.
+    /// The image known by the name `reference` (`name[:tag]`, `name@digest`;
+    /// a bare name means `:latest`) — by that name only: engines also match
+    /// an id or an id prefix, and such a match is `None` here, so that no
+    /// one can reach an image by guessing at its id.
+    async fn find_image(
+        &self,
+        host: &HostId,
+        reference: &str,
+    ) -> Result<Option<ImageInfo>, RuntimeError>;
+    /// Builds `spec.tag` from the context, with no network and nothing
+    /// pulled. A `FROM` the host does not have is `NotFound` (what = image);
+    /// a failing instruction is `BuildFailed` with the step and log tail.
     async fn build_image(
         &self,
         host: &HostId,
-        spec: &ImageSpec,
+        spec: &BuildSpec,
     ) -> Result<BuildOutput, RuntimeError>;
     /// Removes an image; `Ok` if it does not exist.
     async fn remove_image(&self, host: &HostId, tag: &str) -> Result<(), RuntimeError>;

@@ -9,7 +9,7 @@
 //! do not contend with each other and a benchmark measures Berth, not the
 //! simulator.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -20,8 +20,8 @@ use futures::stream::{self, BoxStream, StreamExt};
 use tokio::sync::broadcast;
 
 use crate::{
-    BuildOutput, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState, EngineEvent,
-    EngineEventKind, HostId, ImageInfo, ImageSpec, Labels, Limits, NetworkInfo, NetworkSpec,
+    BuildOutput, BuildSpec, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerState,
+    EngineEvent, EngineEventKind, HostId, ImageInfo, Labels, Limits, NetworkInfo, NetworkSpec,
     Resource, ResourceKind, RuntimeError,
 };
 
@@ -127,8 +127,12 @@ impl SimConfig {
 /// - `stop_container` on a missing container is `NotFound` (Docker's 404); on
 ///   a container that is not running it is `Ok`;
 /// - stopping or removing a running container ends it with exit code 137;
-/// - base images are a separate set (see [`SimRuntime::add_base_image`]):
-///   `find_image`, `images` and `create_container` only know built images.
+/// - base images (see [`SimRuntime::add_base_image`]) have ids like built
+///   ones and are found by name; `images` lists only built images;
+/// - `find_image` matches names only, never ids (as the trait requires);
+///   a container or a `FROM` may name an id;
+/// - a build fails at `RUN false` or `RUN exit N` (N ≠ 0), the only
+///   instructions the simulator "runs".
 pub struct SimRuntime {
     hosts: HashMap<HostId, HostSlot>,
     latency: SimLatency,
@@ -149,7 +153,8 @@ struct HostState {
     networks: BTreeMap<String, SimNetwork>,
     images: BTreeMap<String, ImageInfo>,
     containers: BTreeMap<String, SimContainer>,
-    bases: BTreeSet<String>,
+    /// Base images by normalized name → id.
+    bases: BTreeMap<String, String>,
     /// Index of the next network's /16, so addresses differ between networks.
     next_subnet: u32,
     /// Every engine event of this host, oldest first, for `events(since)`.
@@ -158,6 +163,55 @@ struct HostState {
     /// whole buffer up front, and most hosts of a large run are never watched.
     events_tx: Option<broadcast::Sender<EngineEvent>>,
     logs_tx: Option<broadcast::Sender<LogMsg>>,
+}
+
+impl HostState {
+    /// An image by exactly its name (`:latest` when none is given): built
+    /// images first, then base images. Never by id, as on Docker through
+    /// `find_image`.
+    fn by_name(&self, reference: &str) -> Option<ImageInfo> {
+        let n = normal(reference);
+        if let Some(i) = self.images.get(&n) {
+            return Some(i.clone());
+        }
+        self.bases.get(&n).map(|id| ImageInfo {
+            id: id.clone(),
+            tag: n,
+            labels: Labels::new(),
+        })
+    }
+
+    /// What an engine would make a container or a stage from: an id, or a name.
+    fn by_id_or_name(&self, r: &str) -> Option<ImageInfo> {
+        if let Some(i) = self.images.values().find(|i| i.id == r) {
+            return Some(i.clone());
+        }
+        if let Some((name, id)) = self.bases.iter().find(|(_, id)| id.as_str() == r) {
+            return Some(ImageInfo {
+                id: id.clone(),
+                tag: name.clone(),
+                labels: Labels::new(),
+            });
+        }
+        self.by_name(r)
+    }
+}
+
+/// A reference as the engine names it: `:latest` added to a bare name.
+fn normal(r: &str) -> String {
+    let last = r.rsplit('/').next().unwrap_or(r);
+    if r.contains('@') || last.contains(':') {
+        r.to_owned()
+    } else {
+        format!("{r}:latest")
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a) for the ids of base images.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 struct SimNetwork {
@@ -176,6 +230,7 @@ struct Endpoint {
 struct SimContainer {
     info: ContainerInfo,
     limits: Limits,
+    env: Vec<(String, String)>,
     /// Everything the container printed, oldest first.
     output: Vec<String>,
 }
@@ -216,14 +271,15 @@ impl SimRuntime {
     /// `build_image`). Unknown hosts are ignored.
     pub fn add_base_image(&self, host: &HostId, name: &str) {
         if let Some(mut h) = self.state(host) {
-            h.bases.insert(name.to_owned());
+            let id = format!("sha256:{:064x}", fnv(name));
+            h.bases.insert(normal(name), id);
         }
     }
 
     /// Takes a base image away again (to simulate a pruned engine).
     pub fn remove_base_image(&self, host: &HostId, name: &str) {
         if let Some(mut h) = self.state(host) {
-            h.bases.remove(name);
+            h.bases.remove(&normal(name));
         }
     }
 
@@ -303,6 +359,14 @@ impl SimRuntime {
         self.state(host)
             .map(|h| h.images.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The environment a container was created with.
+    pub fn env(&self, host: &HostId, container: &str) -> Option<Vec<(String, String)>> {
+        self.state(host)?
+            .containers
+            .get(container)
+            .map(|c| c.env.clone())
     }
 
     /// The limits a container was created with.
@@ -524,33 +588,63 @@ impl ContainerRuntime for SimRuntime {
     async fn find_image(
         &self,
         host: &HostId,
-        tag: &str,
+        reference: &str,
     ) -> Result<Option<ImageInfo>, RuntimeError> {
         let h = self.enter(host, self.latency.find).await?;
-        Ok(h.images.get(tag).cloned())
+        Ok(h.by_name(reference))
     }
 
     async fn build_image(
         &self,
         host: &HostId,
-        spec: &ImageSpec,
+        spec: &BuildSpec,
     ) -> Result<BuildOutput, RuntimeError> {
         check_name(host, "image", &spec.tag)?;
+        let dockerfile = crate::context::dockerfile_of(&spec.context)
+            .map_err(|e| RuntimeError::invalid(host, e.to_string()))?;
+        let bases = crate::context::base_images(&dockerfile)
+            .map_err(|e| RuntimeError::invalid(host, e.to_string()))?;
         let mut h = self.enter(host, self.latency.image_build).await?;
-        if !h.bases.contains(&spec.base) {
-            return Err(RuntimeError::not_found(host, "image", &spec.base));
+        for base in &bases {
+            if h.by_id_or_name(base).is_none() {
+                return Err(RuntimeError::not_found(host, "image", base));
+            }
+        }
+        // `RUN false` or `RUN exit N` (N ≠ 0) fails, as it would on Docker,
+        // so that failed builds can be simulated.
+        let steps: Vec<&str> = dockerfile
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        let mut log_tail = Vec::new();
+        for (i, line) in steps.iter().enumerate() {
+            let step = format!("Step {}/{} : {line}", i + 1, steps.len());
+            log_tail.push(step.clone());
+            let run = line.strip_prefix("RUN ").map(str::trim);
+            let fails = run.is_some_and(|r| {
+                r == "false" || r.strip_prefix("exit ").is_some_and(|n| n.trim() != "0")
+            });
+            if fails {
+                let message = format!(
+                    "The command '/bin/sh -c {}' returned a non-zero code: 1",
+                    run.unwrap_or_default()
+                );
+                log_tail.push(message.clone());
+                return Err(RuntimeError::BuildFailed {
+                    host: host.clone(),
+                    step,
+                    message,
+                    log_tail,
+                });
+            }
         }
         let image = ImageInfo {
             id: format!("sha256:{}", self.new_id()),
-            tag: spec.tag.clone(),
+            tag: normal(&spec.tag),
             labels: spec.labels.clone(),
         };
-        h.images.insert(spec.tag.clone(), image.clone());
-        let mut log_tail = vec![format!("FROM {}", spec.base)];
-        log_tail.extend(spec.env.iter().map(|(k, v)| format!("ENV {k}={v}")));
-        if let Some(cmd) = &spec.cmd {
-            log_tail.push(format!("CMD {cmd:?}"));
-        }
+        h.images.insert(normal(&spec.tag), image.clone());
         log_tail.push(format!("Successfully built {}", image.id));
         log_tail.push(format!("Successfully tagged {}", spec.tag));
         Ok(BuildOutput { image, log_tail })
@@ -558,7 +652,7 @@ impl ContainerRuntime for SimRuntime {
 
     async fn remove_image(&self, host: &HostId, tag: &str) -> Result<(), RuntimeError> {
         let mut h = self.enter(host, self.latency.image_remove).await?;
-        h.images.remove(tag);
+        h.images.remove(&normal(tag));
         Ok(())
     }
 
@@ -581,7 +675,7 @@ impl ContainerRuntime for SimRuntime {
         if h.containers.contains_key(&spec.name) {
             return Err(RuntimeError::conflict(host, "container", &spec.name));
         }
-        let Some(image) = h.images.get(&spec.image) else {
+        let Some(image) = h.by_id_or_name(&spec.image) else {
             return Err(RuntimeError::not_found(host, "image", &spec.image));
         };
         // Docker merges the image's labels under the container's own.
@@ -600,6 +694,7 @@ impl ContainerRuntime for SimRuntime {
             SimContainer {
                 info: info.clone(),
                 limits: spec.limits.clone(),
+                env: spec.env.clone(),
                 output: Vec::new(),
             },
         );

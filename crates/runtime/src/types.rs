@@ -38,6 +38,8 @@ pub mod label {
     /// Which Berth installation made the resource: an engine may be shared,
     /// and an installation only ever removes or follows its own.
     pub const INSTALL: &str = "berth.install";
+    /// On an image built from an org's uploaded context: the build's id.
+    pub const BUILD: &str = "berth.build";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,20 +55,42 @@ pub struct NetworkInfo {
     pub labels: Labels,
 }
 
+/// What to build: a context (a tar archive with a `Dockerfile` at its root
+/// and the files it copies) made into the image `tag`. Nothing is pulled:
+/// every `FROM` must name an image already on the host, and the caller pins
+/// each to an image id before building (see [`crate::context`]). The build
+/// has no network. Env values never go into a build: they belong to the
+/// container's configuration ([`ContainerSpec::env`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageSpec {
-    /// The image to produce, e.g. `berth/org-a/web:g1`.
+pub struct BuildSpec {
+    /// The image to produce, e.g. `berth/<org>/build:<digest>`.
     pub tag: String,
-    /// The base image; must exist on the host.
-    pub base: String,
-    pub env: Vec<(String, String)>,
-    pub cmd: Option<Vec<String>>,
+    /// The build context, a tar archive.
+    pub context: std::sync::Arc<[u8]>,
     pub labels: Labels,
+}
+
+impl BuildSpec {
+    /// A context holding only `dockerfile`.
+    pub fn dockerfile_only(
+        tag: impl Into<String>,
+        dockerfile: &str,
+        labels: Labels,
+    ) -> std::io::Result<BuildSpec> {
+        Ok(BuildSpec {
+            tag: tag.into(),
+            context: crate::context::tar_of(&[("Dockerfile", dockerfile.as_bytes())])?.into(),
+            labels,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
+    /// The engine's image id (`sha256:…`): what a container is made from,
+    /// so that a later retag of the name changes no instance.
     pub id: String,
+    /// The name it was found by (or built as).
     pub tag: String,
     pub labels: Labels,
 }
@@ -89,9 +113,14 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerSpec {
     pub name: String,
+    /// An image id (or a name); Berth passes the id it pinned.
     pub image: String,
     pub labels: Labels,
     pub limits: Limits,
+    /// The container's environment: only here, never in an image layer.
+    pub env: Vec<(String, String)>,
+    /// Overrides the image's command.
+    pub cmd: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +214,18 @@ pub enum RuntimeError {
     /// The engine refused the request as invalid (bad reference, bad spec).
     #[error("invalid request to host {host}: {message}")]
     Invalid { host: HostId, message: String },
+    /// A build whose own instructions failed (a `RUN` that exits non-zero,
+    /// a `COPY` of a missing file): building again fails the same way.
+    #[error("the build failed at {step}: {message}")]
+    BuildFailed {
+        host: HostId,
+        /// The failing instruction as the builder numbered it (`Step 2/3 :
+        /// RUN make`), or `unknown step`.
+        step: String,
+        message: String,
+        /// The last lines of the build's output.
+        log_tail: Vec<String>,
+    },
 }
 
 impl RuntimeError {
@@ -251,6 +292,7 @@ impl RuntimeError {
             RuntimeError::Conflict { .. } => "conflict",
             RuntimeError::InUse { .. } => "in_use",
             RuntimeError::Invalid { .. } => "invalid_request",
+            RuntimeError::BuildFailed { .. } => "build_failed",
         }
     }
 }

@@ -166,13 +166,12 @@ async fn events_and_logs_pass_through() {
     let hst = h();
     sim.build_image(
         &hst,
-        &berth_runtime::ImageSpec {
-            tag: "img".to_owned(),
-            base: "alpine:3".to_owned(),
-            env: vec![],
-            cmd: None,
-            labels: Labels::from([(label::MANAGED.to_owned(), "true".to_owned())]),
-        },
+        &berth_runtime::BuildSpec::dockerfile_only(
+            "img",
+            "FROM alpine:3\n",
+            Labels::from([(label::MANAGED.to_owned(), "true".to_owned())]),
+        )
+        .unwrap(),
     )
     .await
     .unwrap();
@@ -183,6 +182,8 @@ async fn events_and_logs_pass_through() {
             image: "img".to_owned(),
             labels: Labels::new(),
             limits: Limits::default(),
+            env: vec![],
+            cmd: None,
         },
     )
     .await

@@ -10,8 +10,8 @@ use std::time::Duration;
 use berth_core::{Clock, Timestamp};
 use berth_runtime::sim::{SimConfig, SimLatency, SimRuntime};
 use berth_runtime::{
-    ContainerRuntime, ContainerSpec, ContainerState, EngineEvent, EngineEventKind, HostId,
-    ImageSpec, Labels, Limits, NetworkSpec, ResourceKind, RuntimeError, label,
+    BuildSpec, ContainerRuntime, ContainerSpec, ContainerState, EngineEvent, EngineEventKind,
+    HostId, Labels, Limits, NetworkSpec, ResourceKind, RuntimeError, label,
 };
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -73,14 +73,13 @@ fn net(name: &str) -> NetworkSpec {
     }
 }
 
-fn image(tag: &str, base: &str) -> ImageSpec {
-    ImageSpec {
-        tag: tag.to_owned(),
-        base: base.to_owned(),
-        env: vec![("PORT".to_owned(), "80".to_owned())],
-        cmd: Some(vec!["serve".to_owned()]),
-        labels: managed(&[]),
-    }
+fn image(tag: &str, base: &str) -> BuildSpec {
+    BuildSpec::dockerfile_only(
+        tag,
+        &format!("FROM {base}\nCMD [\"serve\"]\n"),
+        managed(&[]),
+    )
+    .unwrap()
 }
 
 fn container(name: &str, image: &str) -> ContainerSpec {
@@ -89,6 +88,8 @@ fn container(name: &str, image: &str) -> ContainerSpec {
         image: image.to_owned(),
         labels: managed(&[(label::ORG, "org-a")]),
         limits: Limits::default(),
+        env: vec![("PORT".to_owned(), "80".to_owned())],
+        cmd: None,
     }
 }
 
@@ -554,7 +555,7 @@ async fn list_labelled_finds_every_kind_carrying_the_key() {
         names,
         vec![
             (ResourceKind::Container, "c1"),
-            (ResourceKind::Image, "img-c1"),
+            (ResourceKind::Image, "img-c1:latest"),
             (ResourceKind::Network, "n1"),
         ]
     );

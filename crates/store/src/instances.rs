@@ -15,7 +15,13 @@ use crate::writer::RowRead;
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {
+    /// The base image by reference (`name[:tag]`, `name@sha256:…`); empty
+    /// when the instance is made from a build context instead.
+    #[serde(default)]
     pub image: String,
+    /// The org's uploaded build context the image is built from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildRef>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     #[serde(default)]
@@ -24,6 +30,28 @@ pub struct InstanceSpec {
     pub ports: Vec<u16>,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// The container's resource limits, resolved from the request and the
+    /// configured defaults when the instance was created (a later change
+    /// of defaults changes no existing instance). Rows from before limits
+    /// existed have none and get the runtime's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ResourceLimits>,
+}
+
+/// A build context named by an instance: its id and digest (the digest
+/// names the shared image, so the reconciler needs no lookup).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRef {
+    pub id: String,
+    pub digest: String,
+}
+
+/// Memory (bytes), CPU (billionths of a CPU) and process limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    pub memory_bytes: i64,
+    pub nano_cpus: i64,
+    pub pids: i64,
 }
 
 /// An instance row.
@@ -242,6 +270,15 @@ pub async fn update(
 }
 
 /// Live (not deleted) instances of `org` on `host`, other than `except`.
+/// How many instances of `org` are not deleted (what its quota counts).
+pub async fn live_in_org(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<i64> {
+    sqlx::query_scalar("SELECT COUNT(*) FROM instances WHERE org_id = ?1 AND status != 'deleted'")
+        .bind(org)
+        .fetch_one(&mut *conn)
+        .await
+        .context("failed to count the org's instances")
+}
+
 pub async fn others_on_host(
     conn: &mut SqliteConnection,
     org: &str,

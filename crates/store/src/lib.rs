@@ -6,6 +6,7 @@
 //! as one JSON parameter); the SQL lives in per-dialect modules so PostgreSQL
 //! can sit behind the same API.
 
+pub mod builds;
 pub mod instances;
 mod migrate;
 pub mod model;

@@ -27,6 +27,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "install",
         include_str!("../migrations/sqlite/0004_install.sql"),
     ),
+    (
+        5,
+        "builds",
+        include_str!("../migrations/sqlite/0005_builds.sql"),
+    ),
 ];
 
 pub(crate) async fn run(conn: &mut SqliteConnection) -> anyhow::Result<()> {

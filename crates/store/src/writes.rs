@@ -25,8 +25,9 @@ pub enum Write {
     },
     /// Drop `org`'s claim on `host`.
     ReleaseHost { host: String, org: String },
-    /// Insert a new instance if its org has no live instance of that name.
-    InsertInstance(Box<Instance>),
+    /// Insert a new instance if its org has no live instance of that name
+    /// and, with a quota, fewer live instances than it.
+    InsertInstance(Box<Instance>, Option<u32>),
     /// Merge one step's result into an instance that is still being created
     /// in that generation, whatever its version.
     Patch(Box<InstancePatch>),
@@ -61,7 +62,7 @@ impl Write {
         matches!(
             self,
             Write::Instance(_)
-                | Write::InsertInstance(_)
+                | Write::InsertInstance(..)
                 | Write::Patch(_)
                 | Write::ClaimHost {
                     exclusive: true,
@@ -163,17 +164,25 @@ impl Script {
         // Two of one name in one statement would both pass that check (the
         // statement reads the table before it inserts) and fail the unique
         // index, so a name goes at most once per statement.
-        let inserts: Vec<&Instance> = writes
+        let inserts: Vec<(&Instance, Option<u32>)> = writes
             .iter()
             .filter_map(|(_, w)| match w {
-                Write::InsertInstance(i) => Some(&**i),
+                Write::InsertInstance(i, quota) => Some((&**i, *quota)),
                 _ => None,
             })
             .collect();
-        for layer in layers(&inserts, |i| (i.org_id.as_str(), i.name.as_str())) {
+        let refs: Vec<&(&Instance, Option<u32>)> = inserts.iter().collect();
+        // The quota is counted the same way: the statement does not see its
+        // own rows, so an org goes at most once per statement (which also
+        // keeps each name once per statement).
+        for layer in layers(&refs, |(i, _)| i.org_id.as_str()) {
             let rows = layer
                 .iter()
-                .map(|i| crate::instances::insert_args(i))
+                .map(|(i, quota)| {
+                    let mut args = crate::instances::insert_args(i)?;
+                    args.push(Arg::Int(quota.map_or(i64::MAX, i64::from)));
+                    Ok(args)
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let ret = returning("'guard_insert', id, 0");
             self.push_rows_counted(
@@ -182,12 +191,18 @@ impl Script {
                 |t| {
                     format!(
                         "INSERT INTO instances ({cols})
-                         SELECT * FROM (VALUES {t}) AS v
+                         SELECT {vals} FROM (VALUES {t}) AS v
                           WHERE NOT EXISTS (SELECT 1 FROM instances
                                 WHERE org_id = v.column2 AND name = v.column3
                                   AND status != 'deleted')
+                            AND (SELECT COUNT(*) FROM instances
+                                WHERE org_id = v.column2 AND status != 'deleted') < v.column21
                          {ret}",
-                        cols = crate::instances::COLUMNS
+                        cols = crate::instances::COLUMNS,
+                        vals = (1..=20)
+                            .map(|n| format!("v.column{n}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )
                 },
                 !exact,
@@ -196,7 +211,7 @@ impl Script {
         for (tag, w) in writes {
             let tag = Arg::Int(i64::try_from(*tag).unwrap_or(i64::MAX));
             match w {
-                Write::InsertInstance(_) => {} // above, all together
+                Write::InsertInstance(..) => {} // above, all together
                 Write::ClaimHost {
                     host,
                     org,
@@ -289,7 +304,8 @@ impl Script {
 }
 
 /// Arguments per row of an instance insert (every column).
-const INSERT_ROW: usize = 20;
+/// The instance's 20 columns and the org's quota.
+const INSERT_ROW: usize = 21;
 
 /// Arguments per row of the instance update.
 const INSTANCE_ROW: usize = 16;
@@ -474,7 +490,7 @@ pub fn passed_guards<R: RowRead>(
             "guard_insert" => {
                 let id = r.text(1)?;
                 if let Some(k) = writes.iter().enumerate().position(|(k, (_, w))| {
-                    !matched[k] && matches!(w, Write::InsertInstance(i) if i.id == id)
+                    !matched[k] && matches!(w, Write::InsertInstance(i, _) if i.id == id)
                 }) {
                     matched[k] = true;
                     out.push(writes[k].0);
@@ -494,7 +510,7 @@ pub fn passed_guards<R: RowRead>(
             if !matched[k]
                 && matches!(
                     w,
-                    Write::Instance(_) | Write::Patch(_) | Write::InsertInstance(_)
+                    Write::Instance(_) | Write::Patch(_) | Write::InsertInstance(..)
                 )
             {
                 out.push(*tag);
@@ -526,6 +542,8 @@ mod tests {
                 cmd: None,
                 ports: vec![],
                 restart: Default::default(),
+                build: None,
+                limits: None,
             },
             status: InstanceStatus::Provisioning,
             version: 1,
@@ -706,7 +724,7 @@ mod tests {
         other.name = InstanceName::parse("db").unwrap();
         let writes: Vec<Write> = [&first, &second, &other]
             .into_iter()
-            .map(|i| Write::InsertInstance(Box::new(i.clone())))
+            .map(|i| Write::InsertInstance(Box::new(i.clone()), None))
             .collect();
         let tagged: Vec<(usize, &Write)> = writes.iter().enumerate().collect();
         let writer = s.open_writer().await.unwrap();

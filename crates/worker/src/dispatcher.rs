@@ -885,7 +885,7 @@ impl Dispatcher {
                     row.updated_at = now;
                     last.insert(&i.id, Some(row));
                 }
-                Write::InsertInstance(i) => {
+                Write::InsertInstance(i, _) => {
                     last.insert(&i.id, Some((**i).clone()));
                 }
                 // Below: patches are applied after every whole write.

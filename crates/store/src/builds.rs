@@ -1,0 +1,154 @@
+//! Build contexts an org uploaded: stored whole, content-addressed within
+//! the org (one row per org and digest), read back by the image step.
+
+use anyhow::Context;
+use berth_core::Timestamp;
+use sqlx::{Row, SqliteConnection};
+
+/// A stored build context, without its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Build {
+    pub id: String,
+    pub org_id: String,
+    /// `sha256:<hex>` of the archive.
+    pub digest: String,
+    pub size: i64,
+    /// The images its Dockerfile's stages start from.
+    pub bases: Vec<String>,
+    pub created_at: Timestamp,
+}
+
+/// What [`insert`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    New(Build),
+    /// The org had uploaded these bytes before: that build.
+    Existing(Build),
+    /// The org has `max` builds already.
+    Quota {
+        max: i64,
+    },
+}
+
+fn from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Build> {
+    let bases: String = r.try_get("bases")?;
+    Ok(Build {
+        id: r.try_get("id")?,
+        org_id: r.try_get("org_id")?,
+        digest: r.try_get("digest")?,
+        size: r.try_get("size")?,
+        bases: serde_json::from_str(&bases).context("corrupt build bases in the store")?,
+        created_at: Timestamp::from_micros(r.try_get("created_at")?),
+    })
+}
+
+const COLUMNS: &str = "id, org_id, digest, size, bases, created_at";
+
+/// The org's build with these bytes, stored now if it is new and the org
+/// has fewer than `max` builds. Run it in a transaction (the count and the
+/// insert must see the same table).
+#[allow(clippy::too_many_arguments)]
+pub async fn insert(
+    conn: &mut SqliteConnection,
+    id: &str,
+    org: &str,
+    digest: &str,
+    bases: &[String],
+    context: &[u8],
+    max: i64,
+    at: Timestamp,
+) -> anyhow::Result<Inserted> {
+    if let Some(b) = by_digest(conn, org, digest).await? {
+        return Ok(Inserted::Existing(b));
+    }
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM builds WHERE org_id = ?1")
+        .bind(org)
+        .fetch_one(&mut *conn)
+        .await
+        .context("failed to count the org's builds")?;
+    if count >= max {
+        return Ok(Inserted::Quota { max });
+    }
+    let size = i64::try_from(context.len()).unwrap_or(i64::MAX);
+    sqlx::query(
+        "INSERT INTO builds (id, org_id, digest, size, bases, context, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .bind(id)
+    .bind(org)
+    .bind(digest)
+    .bind(size)
+    .bind(serde_json::to_string(bases)?)
+    .bind(context)
+    .bind(at.as_micros())
+    .execute(&mut *conn)
+    .await
+    .context("failed to store the build context")?;
+    Ok(Inserted::New(Build {
+        id: id.to_owned(),
+        org_id: org.to_owned(),
+        digest: digest.to_owned(),
+        size,
+        bases: bases.to_vec(),
+        created_at: at,
+    }))
+}
+
+async fn by_digest(
+    conn: &mut SqliteConnection,
+    org: &str,
+    digest: &str,
+) -> anyhow::Result<Option<Build>> {
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM builds WHERE org_id = ?1 AND digest = ?2"
+    ))
+    .bind(org)
+    .bind(digest)
+    .fetch_optional(&mut *conn)
+    .await
+    .context("failed to read a build")?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// The org's build `id`; `None` for another org's, exactly like a missing one.
+pub async fn get(
+    conn: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+) -> anyhow::Result<Option<Build>> {
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM builds WHERE id = ?1 AND org_id = ?2"
+    ))
+    .bind(id)
+    .bind(org)
+    .fetch_optional(&mut *conn)
+    .await
+    .context("failed to read a build")?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// The archive of the org's build `id`.
+pub async fn context(
+    conn: &mut SqliteConnection,
+    org: &str,
+    id: &str,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    sqlx::query_scalar("SELECT context FROM builds WHERE id = ?1 AND org_id = ?2")
+        .bind(id)
+        .bind(org)
+        .fetch_optional(&mut *conn)
+        .await
+        .context("failed to read a build context")
+}
+
+/// The org's builds, newest first.
+pub async fn list(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<Vec<Build>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM builds WHERE org_id = ?1 ORDER BY created_at DESC, id DESC"
+    ))
+    .bind(org)
+    .fetch_all(&mut *conn)
+    .await
+    .context("failed to list builds")?;
+    rows.iter().map(from_row).collect()
+}
