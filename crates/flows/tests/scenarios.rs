@@ -1385,3 +1385,41 @@ async fn pool_hosts_are_dedicated_per_org_and_released_with_its_last_instance() 
     assert!(claims.values().all(|orgs| orgs.len() == 1), "{claims:?}");
     workers.shutdown().await.unwrap();
 }
+
+/// Regression (tenancy issue): a container that dies while its creation
+/// flow is still starting it used to be reported `running` (the die found
+/// an instance that was not running yet and was dropped) until the
+/// reconciler's next pass. It must end `exited` with its exit code.
+#[tokio::test]
+async fn a_container_that_dies_during_its_creation_ends_exited_not_running() {
+    use berth_runtime::{ContainerRuntime, EngineEventKind};
+    use futures::StreamExt;
+    let mut w = world().await;
+    let listening = w.listen();
+    // The attach fails once, so the death lands while the flow is starting.
+    w.faulty
+        .fail_next(Op::ConnectNetwork, 1, FaultKind::Transient);
+    let sim = w.sim.clone();
+    let host = w.host.clone();
+    let mut events = sim.events(&host, label::INSTANCE, None);
+    let killer = tokio::spawn(async move {
+        while let Some(Ok(e)) = events.next().await {
+            if e.kind == EngineEventKind::Start {
+                sim.kill(&host, &e.container, 7, false).unwrap();
+                return;
+            }
+        }
+    });
+    let (inst, _) = w.create("orga", "quick", "busybox").await;
+    let done = w
+        .until_is(&inst.id, "exited", |i| i.status == InstanceStatus::Exited)
+        .await;
+    assert_eq!(done.exit_code, Some(7));
+    killer.await.unwrap();
+    w.quiesce().await;
+    let after = w.get(&inst.id).await;
+    assert_eq!(after.status, InstanceStatus::Exited, "and it stays so");
+    listening.cancel();
+    w.check_invariants().await;
+    w.stop().await;
+}
