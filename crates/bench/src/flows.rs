@@ -260,6 +260,8 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         args.count
     );
     lat.sort_unstable();
+    let mut raw = raw;
+    raw.sort_unstable();
     base.sort_unstable();
     let ms = |us: u64| us as f64 / 1000.0;
     let p50 = ms(quantile(&lat, 0.5));

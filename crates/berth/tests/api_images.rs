@@ -8,7 +8,7 @@
 
 mod api_support;
 
-use api_support::{spawn, spawn_with};
+use api_support::{CONFIG, spawn, spawn_with};
 use reqwest::Method;
 use serde_json::json;
 
@@ -25,18 +25,6 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect()
 }
-
-const SIM: &str = r#"
-listen = "127.0.0.1:0"
-[runtime]
-kind = "sim"
-[bus]
-shutdown_grace = "2s"
-[workers.default]
-max_attempts = 3
-timeout = "5s"
-backoff = { initial = "1ms", max = "4ms" }
-"#;
 
 #[tokio::test]
 async fn image_ids_and_unclear_requests_are_refused_and_nothing_is_written() {
@@ -108,7 +96,7 @@ async fn image_ids_and_unclear_requests_are_refused_and_nothing_is_written() {
 
 #[tokio::test]
 async fn the_instance_quota_holds_under_concurrent_creations() {
-    let t = spawn_with(SIM, env(&[("BERTH_LIMITS__MAX_INSTANCES_PER_ORG", "3")])).await;
+    let t = spawn_with(CONFIG, env(&[("BERTH_LIMITS__MAX_INSTANCES_PER_ORG", "3")])).await;
     let (_, a) = t.org("alpha").await;
     let (_, b) = t.org("beta").await;
     // Ten at once: exactly three get in.
@@ -186,7 +174,7 @@ async fn the_instance_quota_holds_under_concurrent_creations() {
 #[tokio::test]
 async fn build_contexts_are_checked_at_upload() {
     let t = spawn_with(
-        SIM,
+        CONFIG,
         env(&[
             ("BERTH_LIMITS__MAX_BUILD_CONTEXT", "4KiB"),
             ("BERTH_LIMITS__MAX_BUILDS_PER_ORG", "2"),

@@ -172,10 +172,10 @@ impl Script {
             })
             .collect();
         let refs: Vec<&(&Instance, Option<u32>)> = inserts.iter().collect();
-        // The quota is counted the same way: the statement does not see its
-        // own rows, so an org goes at most once per statement (which also
-        // keeps each name once per statement).
-        for layer in layers(&refs, |(i, _)| i.org_id.as_str()) {
+        // The quota: the statement does not see its own rows either, so
+        // each row counts the org's rows before it in the statement (among
+        // those whose name is free) on top of the stored ones.
+        for layer in layers(&refs, |(i, _)| (i.org_id.as_str(), i.name.as_str())) {
             let rows = layer
                 .iter()
                 .map(|(i, quota)| {
@@ -191,12 +191,16 @@ impl Script {
                 |t| {
                     format!(
                         "INSERT INTO instances ({cols})
-                         SELECT {vals} FROM (VALUES {t}) AS v
-                          WHERE NOT EXISTS (SELECT 1 FROM instances
-                                WHERE org_id = v.column2 AND name = v.column3
-                                  AND status != 'deleted')
-                            AND (SELECT COUNT(*) FROM instances
-                                WHERE org_id = v.column2 AND status != 'deleted') < v.column21
+                         SELECT {vals} FROM (
+                             SELECT v.*, ROW_NUMBER() OVER (PARTITION BY v.column2) AS rn
+                               FROM (VALUES {t}) AS v
+                              WHERE NOT EXISTS (SELECT 1 FROM instances
+                                    WHERE org_id = v.column2 AND name = v.column3
+                                      AND status != 'deleted')
+                         ) AS v
+                          WHERE (SELECT COUNT(*) FROM instances
+                                 WHERE org_id = v.column2 AND status != 'deleted') + v.rn
+                                <= v.column21
                          {ret}",
                         cols = crate::instances::COLUMNS,
                         vals = (1..=20)
@@ -743,5 +747,45 @@ mod tests {
                 assert_eq!(passed, None, "a count fell short: redo exactly");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn new_instances_past_their_orgs_quota_are_refused_in_one_statement() {
+        let (_d, s) = store().await;
+        let mut c = s.pool().acquire().await.unwrap();
+        instances::insert_org(&mut c, "o", "o-name", s.now())
+            .await
+            .unwrap();
+        // One already stored; quota 3: two more of o may go in, of five.
+        let mut stored = instance(&s);
+        stored.id = "i0".into();
+        stored.name = InstanceName::parse("n0").unwrap();
+        instances::insert(&mut c, &stored).await.unwrap();
+        let mut all = Vec::new();
+        for n in 1..=5 {
+            let mut i = instance(&s);
+            i.id = format!("i{n}");
+            i.name = InstanceName::parse(&format!("n{n}")).unwrap();
+            all.push(i);
+        }
+        // A taken name does not use up the quota of the rows after it.
+        let mut dup = instance(&s);
+        dup.id = "idup".into();
+        dup.name = InstanceName::parse("n0").unwrap();
+        all.insert(0, dup);
+        let writes: Vec<Write> = all
+            .iter()
+            .map(|i| Write::InsertInstance(Box::new(i.clone()), Some(3)))
+            .collect();
+        let tagged: Vec<(usize, &Write)> = writes.iter().enumerate().collect();
+        let writer = s.open_writer().await.unwrap();
+        let mut script = Script::new();
+        script.push("BEGIN IMMEDIATE", []);
+        script.guarded_writes(&tagged, s.now(), true).unwrap();
+        let rows = writer.run(script).await.unwrap();
+        let passed = passed_guards(&tagged, &rows).unwrap().unwrap();
+        writer.rollback().await.unwrap();
+        assert_eq!(passed.len(), 2, "{passed:?}");
+        assert!(!passed.contains(&0), "the taken name is refused");
     }
 }

@@ -21,7 +21,7 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// Fast retries so failures end in milliseconds; `host.ensure` retries
 /// slowly and long, so a test can hold a flow at its first step by taking
 /// the engine away.
-const CONFIG: &str = r#"
+pub const CONFIG: &str = r#"
 listen = "127.0.0.1:0"
 
 [runtime]
