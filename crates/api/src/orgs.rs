@@ -24,7 +24,12 @@ pub struct CreateOrg {
 /// An org or token id: unpredictable, so that one id tells nothing about
 /// another org's.
 fn new_id(state: &ApiState) -> String {
-    state.store().ids().unpredictable().to_string().to_ascii_lowercase()
+    state
+        .store()
+        .ids()
+        .unpredictable()
+        .to_string()
+        .to_ascii_lowercase()
 }
 
 /// Creates an org and its first token.

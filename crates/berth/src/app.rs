@@ -213,6 +213,7 @@ impl App {
                     runtime: deps.runtime.clone(),
                 },
                 admin.hash,
+                config.api.options(),
             )
             .await
             .context("failed to start the API")?;

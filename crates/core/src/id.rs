@@ -267,7 +267,12 @@ mod tests {
             // 80 independent random bits differ in 40 on average; fewer
             // than 12 happens with odds below 1e-10 per pair.
             let differ = (a ^ b).count_ones();
-            assert!(differ >= 12, "{} then {}: only {differ} bits differ", w[0], w[1]);
+            assert!(
+                differ >= 12,
+                "{} then {}: only {differ} bits differ",
+                w[0],
+                w[1]
+            );
         }
         for id in &ids {
             assert!(seen.insert(*id), "{id} repeated");
