@@ -240,6 +240,14 @@ impl Conns {
         }
     }
 
+    /// Whether connection `id` is waiting for a request head.
+    fn is_idle(&self, id: u64) -> bool {
+        self.lock()
+            .open
+            .get(&id)
+            .is_some_and(|s| s.busy == 0 && !s.pinned)
+    }
+
     fn pin(&self, id: u64) {
         if let Some(s) = self.lock().open.get_mut(&id) {
             s.pinned = true;
@@ -430,6 +438,7 @@ async fn connection(
     close: CancellationToken,
 ) {
     let id = io.guard.id;
+    let io_conns = conns.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let busy = conns.busy(id);
         let router = router.clone();
@@ -462,6 +471,13 @@ async fn connection(
                 return;
             }
             _ = shutdown.cancelled(), if !draining => {
+                // hyper's graceful shutdown closes a connection idle
+                // between requests, but lets one that has not finished
+                // its first head run to the header timeout. Neither has a
+                // request to finish: close both now.
+                if io_conns.is_idle(id) {
+                    return;
+                }
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }

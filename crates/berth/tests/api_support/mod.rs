@@ -52,6 +52,12 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Boots Berth as `berth serve` would, on a free port.
 pub async fn spawn() -> TestApp {
+    spawn_with("").await
+}
+
+/// [`spawn`], with `extra` TOML appended to the test configuration (new
+/// tables only, e.g. `[api]`).
+pub async fn spawn_with(extra: &str) -> TestApp {
     if let Ok(filter) = std::env::var("BERTH_TEST_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -60,7 +66,7 @@ pub async fn spawn() -> TestApp {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("berth.toml");
-    std::fs::write(&path, CONFIG).unwrap();
+    std::fs::write(&path, format!("{CONFIG}\n{extra}\n")).unwrap();
     let mut config = Config::load(Some(&path), Vec::new()).unwrap();
     config.data_dir = dir.path().join("data");
     config.admin_token = Some(berth::config::Secret(ADMIN.to_owned()));
