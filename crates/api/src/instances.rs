@@ -440,8 +440,8 @@ pub async fn delete(
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
         (status = 404, description = "`not_found` (another org's ids too)", body = ErrorBody),
         (status = 408, description = "With `wait=true`: `wait_timeout`", body = ErrorBody),
-        (status = 429, description = "With `wait=true`: `too_many_requests`, the org has `api.max_waits_per_org` requests waiting (nothing is done)", body = ErrorBody),
         (status = 409, description = "`invalid_state`: not running or exited", body = ErrorBody),
+        (status = 429, description = "With `wait=true`: `too_many_requests`, the org has `api.max_waits_per_org` requests waiting (nothing is done)", body = ErrorBody),
     )
 )]
 pub async fn stop(
@@ -469,8 +469,8 @@ pub async fn stop(
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
         (status = 404, description = "`not_found` (another org's ids too)", body = ErrorBody),
         (status = 408, description = "With `wait=true`: `wait_timeout`", body = ErrorBody),
-        (status = 429, description = "With `wait=true`: `too_many_requests`, the org has `api.max_waits_per_org` requests waiting (nothing is done)", body = ErrorBody),
         (status = 409, description = "`invalid_state`, or with `wait=true` the flow's error", body = ErrorBody),
+        (status = 429, description = "With `wait=true`: `too_many_requests`, the org has `api.max_waits_per_org` requests waiting (nothing is done)", body = ErrorBody),
     )
 )]
 pub async fn start(
@@ -498,8 +498,8 @@ pub async fn start(
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
         (status = 404, description = "`not_found` (another org's ids too)", body = ErrorBody),
         (status = 408, description = "With `wait=true`: `wait_timeout`", body = ErrorBody),
-        (status = 429, description = "With `wait=true`: `too_many_requests`, the org has `api.max_waits_per_org` requests waiting (nothing is done)", body = ErrorBody),
         (status = 409, description = "`invalid_state`, or with `wait=true` the flow's error", body = ErrorBody),
+        (status = 429, description = "With `wait=true`: `too_many_requests`, the org has `api.max_waits_per_org` requests waiting (nothing is done)", body = ErrorBody),
     )
 )]
 pub async fn restart(

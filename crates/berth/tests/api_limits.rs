@@ -3,7 +3,7 @@
 //! (issue 9's acceptance test), the header-read timeout on silent and idle
 //! connections, room made past the connection cap, per-org caps on streams
 //! and waits, paging, the logs' `tail` bound, body, WebSocket message, URI
-//! and header limits.
+//! and header limits, and the validation of the `[api]` keys.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api_support;
@@ -649,4 +649,41 @@ async fn over_long_uris_and_headers_answer_in_the_error_shape() {
     // The server is fine.
     assert!(healthz_once(t.app.api_addr(), DEADLINE).await);
     t.shutdown().await;
+}
+
+#[test]
+fn the_api_limits_are_validated_naming_their_source() {
+    for (var, value, rule) in [
+        (
+            "BERTH_API__HEADER_READ_TIMEOUT",
+            "11s",
+            "at most 10s (got 11s)",
+        ),
+        ("BERTH_API__HEADER_READ_TIMEOUT", "0s", "more than 0"),
+        ("BERTH_API__MAX_CONNECTIONS", "0", "at least 1"),
+        ("BERTH_API__MAX_STREAMS_PER_ORG", "0", "at least 1"),
+        ("BERTH_API__MAX_WAITS_PER_ORG", "0", "at least 1"),
+    ] {
+        let err = berth::Config::load(None, vec![(var.to_owned(), value.to_owned())])
+            .unwrap_err()
+            .to_string();
+        let key = var
+            .strip_prefix("BERTH_")
+            .unwrap()
+            .to_ascii_lowercase()
+            .replace("__", ".");
+        assert!(
+            err.contains(var) && err.contains(&key) && err.contains(rule),
+            "{err}"
+        );
+    }
+    let c = berth::Config::load(
+        None,
+        vec![(
+            "BERTH_API__HEADER_READ_TIMEOUT".to_owned(),
+            "10s".to_owned(),
+        )],
+    )
+    .unwrap();
+    assert_eq!(c.api.header_read_timeout, Duration::from_secs(10));
 }
