@@ -295,23 +295,30 @@ async fn past_the_connection_cap_the_oldest_waiting_connection_makes_room() {
     let (_, tok) = t.org("acme").await;
     let id = stuck(&t, &tok).await;
     // A connection in the middle of a request (a wait) is never the one
-    // closed to make room.
-    let mut busy = TcpStream::connect(addr).await.unwrap();
-    busy.write_all(
-        format!(
-            "GET /v1/instances/{id}/wait?timeout=3s HTTP/1.1\r\nHost: berth\r\n\
-             Authorization: Bearer {tok}\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    // The wait holds the org's only wait slot once it is being answered.
+    // closed to make room. The wait holds the org's only wait slot once it
+    // is being answered, which a probe sees as 429; a probe that held the
+    // slot first makes the wait itself 429, and it is sent again.
+    let request = format!(
+        "GET /v1/instances/{id}/wait?timeout=3s HTTP/1.1\r\nHost: berth\r\n\
+         Authorization: Bearer {tok}\r\nConnection: close\r\n\r\n"
+    );
     let probe = format!("/v1/instances/{id}/wait?timeout=0s");
-    eventually("the wait to be under way", || async {
-        (t.get(&probe, &tok).await.status.as_u16() == 429).then_some(())
-    })
-    .await;
+    let end = Instant::now() + DEADLINE;
+    let mut busy = 'sent: loop {
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        busy.write_all(request.as_bytes()).await.unwrap();
+        loop {
+            assert!(Instant::now() < end, "the wait never got under way");
+            if t.get(&probe, &tok).await.status.as_u16() == 429 {
+                break 'sent busy;
+            }
+            let mut buf = [0u8; 64];
+            if busy.try_read(&mut buf).is_ok_and(|n| n > 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
     let mut waiting = Vec::new();
     for _ in 0..8 {
         waiting.push(TcpStream::connect(addr).await.unwrap());
