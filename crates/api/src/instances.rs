@@ -169,7 +169,7 @@ fn flow_headers(mut resp: Response, id: &str, flow: &str) -> Response {
         (status = 200, description = "With `wait=true`: the instance, running", body = InstanceView),
         (status = 400, description = "`malformed_json`, `invalid_type`, `missing_field`, `unknown_field`, `invalid_parameter`", body = ErrorBody),
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
-        (status = 408, description = "With `wait=true`: `wait_timeout`, with the current state in `instance`; `body_timeout`: the body took over 30 s", body = ErrorBody),
+        (status = 408, description = "With `wait=true`: `wait_timeout`, with the current state in `instance`", body = ErrorBody),
         (status = 409, description = "`name_taken`; with `wait=true`, the flow's error (e.g. `image_not_found`, with `step`) and `instance`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
@@ -184,11 +184,11 @@ pub async fn create(
     JsonBody(body): JsonBody<CreateInstance>,
 ) -> ApiResult<Response> {
     let wait = flag("wait", q.wait.as_deref())?;
+    // Before anything is created: a refused wait must write nothing.
+    let _wait = wait_slot(&state, &auth.org_id, wait)?;
     let limit = timeout(q.timeout.as_deref())?;
     let (name, spec) = body.validate()?;
     check_running(&state)?;
-    // Before anything is created: a refused wait must write nothing.
-    let _wait = wait_slot(&state, &auth.org_id, wait)?;
     let (inst, env) =
         // Through the bus: the row and its event go into the dispatcher's
         // next group commit instead of a transaction of their own.

@@ -27,6 +27,8 @@ mod trace;
 pub mod validate;
 pub mod views;
 
+pub use serve::{FD_RESERVE, MIN_CONNECTIONS, ServerOptions, connection_cap, fd_limit};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +49,6 @@ use utoipa_axum::routes;
 use crate::error::ApiError;
 
 pub use error::{ApiError as Error, ErrorBody, ErrorDetail};
-pub use serve::{FD_RESERVE, MIN_CONNECTIONS, ServerOptions, connection_cap, fd_limit};
 
 /// The response header carrying the id of the flow a request started.
 pub const FLOW_HEADER: &str = "berth-flow-id";

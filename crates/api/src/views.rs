@@ -174,7 +174,8 @@ impl InstanceView {
     }
 }
 
-/// A page of the org's instances, oldest first.
+/// The org's instances.
+/// One page of them, oldest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct InstanceList {
     pub instances: Vec<InstanceView>,

@@ -194,6 +194,74 @@ impl Default for Config {
     }
 }
 
+/// `[store]`: the SQLite file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `full` (every commit synced: survives power loss) or `normal` (synced
+    /// at checkpoints: survives a crash of Berth, not of the machine).
+    pub synchronous: Synchronous,
+    /// Connections for handlers' transactions and reads.
+    pub max_connections: u32,
+    /// How long a writer waits for SQLite's write lock.
+    #[serde(with = "berth_core::duration::human")]
+    pub busy_timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let d = berth_store::StoreOptions::default();
+        StoreConfig {
+            synchronous: d.synchronous,
+            max_connections: d.max_connections,
+            busy_timeout: d.busy_timeout,
+        }
+    }
+}
+
+/// `[bus]`: the embedded dispatcher.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// Added to a worker's timeout to make the lease on a delivery.
+    #[serde(with = "berth_core::duration::human")]
+    pub lease_grace: Duration,
+    /// How long shutdown waits for attempts in flight before returning them.
+    #[serde(with = "berth_core::duration::human")]
+    pub shutdown_grace: Duration,
+    /// Most events and finished attempts in one group commit.
+    pub max_batch: usize,
+    /// How often an idle dispatcher looks for work committed by another
+    /// process (a `berth redrive`); work from this process wakes it at once.
+    #[serde(with = "berth_core::duration::human")]
+    pub poll_interval: Duration,
+    /// How often the WAL is checkpointed in the background while Berth
+    /// writes to the database (never while it does not), so that no commit
+    /// stalls on a checkpoint.
+    #[serde(with = "berth_core::duration::human")]
+    pub checkpoint_interval: Duration,
+    /// Seed of the random generator (back-off jitter); unset: from entropy.
+    /// Set it to replay an incident's exact retry timings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        let d = berth_worker::BusOptions::default();
+        BusConfig {
+            lease_grace: d.lease_grace,
+            shutdown_grace: d.shutdown_grace,
+            max_batch: d.max_batch,
+            poll_interval: d.poll_interval,
+            checkpoint_interval: d
+                .checkpoint_interval
+                .unwrap_or(std::time::Duration::from_millis(50)),
+            seed: None,
+        }
+    }
+}
+
 /// `[api]`: what the HTTP server lets one client or org hold.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -264,74 +332,6 @@ impl ApiSection {
             }
         }
         None
-    }
-}
-
-/// `[store]`: the SQLite file.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StoreConfig {
-    /// `full` (every commit synced: survives power loss) or `normal` (synced
-    /// at checkpoints: survives a crash of Berth, not of the machine).
-    pub synchronous: Synchronous,
-    /// Connections for handlers' transactions and reads.
-    pub max_connections: u32,
-    /// How long a writer waits for SQLite's write lock.
-    #[serde(with = "berth_core::duration::human")]
-    pub busy_timeout: Duration,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        let d = berth_store::StoreOptions::default();
-        StoreConfig {
-            synchronous: d.synchronous,
-            max_connections: d.max_connections,
-            busy_timeout: d.busy_timeout,
-        }
-    }
-}
-
-/// `[bus]`: the embedded dispatcher.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BusConfig {
-    /// Added to a worker's timeout to make the lease on a delivery.
-    #[serde(with = "berth_core::duration::human")]
-    pub lease_grace: Duration,
-    /// How long shutdown waits for attempts in flight before returning them.
-    #[serde(with = "berth_core::duration::human")]
-    pub shutdown_grace: Duration,
-    /// Most events and finished attempts in one group commit.
-    pub max_batch: usize,
-    /// How often an idle dispatcher looks for work committed by another
-    /// process (a `berth redrive`); work from this process wakes it at once.
-    #[serde(with = "berth_core::duration::human")]
-    pub poll_interval: Duration,
-    /// How often the WAL is checkpointed in the background while Berth
-    /// writes to the database (never while it does not), so that no commit
-    /// stalls on a checkpoint.
-    #[serde(with = "berth_core::duration::human")]
-    pub checkpoint_interval: Duration,
-    /// Seed of the random generator (back-off jitter); unset: from entropy.
-    /// Set it to replay an incident's exact retry timings.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-}
-
-impl Default for BusConfig {
-    fn default() -> Self {
-        let d = berth_worker::BusOptions::default();
-        BusConfig {
-            lease_grace: d.lease_grace,
-            shutdown_grace: d.shutdown_grace,
-            max_batch: d.max_batch,
-            poll_interval: d.poll_interval,
-            checkpoint_interval: d
-                .checkpoint_interval
-                .unwrap_or(std::time::Duration::from_millis(50)),
-            seed: None,
-        }
     }
 }
 

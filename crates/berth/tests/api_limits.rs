@@ -12,7 +12,7 @@ use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use api_support::{ADMIN, DEADLINE, TestApp, eventually, spawn_with};
+use api_support::{ADMIN, DEADLINE, TestApp, eventually, spawn, spawn_with};
 use futures::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -249,13 +249,23 @@ async fn stuck(t: &TestApp, tok: &str) -> String {
     a.ok(202)["id"].as_str().unwrap().to_owned()
 }
 
-async fn limited(api: &str) -> TestApp {
-    spawn_with(&format!("[api]\n{api}\n")).await
+/// The test application with `[api]` keys set (through `BERTH_API__…`).
+async fn limited(api: &[(&str, &str)]) -> TestApp {
+    let env = api
+        .iter()
+        .map(|(k, v)| {
+            (
+                format!("BERTH_API__{}", k.to_ascii_uppercase()),
+                (*v).to_owned(),
+            )
+        })
+        .collect();
+    spawn_with(api_support::CONFIG, env).await
 }
 
 #[tokio::test]
 async fn silent_and_idle_connections_close_on_the_header_timeout() {
-    let t = limited(r#"header_read_timeout = "1s""#).await;
+    let t = limited(&[("header_read_timeout", "1s")]).await;
     let addr = t.app.api_addr();
     let deadline = Instant::now() + DEADLINE;
     // Not a byte sent.
@@ -289,7 +299,7 @@ async fn silent_and_idle_connections_close_on_the_header_timeout() {
 
 #[tokio::test]
 async fn past_the_connection_cap_the_oldest_waiting_connection_makes_room() {
-    let t = limited("max_connections = 8\nmax_waits_per_org = 1").await;
+    let t = limited(&[("max_connections", "8"), ("max_waits_per_org", "1")]).await;
     let addr = t.app.api_addr();
     let deadline = Instant::now() + DEADLINE;
     let (_, tok) = t.org("acme").await;
@@ -356,7 +366,7 @@ async fn try_ws(t: &TestApp, token: &str) -> Result<api_support::Ws, u16> {
 
 #[tokio::test]
 async fn streams_past_the_org_cap_are_429_until_one_closes() {
-    let t = limited("max_streams_per_org = 2").await;
+    let t = limited(&[("max_streams_per_org", "2")]).await;
     let (_, acme) = t.org("acme").await;
     let (_, other) = t.org("other").await;
     let a1 = t.ws(&acme, "").await;
@@ -410,7 +420,7 @@ async fn streams_past_the_org_cap_are_429_until_one_closes() {
 
 #[tokio::test]
 async fn waits_past_the_org_cap_are_429_write_nothing_and_end_with_the_client() {
-    let t = limited("max_waits_per_org = 1").await;
+    let t = limited(&[("max_waits_per_org", "1")]).await;
     let (_, tok) = t.org("acme").await;
     let id = stuck(&t, &tok).await;
     let probe = format!("/v1/instances/{id}/wait?timeout=0s");
@@ -481,7 +491,7 @@ async fn waits_past_the_org_cap_are_429_write_nothing_and_end_with_the_client() 
 
 #[tokio::test]
 async fn the_list_pages_without_gaps_or_duplicates() {
-    let t = spawn_with("").await;
+    let t = spawn().await;
     let (_, tok) = t.org("acme").await;
     let (_, other) = t.org("other").await;
     let mut created = Vec::new();
@@ -548,7 +558,7 @@ async fn the_list_pages_without_gaps_or_duplicates() {
 
 #[tokio::test]
 async fn logs_tail_is_bounded_and_the_logs_stream() {
-    let t = spawn_with("").await;
+    let t = spawn().await;
     let (_, tok) = t.org("acme").await;
     let inst = t.running(&tok, "web").await;
     let id = inst["id"].as_str().unwrap();
@@ -575,7 +585,7 @@ async fn logs_tail_is_bounded_and_the_logs_stream() {
 
 #[tokio::test]
 async fn an_over_size_body_is_413_in_the_error_shape() {
-    let t = spawn_with("").await;
+    let t = spawn().await;
     let name = "a".repeat(1024 * 1024);
     let a = t
         .call(
@@ -591,7 +601,7 @@ async fn an_over_size_body_is_413_in_the_error_shape() {
 
 #[tokio::test]
 async fn a_websocket_message_over_64_kib_closes_the_stream() {
-    let t = spawn_with("").await;
+    let t = spawn().await;
     let (_, tok) = t.org("acme").await;
     let mut ws = t.ws(&tok, "").await;
     // Small messages mean nothing and change nothing.
@@ -616,7 +626,7 @@ async fn a_websocket_message_over_64_kib_closes_the_stream() {
 
 #[tokio::test]
 async fn over_long_uris_and_headers_answer_in_the_error_shape() {
-    let t = spawn_with("").await;
+    let t = spawn().await;
     let (_, tok) = t.org("acme").await;
     let long = format!("/v1/instances?all={}", "a".repeat(9 * 1024));
     let a = t.get(&long, &tok).await;

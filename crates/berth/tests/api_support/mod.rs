@@ -21,7 +21,7 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// Fast retries so failures end in milliseconds; `host.ensure` retries
 /// slowly and long, so a test can hold a flow at its first step by taking
 /// the engine away.
-const CONFIG: &str = r#"
+pub const CONFIG: &str = r#"
 listen = "127.0.0.1:0"
 
 [runtime]
@@ -52,12 +52,18 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Boots Berth as `berth serve` would, on a free port.
 pub async fn spawn() -> TestApp {
-    spawn_with("").await
+    spawn_with(CONFIG, Vec::new()).await
 }
 
-/// [`spawn`], with `extra` TOML appended to the test configuration (new
-/// tables only, e.g. `[api]`).
-pub async fn spawn_with(extra: &str) -> TestApp {
+/// The test configuration on the local Docker engine instead of the
+/// simulated one.
+pub fn docker_config() -> String {
+    CONFIG.replace("kind = \"sim\"", "kind = \"docker\"")
+}
+
+/// Boots Berth with configuration file `config` and `BERTH_…` variables
+/// `env` on a free port.
+pub async fn spawn_with(config: &str, env: Vec<(String, String)>) -> TestApp {
     if let Ok(filter) = std::env::var("BERTH_TEST_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -66,8 +72,8 @@ pub async fn spawn_with(extra: &str) -> TestApp {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("berth.toml");
-    std::fs::write(&path, format!("{CONFIG}\n{extra}\n")).unwrap();
-    let mut config = Config::load(Some(&path), Vec::new()).unwrap();
+    std::fs::write(&path, config).unwrap();
+    let mut config = Config::load(Some(&path), env).unwrap();
     config.data_dir = dir.path().join("data");
     config.admin_token = Some(berth::config::Secret(ADMIN.to_owned()));
     let app = App::build(config, "test config").await.unwrap();
