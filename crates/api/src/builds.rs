@@ -23,6 +23,11 @@ use crate::views::{BuildList, BuildView};
 /// The media type of a build context.
 pub const TAR: &str = "application/x-tar";
 
+/// Longest an upload may take once its head has arrived: longer than a JSON
+/// body's (a context is up to tens of MiB), but bounded, since a connection
+/// busy with a body is never closed to make room for others.
+pub const UPLOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Uploads a build context.
 #[utoipa::path(
     post, path = "/v1/builds", operation_id = "create_build", tag = "builds",
@@ -33,6 +38,7 @@ pub const TAR: &str = "application/x-tar";
         (status = 201, description = "Stored; `id` goes into `POST /v1/instances {\"build\": id}`", body = BuildView),
         (status = 200, description = "The org had uploaded these bytes before: that build", body = BuildView),
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
+        (status = 408, description = "`body_timeout`: the upload took over 120 s", body = ErrorBody),
         (status = 409, description = "`quota_exceeded`: the org has `limits.max_builds_per_org` builds", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: over `limits.max_build_context`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`: not `application/x-tar`", body = ErrorBody),
@@ -80,9 +86,19 @@ pub async fn create(
     }
     // Read up to the limit and no further: a client cannot make the server
     // hold more than `max` bytes for it.
-    let bytes = axum::body::to_bytes(body, max)
-        .await
-        .map_err(|_| too_large())?;
+    let Ok(read) = tokio::time::timeout(UPLOAD_TIMEOUT, axum::body::to_bytes(body, max)).await
+    else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the build context did not arrive within {}s of the request head",
+                UPLOAD_TIMEOUT.as_secs()
+            ),
+        )
+        .field("body"));
+    };
+    let bytes = read.map_err(|_| too_large())?;
     let invalid = |e: berth_runtime::context::ContextError| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

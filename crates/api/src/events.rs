@@ -1,7 +1,11 @@
 //! `GET /v1/events`: the org's status changes and errors over a WebSocket,
 //! read from the event log (so nothing is lost and a client resumes exactly
 //! where it left off with `?after=<event id>`). Only events whose `org_id`
-//! is the token's org are ever read.
+//! is the token's org are ever read. An org holds at most
+//! `api.max_streams_per_org` streams at once; a client's messages (it only
+//! sends control frames) are capped at 64 KiB.
+
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -18,10 +22,19 @@ use crate::ApiState;
 use crate::auth::OrgAuth;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::ApiQuery;
+use crate::limits::{Hold, Slot};
 use crate::views::{InstanceErrorView, Status};
 
 /// Events read from the log per query.
 const BATCH: u32 = 256;
+
+/// Largest message (and frame) read from a client: the stream reads only
+/// control frames, so anything bigger is a client filling our memory.
+pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
+/// How long one message may take to be sent: a client that stops reading
+/// must not hold its stream (and its connection) forever.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Query of the event stream. (No `Debug`: it may hold a token.)
 #[derive(Deserialize, IntoParams)]
@@ -70,6 +83,8 @@ pub struct StreamMessage {
         (status = 400, description = "`websocket_required` (not an upgrade request), `invalid_parameter`", body = ErrorBody),
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
         (status = 404, description = "`not_found`: `after` names no event of this org", body = ErrorBody),
+        (status = 429, description = "`too_many_requests`: the org has `api.max_streams_per_org` streams open; `Retry-After` says when to try again", body = ErrorBody,
+            headers(("retry-after" = u32, description = "Seconds to wait"))),
     )
 )]
 pub async fn events(
@@ -99,14 +114,30 @@ pub async fn events(
         )
     })?;
     crate::check_running(&state)?;
+    // Taken before the upgrade and moved into the session: given back when
+    // the session ends, or with the callback if the upgrade never happens.
+    let slot = state.hold(&auth.org_id, Hold::Stream)?;
     let tracker = state.inner.tracker.clone();
+    let hard = state.inner.hard.clone();
     let org = auth.org_id;
-    Ok(ws.on_upgrade(move |socket| tracker.track_future(session(state, org, cursor, socket))))
+    Ok(ws
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                tokio::select! {
+                    () = session(state, org, cursor, socket, slot) => {}
+                    // Past the shutdown grace (a client not reading its
+                    // close frame).
+                    () = hard.cancelled() => {}
+                }
+            })
+        }))
 }
 
 /// Sends the org's messages after `cursor`, then live ones, until the
 /// client leaves or the server shuts down.
-async fn session(state: ApiState, org: String, mut cursor: i64, socket: WebSocket) {
+async fn session(state: ApiState, org: String, mut cursor: i64, socket: WebSocket, _slot: Slot) {
     let (mut tx, mut rx) = socket.split();
     let mut feed = state.inner.feed.subscribe();
     let cancel = state.inner.cancel.clone();
@@ -141,8 +172,14 @@ async fn session(state: ApiState, org: String, mut cursor: i64, socket: WebSocke
                 let Ok(text) = serde_json::to_string(&msg) else {
                     continue;
                 };
-                if tx.send(Message::Text(text.into())).await.is_err() {
-                    return;
+                match tokio::time::timeout(SEND_TIMEOUT, tx.send(Message::Text(text.into()))).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        tracing::debug!(%org, "event stream client stopped reading; closed");
+                        return;
+                    }
                 }
             }
             if n < BATCH as usize {
@@ -165,13 +202,32 @@ async fn session(state: ApiState, org: String, mut cursor: i64, socket: WebSocke
                 }
             }
             m = rx.next() => match m {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                None | Some(Ok(Message::Close(_))) => return,
+                Some(Err(e)) => {
+                    if too_big(e) {
+                        let _ = tokio::time::timeout(SEND_TIMEOUT, tx.send(Message::Close(Some(CloseFrame {
+                            code: close_code::SIZE,
+                            reason: "messages to the server are at most 64 KiB".into(),
+                        }))))
+                        .await;
+                    }
+                    return;
+                }
                 // Pings are answered by the socket itself; text from the
                 // client means nothing here.
                 Some(Ok(_)) => {}
             },
         }
     }
+}
+
+/// Whether a read failed on a message over [`MAX_CLIENT_MESSAGE`].
+fn too_big(e: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    matches!(
+        e.into_inner().downcast_ref::<Error>(),
+        Some(Error::Capacity(_))
+    )
 }
 
 /// The status an event of the instance flow records.

@@ -1,6 +1,6 @@
 //! Extractors that answer bad input in the API's error shape, naming the
-//! field: a JSON body (content type, 1 MiB limit, syntax, types, missing and
-//! unknown fields), query strings and path parameters.
+//! field: a JSON body (content type, 1 MiB limit, 30 s to arrive, syntax,
+//! types, missing and unknown fields), query strings and path parameters.
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
@@ -13,6 +13,11 @@ use crate::error::ApiError;
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// Longest a body may take to arrive once its request head has: a client
+/// sending a body a byte at a time must not hold its connection (which is
+/// busy, so never closed to make room) for ever.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A JSON request body, read as `T`.
 #[derive(Debug)]
@@ -38,7 +43,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 .field("content-type"));
             }
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| match e {
+        let read = tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, state));
+        let Ok(read) = read.await else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the body did not arrive within {}s of the request head",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
+            )
+            .field("body"));
+        };
+        let bytes = read.map_err(|e| match e {
             BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)) => {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,

@@ -22,6 +22,7 @@ use utoipa::IntoParams;
 use crate::auth::OrgAuth;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiPath, ApiQuery, JsonBody};
+use crate::limits::{Hold, Slot};
 use crate::validate::CreateInstance;
 use crate::views::{Accepted, InstanceList, InstanceView};
 use crate::{ApiState, FLOW_HEADER, check_running};
@@ -30,6 +31,9 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_WAIT: Duration = Duration::from_secs(300);
 const DEFAULT_TAIL: usize = 100;
 const MAX_TAIL: usize = 10_000;
+/// Instances per page of the list, unless `limit` says otherwise.
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1_000;
 
 /// A boolean query parameter: `true`/`1`/empty (`?wait`) or `false`/`0`.
 fn flag(field: &str, v: Option<&str>) -> Result<bool, ApiError> {
@@ -105,6 +109,10 @@ pub struct ListQuery {
     reveal: Option<String>,
     /// `true` includes deleted instances.
     all: Option<String>,
+    /// Instances per page: 100 by default, at most 1000.
+    limit: Option<String>,
+    /// The `next` of the previous page: this page starts after it.
+    after: Option<String>,
 }
 
 /// Query of `/wait`.
@@ -166,6 +174,7 @@ fn flow_headers(mut resp: Response, id: &str, flow: &str) -> Response {
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`invalid_value`: a field breaks its rule", body = ErrorBody),
+        (status = 429, description = "With `wait=true`: `too_many_requests`, the org has `api.max_waits_per_org` requests waiting (nothing is created)", body = ErrorBody),
     )
 )]
 pub async fn create(
@@ -175,6 +184,8 @@ pub async fn create(
     JsonBody(body): JsonBody<CreateInstance>,
 ) -> ApiResult<Response> {
     let wait = flag("wait", q.wait.as_deref())?;
+    // Before anything is created: a refused wait must write nothing.
+    let _wait = wait_slot(&state, &auth.org_id, wait)?;
     let limit = timeout(q.timeout.as_deref())?;
     let quotas = &state.inner.quotas;
     let (name, mut spec, build) = body.validate(quotas)?;
@@ -255,15 +266,21 @@ pub async fn create(
     Ok(flow_headers(resp, &inst.id, &flow))
 }
 
-/// The org's instances, oldest first.
+/// A slot of the org's concurrent waits when the request waits.
+fn wait_slot(state: &ApiState, org: &str, wait: bool) -> Result<Option<Slot>, ApiError> {
+    wait.then(|| state.hold(org, Hold::Wait)).transpose()
+}
+
+/// The org's instances, oldest first, a page at a time.
 #[utoipa::path(
     get, path = "/v1/instances", operation_id = "list_instances", tag = "instances",
     params(ListQuery),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The org's instances (deleted ones with `all=true`)", body = InstanceList),
-        (status = 400, description = "`invalid_parameter`", body = ErrorBody),
+        (status = 200, description = "A page of the org's instances (deleted ones with `all=true`); `next` is the cursor of the next page, `null` on the last", body = InstanceList),
+        (status = 400, description = "`invalid_parameter`: `limit` is not a number, or `after` names no instance of this org", body = ErrorBody),
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
+        (status = 422, description = "`invalid_value`: `limit` is not from 1 to 1000", body = ErrorBody),
     )
 )]
 pub async fn list(
@@ -273,14 +290,51 @@ pub async fn list(
 ) -> ApiResult<Json<InstanceList>> {
     let reveal = flag("reveal", q.reveal.as_deref())?;
     let all = flag("all", q.all.as_deref())?;
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_PAGE,
+        Some(l) => {
+            let n = l.parse::<u64>().map_err(|_| {
+                ApiError::bad_param(
+                    "limit",
+                    format!(
+                        "limit must be a number from 1 to {MAX_PAGE} (got {:?})",
+                        trunc(l)
+                    ),
+                )
+            })?;
+            u32::try_from(n)
+                .ok()
+                .filter(|n| (1..=MAX_PAGE).contains(n))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "limit",
+                        format!("limit {n} is not from 1 to {MAX_PAGE}, the most one page holds"),
+                    )
+                })?
+        }
+    };
     let mut conn = state.conn().await?;
-    let list = instances::list(&mut conn, Some(&auth.org_id)).await?;
+    // One more than asked: whether it comes says if there is a next page.
+    let mut page =
+        match instances::list_page(&mut conn, &auth.org_id, q.after.as_deref(), all, limit + 1)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) if e.downcast_ref::<instances::UnknownCursor>().is_some() => {
+                // Another org's instance id answers exactly like one that
+                // does not exist.
+                return Err(ApiError::bad_param(
+                    "after",
+                    "after is not a cursor of this list; pass the `next` of a previous page",
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+    let more = page.len() > limit as usize;
+    page.truncate(limit as usize);
     Ok(Json(InstanceList {
-        instances: list
-            .iter()
-            .filter(|i| all || i.status != InstanceStatus::Deleted)
-            .map(|i| InstanceView::new(i, reveal))
-            .collect(),
+        next: more.then(|| page.last().map(|i| i.id.clone())).flatten(),
+        instances: page.iter().map(|i| InstanceView::new(i, reveal)).collect(),
     }))
 }
 
@@ -367,12 +421,12 @@ async fn acted(
     Ok(flow_headers(resp, id, &flow))
 }
 
-/// Parses the action's query before anything is done, so a bad one
-/// changes nothing.
-fn action_query(q: &WaitFlag) -> Result<(), ApiError> {
-    flag("wait", q.wait.as_deref())?;
+/// Parses the action's query and takes the wait's slot before anything is
+/// done, so a bad query or a refused wait changes nothing.
+fn action_query(state: &ApiState, org: &str, q: &WaitFlag) -> Result<Option<Slot>, ApiError> {
+    let wait = flag("wait", q.wait.as_deref())?;
     timeout(q.timeout.as_deref())?;
-    Ok(())
+    wait_slot(state, org, wait)
 }
 
 /// Deletes an instance: its container, image, and (with its org's last
@@ -389,6 +443,7 @@ fn action_query(q: &WaitFlag) -> Result<(), ApiError> {
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
         (status = 404, description = "`not_found` (another org's ids too)", body = ErrorBody),
         (status = 408, description = "With `wait=true`: `wait_timeout`", body = ErrorBody),
+        (status = 429, description = "With `wait=true`: `too_many_requests`, the org has `api.max_waits_per_org` requests waiting (nothing is done)", body = ErrorBody),
     )
 )]
 pub async fn delete(
@@ -397,7 +452,7 @@ pub async fn delete(
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<WaitFlag>,
 ) -> ApiResult<Response> {
-    action_query(&q)?;
+    let _wait = action_query(&state, &auth.org_id, &q)?;
     check_running(&state)?;
     let r = berth_flows::delete_instance(state.store(), &auth.org_id, &id).await;
     acted(&state, &auth.org_id, &id, r, &q, InstanceStatus::Deleted).await
@@ -417,6 +472,7 @@ pub async fn delete(
         (status = 404, description = "`not_found` (another org's ids too)", body = ErrorBody),
         (status = 408, description = "With `wait=true`: `wait_timeout`", body = ErrorBody),
         (status = 409, description = "`invalid_state`: not running or exited", body = ErrorBody),
+        (status = 429, description = "With `wait=true`: `too_many_requests`, the org has `api.max_waits_per_org` requests waiting (nothing is done)", body = ErrorBody),
     )
 )]
 pub async fn stop(
@@ -425,7 +481,7 @@ pub async fn stop(
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<WaitFlag>,
 ) -> ApiResult<Response> {
-    action_query(&q)?;
+    let _wait = action_query(&state, &auth.org_id, &q)?;
     check_running(&state)?;
     let r = berth_flows::stop_instance(state.store(), &auth.org_id, &id).await;
     acted(&state, &auth.org_id, &id, r, &q, InstanceStatus::Stopped).await
@@ -445,6 +501,7 @@ pub async fn stop(
         (status = 404, description = "`not_found` (another org's ids too)", body = ErrorBody),
         (status = 408, description = "With `wait=true`: `wait_timeout`", body = ErrorBody),
         (status = 409, description = "`invalid_state`, or with `wait=true` the flow's error", body = ErrorBody),
+        (status = 429, description = "With `wait=true`: `too_many_requests`, the org has `api.max_waits_per_org` requests waiting (nothing is done)", body = ErrorBody),
     )
 )]
 pub async fn start(
@@ -453,7 +510,7 @@ pub async fn start(
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<WaitFlag>,
 ) -> ApiResult<Response> {
-    action_query(&q)?;
+    let _wait = action_query(&state, &auth.org_id, &q)?;
     check_running(&state)?;
     let r = berth_flows::start_instance(state.store(), &auth.org_id, &id).await;
     acted(&state, &auth.org_id, &id, r, &q, InstanceStatus::Running).await
@@ -473,6 +530,7 @@ pub async fn start(
         (status = 404, description = "`not_found` (another org's ids too)", body = ErrorBody),
         (status = 408, description = "With `wait=true`: `wait_timeout`", body = ErrorBody),
         (status = 409, description = "`invalid_state`, or with `wait=true` the flow's error", body = ErrorBody),
+        (status = 429, description = "With `wait=true`: `too_many_requests`, the org has `api.max_waits_per_org` requests waiting (nothing is done)", body = ErrorBody),
     )
 )]
 pub async fn restart(
@@ -481,7 +539,7 @@ pub async fn restart(
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<WaitFlag>,
 ) -> ApiResult<Response> {
-    action_query(&q)?;
+    let _wait = action_query(&state, &auth.org_id, &q)?;
     check_running(&state)?;
     let r = berth_flows::restart_instance(state.store(), &auth.org_id, &id).await;
     acted(&state, &auth.org_id, &id, r, &q, InstanceStatus::Running).await
@@ -509,6 +567,7 @@ const WAITABLE: [InstanceStatus; 5] = [
         (status = 408, description = "`wait_timeout`, with the current state in `instance`", body = ErrorBody),
         (status = 409, description = "The instance failed (the flow's error code, `step`, `attempts`, and `instance`), or `state_unreachable`", body = ErrorBody),
         (status = 422, description = "`invalid_value`: an unknown state or a timeout over 5m", body = ErrorBody),
+        (status = 429, description = "`too_many_requests`: the org has `api.max_waits_per_org` requests waiting", body = ErrorBody),
     )
 )]
 pub async fn wait(
@@ -534,6 +593,7 @@ pub async fn wait(
             })?,
     };
     let limit = timeout(q.timeout.as_deref())?;
+    let _wait = state.hold(&auth.org_id, Hold::Wait)?;
     let inst = await_state(&state, &auth.org_id, &id, target, limit).await?;
     Ok(Json(InstanceView::new(&inst, false)))
 }
@@ -631,6 +691,8 @@ fn failure(inst: &Instance) -> ApiError {
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
         (status = 404, description = "`not_found` (another org's ids too)", body = ErrorBody),
         (status = 409, description = "`no_container`: the instance has no container (yet); or the engine's refusal (`not_found`, …)", body = ErrorBody),
+        (status = 422, description = "`invalid_value`: `tail` is over 10000", body = ErrorBody),
+        (status = 429, description = "With `follow=true`: `too_many_requests`, the org has `api.max_streams_per_org` streams open", body = ErrorBody),
         (status = 503, description = "`engine_unavailable`, `engine_timeout`", body = ErrorBody),
     )
 )]
@@ -643,11 +705,8 @@ pub async fn logs(
     let follow = flag("follow", q.follow.as_deref())?;
     let tail = match q.tail.as_deref() {
         None => DEFAULT_TAIL,
-        Some(t) => t
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n <= MAX_TAIL)
-            .ok_or_else(|| {
+        Some(t) => {
+            let n = t.parse::<u64>().map_err(|_| {
                 ApiError::bad_param(
                     "tail",
                     format!(
@@ -655,7 +714,17 @@ pub async fn logs(
                         trunc(t)
                     ),
                 )
-            })?,
+            })?;
+            usize::try_from(n)
+                .ok()
+                .filter(|n| *n <= MAX_TAIL)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "tail",
+                        format!("tail {n} is over {MAX_TAIL}, the most lines one answer holds"),
+                    )
+                })?
+        }
     };
     let inst = load(&state, &auth.org_id, &id).await?;
     let (Some(host), Some(container)) = (inst.host.clone(), inst.container.clone()) else {
@@ -669,7 +738,14 @@ pub async fn logs(
         )
         .field("id"));
     };
-    let stream = state
+    // A follower holds its stream until it leaves: it counts with the
+    // org's event streams.
+    let slot = if follow {
+        Some(state.hold(&auth.org_id, Hold::Stream)?)
+    } else {
+        None
+    };
+    let mut stream = state
         .inner
         .runtime
         .logs(&HostId::new(host), &container, tail, follow);
@@ -680,36 +756,39 @@ pub async fn logs(
         Bytes::from(line)
     };
     let plain = HeaderValue::from_static("text/plain; charset=utf-8");
-    if !follow {
-        // Bounded by `tail`: read it all, so an engine error can still be
-        // answered as one.
-        let lines: Vec<_> = stream.collect().await;
-        let mut body = Vec::new();
-        for l in lines {
-            match l {
-                Ok(l) => body.extend_from_slice(&text(l)),
-                Err(e) => {
-                    // An engine that is down or slow may answer later.
-                    let status = if e.is_retryable() {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    } else {
-                        StatusCode::CONFLICT
-                    };
-                    return Err(ApiError::new(
-                        status,
-                        e.code(),
-                        format!("cannot read the logs of instance '{}': {e}", inst.name),
-                    ));
-                }
-            }
-        }
-        return Ok(([(header::CONTENT_TYPE, plain)], body).into_response());
+    // Streamed, never gathered whole. The first line (or the end) is
+    // awaited first so that an engine that refuses at once is answered as
+    // an error; a failure after output has started can only cut the body
+    // short (the client sees a truncated response). A follower's first
+    // line may be far off: it gets its 200 at once.
+    let first = if follow { None } else { stream.next().await };
+    if let Some(Err(e)) = first {
+        // An engine that is down or slow may answer later.
+        let status = if e.is_retryable() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::CONFLICT
+        };
+        return Err(ApiError::new(
+            status,
+            e.code(),
+            format!("cannot read the logs of instance '{}': {e}", inst.name),
+        ));
     }
     let cancel = state.inner.cancel.clone();
-    // Ends at shutdown too, so a follower cannot hold the server open.
-    let body = stream
+    let name = inst.name.to_string();
+    let body = futures::stream::iter(first)
+        .chain(stream)
+        // Ends at shutdown too, so a follower cannot hold the server open.
         .take_until(async move { cancel.cancelled_owned().await })
-        .map(move |r| r.map(text).map_err(std::io::Error::other));
+        .map(move |r| {
+            // The follower's slot lives as long as its body.
+            let _held = &slot;
+            r.map(text).map_err(|e| {
+                tracing::debug!(instance = %name, error = %e, "logs cut short by the engine");
+                std::io::Error::other(e)
+            })
+        });
     Ok(([(header::CONTENT_TYPE, plain)], Body::from_stream(body)).into_response())
 }
 

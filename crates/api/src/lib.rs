@@ -6,6 +6,11 @@
 //! Every request but `/healthz`, `/metrics` and `/v1/openapi.json` carries a
 //! bearer token; an org token scopes everything to its org, and another
 //! org's ids answer 404 exactly like ids that do not exist.
+//!
+//! The server bounds what a client can hold (`serve`: header-read timeout,
+//! a connection cap below the descriptor limit; `limits`: streams and waits
+//! per org, URI and header sizes; bodies and WebSocket messages are capped
+//! where they are read).
 
 pub mod auth;
 mod builds;
@@ -14,12 +19,16 @@ mod events;
 mod extract;
 mod feed;
 mod instances;
+mod limits;
 mod metrics;
 mod orgs;
+mod serve;
 mod system;
 mod trace;
 pub mod validate;
 pub mod views;
+
+pub use serve::{FD_RESERVE, MIN_CONNECTIONS, ServerOptions, connection_cap, fd_limit};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,9 +88,16 @@ struct Inner {
     metrics: metrics::Metrics,
     /// Cancelled at shutdown: streams close and waits answer at once.
     cancel: CancellationToken,
-    /// WebSocket sessions (spawned by the upgrade, outside the server's own
-    /// connection tracking), so shutdown can wait for them.
+    /// Cancelled when the shutdown grace is over: whatever is left stops.
+    hard: CancellationToken,
+    /// Every task of the server: the accept loop's connections, WebSocket
+    /// sessions (spawned by the upgrade, outside their connection), the
+    /// event feed; shutdown waits for them.
     tracker: TaskTracker,
+    /// Streams and waits each org holds.
+    caps: Arc<limits::OrgCaps>,
+    /// The open connections.
+    conns: Arc<serve::Conns>,
     openapi_json: String,
 }
 
@@ -94,6 +110,11 @@ impl std::fmt::Debug for ApiState {
 impl ApiState {
     pub(crate) fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// A stream or wait slot of `org` (429 when it holds its cap).
+    pub(crate) fn hold(&self, org: &str, hold: limits::Hold) -> Result<limits::Slot, ApiError> {
+        self.inner.caps.take(org, hold)
     }
 
     pub(crate) async fn conn(
@@ -234,7 +255,8 @@ pub async fn admin_token(store: &Store, configured: Option<&str>) -> anyhow::Res
 pub struct Server {
     addr: SocketAddr,
     cancel: CancellationToken,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    hard: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
     tracker: TaskTracker,
 }
 
@@ -247,21 +269,28 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Serves the API on `listener` until [`Server::shutdown`].
+    /// Serves the API on `listener` until [`Server::shutdown`], within
+    /// `options`' limits. Refuses to start when the descriptor limit leaves
+    /// too little room for connections.
     pub async fn start(
         listener: tokio::net::TcpListener,
         deps: ApiDeps,
         admin_hash: String,
+        options: ServerOptions,
     ) -> anyhow::Result<Server> {
         let addr = listener
             .local_addr()
             .context("cannot read the listening address")?;
+        let fds = serve::fd_limit();
+        let cap = serve::connection_cap(options.max_connections, fds)?;
         let cursor = {
             let mut conn = deps.store.pool().acquire().await?;
             berth_store::tenancy::last_attempt_id(&mut conn).await?
         };
         let cancel = CancellationToken::new();
+        let hard = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let conns = serve::Conns::new(cap);
         let (router, doc) = api_router().split_for_parts();
         let mut doc = doc;
         doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
@@ -276,7 +305,10 @@ impl Server {
                 feed: feed.clone(),
                 metrics: metrics::Metrics::new(cursor),
                 cancel: cancel.clone(),
+                hard: hard.clone(),
                 tracker: tracker.clone(),
+                caps: limits::OrgCaps::new(options.max_streams_per_org, options.max_waits_per_org),
+                conns: conns.clone(),
                 openapi_json: doc
                     .to_json()
                     .context("cannot render the OpenAPI document")?,
@@ -291,20 +323,33 @@ impl Server {
             .method_not_allowed_fallback(system::bad_method)
             .layer(axum::middleware::from_fn(system::log_request))
             .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
+            // Outermost: an over-long URI is refused before it is routed
+            // or logged.
+            .layer(axum::middleware::from_fn(limits::check_head))
             .with_state(state);
-        let shutdown = cancel.clone();
         let task = tokio::spawn(
-            async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                    .await
-            }
+            serve::accept_loop(serve::Serving {
+                listener,
+                router: app,
+                conns,
+                header_read_timeout: options.header_read_timeout,
+                tracker: tracker.clone(),
+                shutdown: cancel.clone(),
+                hard: hard.clone(),
+            })
             .instrument(info_span!("api")),
         );
-        info!(%addr, "API listening");
+        info!(
+            %addr,
+            max_connections = cap,
+            fd_limit = fds,
+            header_read_timeout = ?options.header_read_timeout,
+            "API listening"
+        );
         Ok(Server {
             addr,
             cancel,
+            hard,
             task,
             tracker,
         })
@@ -315,23 +360,31 @@ impl Server {
     }
 
     /// Stops accepting, ends streams and waits, lets requests in flight
-    /// finish within `grace`, then drops what is left.
+    /// finish within `grace`, then closes what is left.
     pub async fn shutdown(self, grace: Duration) {
         self.cancel.cancel();
         self.tracker.close();
         let mut task = self.task;
         let done = async {
-            let served = (&mut task).await;
+            let accepted = (&mut task).await;
             self.tracker.wait().await;
-            served
+            accepted
         };
         match tokio::time::timeout(grace, done).await {
-            Ok(Ok(Ok(()))) => info!("API stopped"),
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "API server stopped with an error"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "API server task failed"),
+            Ok(Ok(())) => info!("API stopped"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "API accept loop failed"),
             Err(_) => {
-                tracing::warn!("API requests still running after the grace period; dropped");
+                tracing::warn!("API requests still running after the grace period; closed");
                 task.abort();
+                // Every connection and session ends on `hard` at its next
+                // poll; the bound only guards against a bug.
+                self.hard.cancel();
+                if tokio::time::timeout(Duration::from_secs(1), self.tracker.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("API tasks still running after being closed");
+                }
             }
         }
     }

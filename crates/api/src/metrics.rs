@@ -205,6 +205,41 @@ impl Metrics {
     }
 }
 
+/// The server's connection gauges and counters, appended to `out`.
+pub(crate) fn render_connections(out: &mut String, conns: &crate::serve::Conns) {
+    let o = out;
+    head(
+        o,
+        "berth_api_connections_open",
+        "gauge",
+        "HTTP connections open (WebSocket streams included).",
+    );
+    let _ = writeln!(o, "berth_api_connections_open {}", conns.open());
+    head(
+        o,
+        "berth_api_connections_max",
+        "gauge",
+        "The connection cap: api.max_connections, lowered to the descriptor limit less a reserve.",
+    );
+    let _ = writeln!(o, "berth_api_connections_max {}", conns.cap());
+    head(
+        o,
+        "berth_api_connections_closed_total",
+        "counter",
+        "Connections closed by the cap: `evicted` (waiting for a request head, to make room), `shed` (new, every other one busy).",
+    );
+    let _ = writeln!(
+        o,
+        "berth_api_connections_closed_total{{reason=\"evicted\"}} {}",
+        conns.evicted()
+    );
+    let _ = writeln!(
+        o,
+        "berth_api_connections_closed_total{{reason=\"shed\"}} {}",
+        conns.shed()
+    );
+}
+
 fn head(o: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {name} {help}");
     let _ = writeln!(o, "# TYPE {name} {kind}");

@@ -21,8 +21,15 @@ pub struct CreateOrg {
     pub name: String,
 }
 
+/// An org or token id: unpredictable, so that one id tells nothing about
+/// another org's.
 fn new_id(state: &ApiState) -> String {
-    state.store().ids().ulid().to_string().to_ascii_lowercase()
+    state
+        .store()
+        .ids()
+        .unpredictable()
+        .to_string()
+        .to_ascii_lowercase()
 }
 
 /// Creates an org and its first token.
@@ -34,7 +41,9 @@ fn new_id(state: &ApiState) -> String {
         (status = 201, description = "The org and its first token (shown this once)", body = OrgCreated),
         (status = 400, description = "Malformed body", body = ErrorBody),
         (status = 401, description = "No admin token", body = ErrorBody),
+        (status = 408, description = "`body_timeout`: the body took over 30 s", body = ErrorBody),
         (status = 409, description = "`name_taken`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 1 MiB", body = ErrorBody),
         (status = 422, description = "`invalid_value`", body = ErrorBody),
     )
 )]

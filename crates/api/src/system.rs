@@ -47,11 +47,12 @@ pub async fn healthz(State(state): State<ApiState>) -> ApiResult<Json<Health>> {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
 )]
 pub async fn metrics(State(state): State<ApiState>) -> ApiResult<Response> {
-    let text = state
+    let mut text = state
         .inner
         .metrics
         .render(state.store(), state.inner.bus.stats())
         .await?;
+    crate::metrics::render_connections(&mut text, &state.inner.conns);
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -201,9 +201,13 @@ pub struct LimitsView {
 }
 
 /// The org's instances.
+/// One page of them, oldest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct InstanceList {
     pub instances: Vec<InstanceView>,
+    /// The cursor of the next page (pass it as `after`); `null` on the last
+    /// page. Opaque: only ever pass back what the API gave.
+    pub next: Option<String>,
 }
 
 /// A failure as recorded in attempts and dead letters.

@@ -43,7 +43,11 @@ pub async fn open_store(config: &Config) -> anyhow::Result<(Store, Arc<SeededRng
         Some(seed) => SeededRng::new(seed),
         None => SeededRng::from_entropy(),
     });
-    let ids = Arc::new(IdGen::new(clock.clone(), rng.clone()));
+    // The ids the API hands out (orgs, instances, tokens, flows) take their
+    // random bits from the OS, even with `bus.seed` set: a seed replays
+    // retry timings, and must not make one org's ids guessable from
+    // another's. Only the simulator seeds every id.
+    let ids = Arc::new(IdGen::with_os_entropy(clock.clone(), rng.clone()));
     let store = Store::open(
         &config.database_path(),
         StoreOptions {
@@ -228,6 +232,7 @@ impl App {
                         .map_err(|rule| anyhow::anyhow!("{rule}"))?,
                 },
                 admin.hash,
+                config.api.options(),
             )
             .await
             .context("failed to start the API")?;

@@ -26,6 +26,7 @@ pub struct Config {
     /// printed by `berth config`.
     #[serde(skip_serializing)]
     pub admin_token: Option<Secret>,
+    pub api: ApiSection,
     pub store: StoreConfig,
     pub bus: BusConfig,
     pub runtime: RuntimeConfig,
@@ -183,6 +184,7 @@ impl Default for Config {
             data_dir: PathBuf::from("berth-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 7077)),
             admin_token: None,
+            api: ApiSection::default(),
             store: StoreConfig::default(),
             bus: BusConfig::default(),
             runtime: RuntimeConfig::default(),
@@ -362,6 +364,79 @@ impl Default for BusConfig {
     }
 }
 
+/// `[api]`: what the HTTP server lets one client or org hold.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Time a connection has to send a whole request head, from its first
+    /// byte and again between requests (idle keep-alive connections close
+    /// after it too). More than 0, at most 10s.
+    #[serde(with = "berth_core::duration::human")]
+    pub header_read_timeout: Duration,
+    /// Most connections open at once; the server lowers it to the soft
+    /// descriptor limit (`ulimit -n`) less a reserve.
+    pub max_connections: usize,
+    /// Most event streams and log followers one org holds at once.
+    pub max_streams_per_org: u32,
+    /// Most requests one org has waiting at once (`?wait=true`, `/wait`).
+    pub max_waits_per_org: u32,
+}
+
+/// The longest `api.header_read_timeout` accepted: a slow client must not
+/// hold a connection longer than this without having sent a request.
+pub const MAX_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        let d = berth_api::ServerOptions::default();
+        ApiSection {
+            header_read_timeout: d.header_read_timeout,
+            max_connections: d.max_connections,
+            max_streams_per_org: d.max_streams_per_org,
+            max_waits_per_org: d.max_waits_per_org,
+        }
+    }
+}
+
+impl ApiSection {
+    /// The server's options.
+    pub fn options(&self) -> berth_api::ServerOptions {
+        berth_api::ServerOptions {
+            header_read_timeout: self.header_read_timeout,
+            max_connections: self.max_connections,
+            max_streams_per_org: self.max_streams_per_org,
+            max_waits_per_org: self.max_waits_per_org,
+        }
+    }
+
+    /// The first rule broken, as (key, rule).
+    fn check(&self) -> Option<(&'static str, String)> {
+        let t = self.header_read_timeout;
+        if t.is_zero() || t > MAX_HEADER_READ_TIMEOUT {
+            return Some((
+                "api.header_read_timeout",
+                format!(
+                    "must be more than 0 and at most 10s (got {})",
+                    humantime::format_duration(t)
+                ),
+            ));
+        }
+        for (key, n) in [
+            ("api.max_connections", self.max_connections as u64),
+            (
+                "api.max_streams_per_org",
+                u64::from(self.max_streams_per_org),
+            ),
+            ("api.max_waits_per_org", u64::from(self.max_waits_per_org)),
+        ] {
+            if n == 0 {
+                return Some((key, "must be at least 1 (got 0)".to_owned()));
+            }
+        }
+        None
+    }
+}
+
 /// A configuration that could not be loaded; the message says where and why.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -420,6 +495,13 @@ impl Config {
                     .unwrap_or(source.clone());
                 ConfigError(format!("{origin}: {key}: {}", e.into_inner()))
             })?;
+        if let Some((key, rule)) = config.api.check() {
+            let origin = from_env
+                .get(key)
+                .map(|var| format!("environment variable {var}"))
+                .unwrap_or(source.clone());
+            return Err(ConfigError(format!("{origin}: {key}: {rule}")));
+        }
         if let Some(t) = &config.admin_token {
             let t = t.expose();
             if t.len() < MIN_ADMIN_TOKEN

@@ -101,7 +101,7 @@ pub fn register(reg: &mut Registry, deps: Arc<Deps>) -> Result<(), RegistryError
 pub fn new_instance(store: &Store, org: &str, name: InstanceName, spec: InstanceSpec) -> Instance {
     let now = store.now();
     Instance {
-        id: store.ids().ulid().to_string().to_ascii_lowercase(),
+        id: store.ids().unpredictable().to_string().to_ascii_lowercase(),
         org_id: org.to_owned(),
         name,
         spec,

@@ -227,6 +227,56 @@ pub async fn list(conn: &mut SqliteConnection, org: Option<&str>) -> anyhow::Res
     rows.iter().map(from_row).collect()
 }
 
+/// A page cursor that names no instance of the org.
+#[derive(Debug, thiserror::Error)]
+#[error("the cursor names no instance of this org")]
+pub struct UnknownCursor;
+
+/// At most `limit` of an org's instances, oldest first (by creation time,
+/// then id: a stable order), after the instance `after` if given; deleted
+/// ones only with `deleted`. The cursor is looked up within the org alone,
+/// so another org's id is [`UnknownCursor`] exactly like one that does not
+/// exist.
+pub async fn list_page(
+    conn: &mut SqliteConnection,
+    org: &str,
+    after: Option<&str>,
+    deleted: bool,
+    limit: u32,
+) -> anyhow::Result<Vec<Instance>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM instances
+          WHERE org_id = ?1 AND (?2 OR status != 'deleted')
+            AND (?3 IS NULL OR (created_at, id) >
+                 (SELECT created_at, id FROM instances WHERE id = ?3 AND org_id = ?1))
+          ORDER BY created_at, id LIMIT ?4"
+    ))
+    .bind(org)
+    .bind(deleted)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await
+    .context("failed to list instances")?;
+    if rows.is_empty()
+        && let Some(cursor) = after
+    {
+        // An empty page: the end of the list, or a cursor naming nothing
+        // (the comparison with no row matches none).
+        let known: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM instances WHERE id = ?1 AND org_id = ?2")
+                .bind(cursor)
+                .bind(org)
+                .fetch_optional(&mut *conn)
+                .await
+                .context("failed to read the cursor's instance")?;
+        if known.is_none() {
+            return Err(UnknownCursor.into());
+        }
+    }
+    rows.iter().map(from_row).collect()
+}
+
 /// Writes `i` back if the row still has `i.version`; bumps the version.
 /// `false` means someone else changed it first: re-read and decide again.
 pub async fn update(
