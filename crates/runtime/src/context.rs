@@ -107,6 +107,8 @@ pub fn with_dockerfile(context: &[u8], dockerfile: &str) -> Result<Vec<u8>, Cont
 /// rest, continuation lines joined.
 struct Instruction {
     line: usize,
+    /// How many lines it spans (continuations included).
+    lines: usize,
     keyword: String,
     args: String,
 }
@@ -114,6 +116,7 @@ struct Instruction {
 fn instructions(dockerfile: &str) -> Vec<Instruction> {
     let mut out = Vec::new();
     let mut current: Option<(usize, String)> = None;
+    let mut last = 0;
     for (i, raw) in dockerfile.lines().enumerate() {
         let line = raw.trim();
         // Comments and blank lines, also inside a continued instruction.
@@ -124,6 +127,7 @@ fn instructions(dockerfile: &str) -> Vec<Instruction> {
             Some(t) => (t, true),
             None => (line, false),
         };
+        last = i + 1;
         match &mut current {
             Some((_, acc)) => {
                 acc.push(' ');
@@ -132,23 +136,34 @@ fn instructions(dockerfile: &str) -> Vec<Instruction> {
             None => current = Some((i + 1, text.to_owned())),
         }
         if !continued && let Some((n, text)) = current.take() {
-            let (keyword, args) = text.split_once(char::is_whitespace).unwrap_or((&text, ""));
-            out.push(Instruction {
-                line: n,
-                keyword: keyword.to_ascii_uppercase(),
-                args: args.trim().to_owned(),
-            });
+            out.push(instruction(n, last, &text));
         }
     }
     if let Some((n, text)) = current {
-        let (keyword, args) = text.split_once(char::is_whitespace).unwrap_or((&text, ""));
-        out.push(Instruction {
-            line: n,
-            keyword: keyword.to_ascii_uppercase(),
-            args: args.trim().to_owned(),
-        });
+        out.push(instruction(n, last, &text));
     }
     out
+}
+
+fn instruction(first: usize, last: usize, text: &str) -> Instruction {
+    let (keyword, args) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
+    Instruction {
+        line: first,
+        lines: last + 1 - first,
+        keyword: keyword.to_ascii_uppercase(),
+        args: args.trim().to_owned(),
+    }
+}
+
+/// Whether the Dockerfile sets the `escape` parser directive: with another
+/// escape character, lines this parser takes for continued ones are not, and
+/// a `FROM` could hide from the check in what looks like a `RUN`.
+fn sets_escape(dockerfile: &str) -> Option<usize> {
+    dockerfile.lines().enumerate().find_map(|(i, l)| {
+        let t = l.trim_start().strip_prefix('#')?.trim_start();
+        let (k, _) = t.split_once('=')?;
+        k.trim().eq_ignore_ascii_case("escape").then_some(i + 1)
+    })
 }
 
 /// A `FROM`'s words: flags (`--platform=…`), the image, and `AS name`.
@@ -167,6 +182,27 @@ fn parse_from(args: &str) -> Option<From<'_>> {
     Some(From { image, stage })
 }
 
+/// Where the image word of a `FROM` line starts, and the word: the first
+/// word after `FROM` that is not a `--flag`.
+fn image_word(line: &str) -> Option<(usize, &str)> {
+    let mut words = Vec::new();
+    let mut start = None;
+    for (i, c) in line.char_indices().chain([(line.len(), ' ')]) {
+        match (c.is_whitespace(), start) {
+            (false, None) => start = Some(i),
+            (true, Some(s)) => {
+                words.push((s, &line[s..i]));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    words
+        .into_iter()
+        .skip(1)
+        .find(|(_, w)| !w.starts_with("--"))
+}
+
 /// The images the Dockerfile's stages start from, outside the Dockerfile
 /// itself (not earlier stages, not `scratch`), in order, each once. Refused:
 /// no `FROM` at all, a `FROM` whose image is a variable (it cannot be
@@ -177,10 +213,24 @@ pub fn base_images(dockerfile: &str) -> Result<Vec<String>, ContextError> {
     let mut count = 0usize;
     let mut out: Vec<String> = Vec::new();
     let mut seen_from = false;
+    if let Some(line) = sets_escape(dockerfile) {
+        return Err(ContextError::Rule {
+            line,
+            rule: "the escape parser directive is not supported".into(),
+        });
+    }
     for ins in instructions(dockerfile) {
         match ins.keyword.as_str() {
             "FROM" => {
                 seen_from = true;
+                // One line, so that pinning rewrites exactly what the
+                // builder reads.
+                if ins.lines > 1 {
+                    return Err(ContextError::Rule {
+                        line: ins.line,
+                        rule: "write FROM on one line".into(),
+                    });
+                }
                 let Some(f) = parse_from(&ins.args) else {
                     return Err(ContextError::Rule {
                         line: ins.line,
@@ -266,18 +316,14 @@ pub fn pin(dockerfile: &str, pins: &BTreeMap<String, String>) -> String {
             .is_some_and(|k| k.eq_ignore_ascii_case("from"))
             && trimmed[4..].starts_with(char::is_whitespace);
         if is_from
-            && let Some(f) = parse_from(&trimmed[4..])
-            && let Some(id) = pins.get(f.image)
+            && let Some((at, word)) = image_word(line)
+            && let Some(id) = pins.get(word)
         {
             // Replace the image word only (flags and `AS` stay).
-            let start = line.len() - trimmed.len() + 4;
-            let rest = &line[start..];
-            if let Some(at) = rest.find(f.image) {
-                out.push_str(&line[..start + at]);
-                out.push_str(id);
-                out.push_str(&rest[at + f.image.len()..]);
-                continue;
-            }
+            out.push_str(&line[..at]);
+            out.push_str(id);
+            out.push_str(&line[at + word.len()..]);
+            continue;
         }
         out.push_str(line);
     }
@@ -309,6 +355,13 @@ mod tests {
             ("RUN true\nFROM busybox\n", "before the first FROM"),
             ("# nothing\n", "no FROM"),
             ("FROM busybox\nONBUILD RUN x\n", "ONBUILD"),
+            // With a backtick escape, `\` continues nothing: the FROM below
+            // is a FROM to the builder, not part of the RUN.
+            (
+                "# escape=`\nFROM busybox\nRUN echo \\\nFROM other\n",
+                "escape",
+            ),
+            ("FROM \\\n  busybox\n", "one line"),
         ] {
             match base_images(d) {
                 Err(ContextError::Rule { rule, .. }) => {
@@ -323,10 +376,10 @@ mod tests {
     #[test]
     fn pinning_replaces_only_the_image_word() {
         let pins = BTreeMap::from([("busybox".to_owned(), "sha256:abc".to_owned())]);
-        let d = "FROM busybox AS b\nfrom  busybox\nRUN echo busybox\nFROM b\n";
+        let d = "FROM busybox AS b\nfrom  busybox\nRUN echo busybox\nFROM b\nFROM --platform=busybox busybox\n";
         assert_eq!(
             pin(d, &pins),
-            "FROM sha256:abc AS b\nfrom  sha256:abc\nRUN echo busybox\nFROM b\n"
+            "FROM sha256:abc AS b\nfrom  sha256:abc\nRUN echo busybox\nFROM b\nFROM --platform=busybox sha256:abc\n"
         );
     }
 
