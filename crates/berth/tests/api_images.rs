@@ -245,6 +245,11 @@ async fn build_contexts_are_checked_at_upload() {
             tar("FROM busybox\nCOPY --from=alpine:3 /x /x\n"),
             "no earlier stage",
         ),
+        // A FROM hidden from the check by another escape character.
+        (
+            tar("# escape=`\nFROM busybox\nRUN echo \\\nFROM berth/other/build:1\n"),
+            "escape",
+        ),
     ] {
         let x = t.raw("/v1/builds", &a, "application/x-tar", body).await;
         x.bad(422, "invalid_build", "body");
