@@ -450,15 +450,24 @@ impl Engine {
 }
 
 /// A reference as the engine lists it: Docker Hub's implicit prefixes
-/// dropped, `:latest` added to a bare name.
+/// dropped, `:latest` added to a bare name; with a digest, the digest alone
+/// names it (`RepoDigests` carry no tag).
 fn normal(r: &str) -> String {
     let r = r
         .strip_prefix("docker.io/library/")
         .or_else(|| r.strip_prefix("docker.io/"))
         .or_else(|| r.strip_prefix("index.docker.io/library/"))
         .unwrap_or(r);
+    if let Some((name, digest)) = r.split_once('@') {
+        let slash = name.rfind('/').map_or(0, |i| i + 1);
+        let repo = match name[slash..].rfind(':') {
+            Some(i) => &name[..slash + i],
+            None => name,
+        };
+        return format!("{repo}@{digest}");
+    }
     let last = r.rsplit('/').next().unwrap_or(r);
-    if r.contains('@') || last.contains(':') {
+    if last.contains(':') {
         r.to_owned()
     } else {
         format!("{r}:latest")
@@ -1206,6 +1215,24 @@ impl ContainerRuntime for DockerRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn references_are_compared_as_the_engine_lists_them() {
+        for (a, b) in [
+            ("busybox", "busybox:latest"),
+            ("docker.io/library/busybox:1", "busybox:1"),
+            ("localhost:5000/app", "localhost:5000/app:latest"),
+            ("app:1@sha256:ab", "app@sha256:ab"),
+            (
+                "localhost:5000/app@sha256:ab",
+                "localhost:5000/app@sha256:ab",
+            ),
+        ] {
+            assert_eq!(super::normal(a), super::normal(b), "{a} ~ {b}");
+        }
+        assert_ne!(super::normal("busybox:1"), super::normal("busybox:2"));
+        assert_ne!(super::normal("ab"), super::normal("abc"));
+    }
 
     #[test]
     fn the_engines_maximum_version_is_read_from_its_refusal() {
