@@ -178,7 +178,9 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
             let start = Instant::now();
             let (tx, rx) = oneshot::channel();
             let (inst, _) =
-                berth_flows::create_instance_on(&bus, &org, name, spec(base_image), None).await?;
+                // With a quota, as the API always asks: its count is part of the cost.
+                berth_flows::create_instance_on(&bus, &org, name, spec(base_image), Some(u32::MAX))
+                    .await?;
             waiters
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

@@ -174,43 +174,71 @@ impl Script {
         let refs: Vec<&(&Instance, Option<u32>)> = inserts.iter().collect();
         // The quota: the statement does not see its own rows either, so
         // each row counts the org's rows before it in the statement (among
-        // those whose name is free) on top of the stored ones.
-        for layer in layers(&refs, |(i, _)| (i.org_id.as_str(), i.name.as_str())) {
-            let rows = layer
+        // those whose name is free) on top of the org's stored ones, which
+        // are counted once per org and statement. Rows without a quota skip
+        // the count.
+        for with_quota in [false, true] {
+            let these: Vec<&(&Instance, Option<u32>)> = refs
                 .iter()
-                .map(|(i, quota)| {
-                    let mut args = crate::instances::insert_args(i)?;
-                    args.push(Arg::Int(quota.map_or(i64::MAX, i64::from)));
-                    Ok(args)
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let ret = returning("'guard_insert', id, 0");
-            self.push_rows_counted(
-                &rows,
-                INSERT_ROW,
-                |t| {
-                    format!(
-                        "INSERT INTO instances ({cols})
-                         SELECT {vals} FROM (
-                             SELECT v.*, ROW_NUMBER() OVER (PARTITION BY v.column2) AS rn
-                               FROM (VALUES {t}) AS v
-                              WHERE NOT EXISTS (SELECT 1 FROM instances
-                                    WHERE org_id = v.column2 AND name = v.column3
-                                      AND status != 'deleted')
-                         ) AS v
-                          WHERE (SELECT COUNT(*) FROM instances
-                                 WHERE org_id = v.column2 AND status != 'deleted') + v.rn
-                                <= v.column21
-                         {ret}",
-                        cols = crate::instances::COLUMNS,
-                        vals = (1..=20)
-                            .map(|n| format!("v.column{n}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                },
-                !exact,
-            );
+                .copied()
+                .filter(|(_, q)| q.is_some() == with_quota)
+                .collect();
+            for layer in layers(&these, |(i, _)| (i.org_id.as_str(), i.name.as_str())) {
+                let rows = layer
+                    .iter()
+                    .map(|(i, quota)| {
+                        let mut args = crate::instances::insert_args(i)?;
+                        if let Some(q) = quota {
+                            args.push(Arg::Int(i64::from(*q)));
+                        }
+                        Ok(args)
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let ret = returning("'guard_insert', id, 0");
+                let cols = crate::instances::COLUMNS;
+                let free = "NOT EXISTS (SELECT 1 FROM instances
+                                WHERE org_id = v.column2 AND name = v.column3
+                                  AND status != 'deleted')";
+                if with_quota {
+                    let vals = (1..=20)
+                        .map(|n| format!("v.column{n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    self.push_rows_counted(
+                        &rows,
+                        INSERT_ROW + 1,
+                        |t| {
+                            format!(
+                                "WITH v AS (SELECT * FROM (VALUES {t})),
+                                      fresh AS (SELECT v.*, ROW_NUMBER() OVER (PARTITION BY v.column2) AS rn
+                                                  FROM v WHERE {free}),
+                                      live AS (SELECT org_id, COUNT(*) AS n FROM instances
+                                                WHERE status != 'deleted'
+                                                  AND org_id IN (SELECT column2 FROM v)
+                                                GROUP BY org_id)
+                                 INSERT INTO instances ({cols})
+                                 SELECT {vals} FROM fresh AS v LEFT JOIN live ON live.org_id = v.column2
+                                  WHERE COALESCE(live.n, 0) + v.rn <= v.column21
+                                 {ret}"
+                            )
+                        },
+                        !exact,
+                    );
+                } else {
+                    self.push_rows_counted(
+                        &rows,
+                        INSERT_ROW,
+                        |t| {
+                            format!(
+                                "INSERT INTO instances ({cols})
+                                 SELECT * FROM (VALUES {t}) AS v WHERE {free}
+                                 {ret}"
+                            )
+                        },
+                        !exact,
+                    );
+                }
+            }
         }
         for (tag, w) in writes {
             let tag = Arg::Int(i64::try_from(*tag).unwrap_or(i64::MAX));
@@ -308,8 +336,8 @@ impl Script {
 }
 
 /// Arguments per row of an instance insert (every column).
-/// The instance's 20 columns and the org's quota.
-const INSERT_ROW: usize = 21;
+/// The instance's 20 columns (and, for a row with a quota, one more).
+const INSERT_ROW: usize = 20;
 
 /// Arguments per row of the instance update.
 const INSTANCE_ROW: usize = 16;
