@@ -32,6 +32,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "builds",
         include_str!("../migrations/sqlite/0005_builds.sql"),
     ),
+    (
+        6,
+        "instances_by_org",
+        include_str!("../migrations/sqlite/0006_instances_by_org.sql"),
+    ),
 ];
 
 pub(crate) async fn run(conn: &mut SqliteConnection) -> anyhow::Result<()> {
