@@ -83,16 +83,37 @@ impl Serialize for ByteSize {
 impl<'de> Deserialize<'de> for ByteSize {
     /// A string with a unit, or a plain number of bytes.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(ByteSize(n)),
-            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(SizeVisitor)
+    }
+}
+
+struct SizeVisitor;
+
+impl serde::de::Visitor<'_> for SizeVisitor {
+    type Value = ByteSize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a size such as \"512MiB\" or a whole number of bytes")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<ByteSize, E> {
+        Ok(ByteSize(n))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<ByteSize, E> {
+        u64::try_from(n)
+            .map(ByteSize)
+            .map_err(|_| E::custom(format!("{n} is negative; a size is 0 or more bytes")))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<ByteSize, E> {
+        Err(E::custom(format!(
+            "{n} is not a whole number of bytes; write e.g. \"512MiB\""
+        )))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ByteSize, E> {
+        s.parse().map_err(E::custom)
     }
 }
 
