@@ -48,12 +48,15 @@ fn is_dockerfile(path: &std::path::Path) -> bool {
     s == "Dockerfile" || s == "./Dockerfile"
 }
 
-/// The text of the context's root `Dockerfile`.
+/// The text of the context's root `Dockerfile`. Exactly one, a regular
+/// file: with two, the engine would build from the last one extracted, and
+/// a link would make it read another file than the one checked.
 pub fn dockerfile_of(context: &[u8]) -> Result<String, ContextError> {
     let mut archive = tar::Archive::new(context);
     let entries = archive
         .entries()
         .map_err(|e| ContextError::NotTar(e.to_string()))?;
+    let mut found: Option<String> = None;
     for entry in entries {
         let mut entry = entry.map_err(|e| ContextError::NotTar(e.to_string()))?;
         let path = entry
@@ -62,6 +65,18 @@ pub fn dockerfile_of(context: &[u8]) -> Result<String, ContextError> {
             .into_owned();
         if !is_dockerfile(&path) {
             continue;
+        }
+        if found.is_some() {
+            return Err(ContextError::Rule {
+                line: 1,
+                rule: "the context holds more than one Dockerfile".into(),
+            });
+        }
+        if !entry.header().entry_type().is_file() {
+            return Err(ContextError::Rule {
+                line: 1,
+                rule: "the Dockerfile must be a regular file, not a link".into(),
+            });
         }
         if entry.size() > MAX_DOCKERFILE {
             return Err(ContextError::DockerfileTooLarge);
@@ -72,9 +87,9 @@ pub fn dockerfile_of(context: &[u8]) -> Result<String, ContextError> {
             .take(MAX_DOCKERFILE + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| ContextError::NotTar(e.to_string()))?;
-        return String::from_utf8(bytes).map_err(|_| ContextError::NotText);
+        found = Some(String::from_utf8(bytes).map_err(|_| ContextError::NotText)?);
     }
-    Err(ContextError::NoDockerfile)
+    found.ok_or(ContextError::NoDockerfile)
 }
 
 /// The same archive with its root `Dockerfile` replaced by `dockerfile`.
@@ -407,6 +422,27 @@ mod tests {
             dockerfile_of(&[7u8; 1024]).is_err(),
             "garbage is no context"
         );
+        let Ok(two) = tar_of(&[("Dockerfile", b"FROM a\n"), ("./Dockerfile", b"FROM b\n")]) else {
+            panic!("tar")
+        };
+        assert!(matches!(
+            dockerfile_of(&two),
+            Err(ContextError::Rule { .. })
+        ));
+        let mut link = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        let appended = link.append_link(&mut h, "Dockerfile", "other/Dockerfile");
+        assert!(appended.is_ok());
+        let Ok(link) = link.into_inner() else {
+            panic!("tar")
+        };
+        assert!(matches!(
+            dockerfile_of(&link),
+            Err(ContextError::Rule { .. })
+        ));
         let Ok(empty) = tar_of(&[("a", b"x")]) else {
             panic!("tar")
         };
