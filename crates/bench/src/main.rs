@@ -2,6 +2,7 @@
 //! last line on stdout, one JSON object with the numbers.
 
 mod bus;
+mod chaos;
 mod flows;
 mod report;
 
@@ -23,6 +24,9 @@ enum Command {
     Bus(bus::Args),
     /// The instance creation flow, event-driven vs a synchronous baseline.
     Flows(flows::Args),
+    /// Seeded chaos: user actions, engine faults and events, crashes; then
+    /// the invariants.
+    Chaos(chaos::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Bus(args) => bus::run(args).await,
             Command::Flows(args) => flows::run(args).await,
+            Command::Chaos(args) => chaos::run(args).await,
         }
     });
     match result {

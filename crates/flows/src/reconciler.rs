@@ -249,9 +249,18 @@ impl Reconciler {
                 .filter(|(v, _)| *v == i.version)
                 .unwrap_or((i.version, 0));
             let events = store.events_of_flow(i.flow_id).await?;
-            let Some(last) = events.last() else {
+            let Some(mut last) = events.last() else {
                 continue;
             };
+            // A flow whose last event is a worker's failure (a stop or a
+            // delete that failed for good: no compensation follows those)
+            // is nudged with the event that worker failed on, a new round
+            // of its attempts; the failure event itself has no one to move.
+            if let Ok(failed) = last.payload_as::<WorkerFailed>()
+                && let Some(cause) = events.iter().rev().find(|e| e.id == failed.event_id)
+            {
+                last = cause;
+            }
             if count < self.config.max_republish {
                 // A flow stuck at the join: only the delivery of the branch
                 // that finished last acts, and the log's last event may be
