@@ -124,12 +124,24 @@ pub(crate) async fn create_and_start(
         Ok(_) | Err(RuntimeError::Conflict { .. }) => {}
         Err(e) => return Err(engine(e)),
     }
-    deps.runtime
-        .start_container(host, &name)
-        .await
-        .map_err(engine)?;
-    Ok(name)
+    match deps.runtime.start_container(host, &name).await {
+        Ok(()) => Ok(name),
+        // The name is taken, yet nothing of that name can be started: an
+        // earlier attempt's container is not there, or not yet. Docker
+        // reserves the name when a create begins and registers the
+        // container only when it ends, so an attempt killed mid-create
+        // leaves a create the engine is still finishing (or rolls back).
+        // Not fatal: the next attempt finds it made, or makes it again.
+        Err(e @ RuntimeError::NotFound { .. }) => {
+            Err(HandlerError::retry_after(e, NOT_READY).with_code("container_not_ready"))
+        }
+        Err(e) => Err(engine(e)),
+    }
 }
+
+/// How long a start waits for a container whose create the engine has not
+/// finished (capped by the policy's `backoff.max`).
+const NOT_READY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Whether the delivery of `mine` (one of the two join inputs) is the one to
 /// act: both branches are done and `mine` was committed last (the image on

@@ -1423,3 +1423,36 @@ async fn a_container_that_dies_during_its_creation_ends_exited_not_running() {
     w.check_invariants().await;
     w.stop().await;
 }
+
+/// Issue 10, found by the crash test (`crash_docker`, seed 1): an attempt
+/// of `container.start` killed mid-create leaves Docker finishing that
+/// create — the name is taken, so the next attempt's create conflicts, yet
+/// starting that name is a 404 until the engine is done. That used to be a
+/// fatal `not_found` and a failed instance; it is retried, and the next
+/// attempt finds the container made.
+#[tokio::test]
+async fn issue_10_a_start_that_finds_its_earlier_create_not_yet_made_is_retried() {
+    let mut w = world().await;
+    // The first create takes effect but its answer is lost (the attempt
+    // killed); the second conflicts with it; the start then finds nothing
+    // of that name, once.
+    w.faulty
+        .fail_next(Op::CreateContainer, 1, FaultKind::LostReply);
+    w.faulty
+        .fail_next(Op::StartContainer, 1, FaultKind::NotFound);
+    let (inst, root) = w.create("orga", "web", "busybox").await;
+    let done = w.settle(&inst.id).await;
+    assert_eq!(done.status, InstanceStatus::Running, "{:?}", done.error);
+    w.quiesce().await;
+    let attempts = w.store.attempts_of_flow(root.flow_id).await.unwrap();
+    assert!(
+        attempts.iter().any(|a| a.worker == "container.start"
+            && a.error
+                .as_ref()
+                .is_some_and(|e| e.code == "container_not_ready")),
+        "the missing container was a retry: {attempts:?}"
+    );
+    assert_eq!(w.sim.containers(&w.host).len(), 1);
+    w.check_invariants().await;
+    w.stop().await;
+}

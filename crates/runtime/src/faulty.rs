@@ -112,6 +112,12 @@ pub enum FaultKind {
     /// returned instead of its result: the engine did it but the answer was
     /// lost, the case that makes find-before-create necessary.
     LostReply,
+    /// `RuntimeError::NotFound` for what the operation is about (not
+    /// retryable by its class); the call is not made. What Docker answers
+    /// about a container whose creation a killed client started and the
+    /// engine has not finished: its name is taken (a create conflicts) but
+    /// nothing of that name can be started or inspected yet.
+    NotFound,
 }
 
 /// A fault injected into a `rate` fraction (0.0–1.0) of an operation's calls.
@@ -257,6 +263,10 @@ impl FaultyRuntime {
                 // The outcome is dropped on purpose: that is the fault.
                 let _ = call.await;
                 Err(RuntimeError::timeout(host, op.as_str()))
+            }
+            FaultKind::NotFound => {
+                let what = op.as_str().rsplit('_').next().unwrap_or("resource");
+                Err(RuntimeError::not_found(host, what, "(injected)"))
             }
         }
     }
