@@ -96,8 +96,10 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         simulated += r.elapsed.as_secs_f64();
         violations += r.violations.len();
         for v in &r.violations {
-            eprintln!("seed {seed}: {v} (re-run: berth-bench chaos --seed {seed} --flows {} --fault-rate {} --crash-every {})",
-                args.flows, args.fault_rate, args.crash_every);
+            eprintln!(
+                "seed {seed}: {v} (re-run: berth-bench chaos --seed {seed} --flows {} --fault-rate {} --crash-every {})",
+                args.flows, args.fault_rate, args.crash_every
+            );
             if samples.len() < 5 {
                 samples.push(format!("seed {seed}: {v}"));
             }
@@ -107,7 +109,10 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     table(
         "berth-bench chaos",
         &[
-            ("seeds × actions", format!("{} × {}", seeds.len(), args.flows)),
+            (
+                "seeds × actions",
+                format!("{} × {}", seeds.len(), args.flows),
+            ),
             ("fault rate", format!("{}", args.fault_rate)),
             ("crash every", format!("~{} deliveries", args.crash_every)),
             ("converged", format!("{converged} of {}", seeds.len())),
@@ -200,9 +205,11 @@ async fn boot(
             host(),
             cancel.clone(),
         )),
-        tokio::spawn(
-            Reconciler::new(reconciler_config()).run(workers.bus(), deps.clone(), cancel.clone()),
-        ),
+        tokio::spawn(Reconciler::new(reconciler_config()).run(
+            workers.bus(),
+            deps.clone(),
+            cancel.clone(),
+        )),
     ];
     Ok((
         Process {
@@ -330,15 +337,22 @@ async fn run_seed(seed: u64, args: &Args) -> anyhow::Result<SeedRun> {
                 // container, whatever its flow is doing.
                 let all = sim.containers(&host());
                 if !all.is_empty() {
-                    let c = &all[usize::try_from(rng.between(0, all.len() as u64 - 1)).unwrap_or(0)];
-                    let _ = sim.kill(&host(), &c.name, 1 + rng.between(0, 2) as i64, rng.between(0, 3) == 0);
+                    let c =
+                        &all[usize::try_from(rng.between(0, all.len() as u64 - 1)).unwrap_or(0)];
+                    let _ = sim.kill(
+                        &host(),
+                        &c.name,
+                        1 + rng.between(0, 2) as i64,
+                        rng.between(0, 3) == 0,
+                    );
                 }
             }
             95..=96 => {
                 // Removed behind Berth's back.
                 let all = sim.containers(&host());
                 if !all.is_empty() {
-                    let c = &all[usize::try_from(rng.between(0, all.len() as u64 - 1)).unwrap_or(0)];
+                    let c =
+                        &all[usize::try_from(rng.between(0, all.len() as u64 - 1)).unwrap_or(0)];
                     let _ = sim.remove_container(&host(), &c.name).await;
                 }
             }
@@ -426,7 +440,10 @@ async fn check(store: &Store, sim: &SimRuntime, deps: &Deps) -> anyhow::Result<V
     let live = |i: &Instance| !matches!(i.status, InstanceStatus::Failed | InstanceStatus::Deleted);
     for i in &all {
         if !i.status.is_terminal() {
-            out.push(format!("flow did not end: instance {} is {}", i.name, i.status));
+            out.push(format!(
+                "flow did not end: instance {} is {}",
+                i.name, i.status
+            ));
         }
     }
     let containers = sim.containers(&host());
@@ -454,12 +471,19 @@ async fn check(store: &Store, sim: &SimRuntime, deps: &Deps) -> anyhow::Result<V
             out.push(format!("{n} containers for instance generation {k:?}"));
         }
     }
-    let orgs_live: HashSet<&str> = all.iter().filter(|i| live(i)).map(|i| i.org_id.as_str()).collect();
+    let orgs_live: HashSet<&str> = all
+        .iter()
+        .filter(|i| live(i))
+        .map(|i| i.org_id.as_str())
+        .collect();
     for n in sim.networks(&host()) {
         if let Some(org) = n.labels.get(label::ORG)
             && !orgs_live.contains(org.as_str())
         {
-            out.push(format!("network {} outlives every instance of its org", n.name));
+            out.push(format!(
+                "network {} outlives every instance of its org",
+                n.name
+            ));
         }
     }
     // What the API says is true.
@@ -483,11 +507,9 @@ async fn check(store: &Store, sim: &SimRuntime, deps: &Deps) -> anyhow::Result<V
     }
     // No event lost: every delivery was handled or dead-lettered (a
     // delivery row goes only with its inbox row or its dead letter).
-    let unhandled: i64 = berth_store::sqlx::query_scalar(
-        "SELECT COUNT(*) FROM deliveries",
-    )
-    .fetch_one(store.pool())
-    .await?;
+    let unhandled: i64 = berth_store::sqlx::query_scalar("SELECT COUNT(*) FROM deliveries")
+        .fetch_one(store.pool())
+        .await?;
     if unhandled > 0 {
         out.push(format!("{unhandled} deliveries never handled"));
     }

@@ -1456,3 +1456,39 @@ async fn issue_10_a_start_that_finds_its_earlier_create_not_yet_made_is_retried(
     w.check_invariants().await;
     w.stop().await;
 }
+
+/// Regression (found by `berth-bench chaos`): a stop that failed for good
+/// left the instance `stopping` for ever: the flow's last event was the
+/// failure event, and the reconciler's nudge re-published that, which no
+/// worker acts on. The nudge now re-runs the stop.
+#[tokio::test]
+async fn chaos_a_stop_that_failed_for_good_is_re_run_by_the_reconciler() {
+    let mut w = world().await;
+    let (inst, _) = w.create("orga", "web", "busybox").await;
+    assert_eq!(w.settle(&inst.id).await.status, InstanceStatus::Running);
+    w.faulty
+        .fail_next(Op::StopContainer, 1, FaultKind::Permanent);
+    stop_instance(&w.store, "orga", &inst.id)
+        .await
+        .unwrap()
+        .unwrap();
+    w.quiesce().await;
+    assert_eq!(
+        w.get(&inst.id).await.status,
+        InstanceStatus::Stopping,
+        "the stop is dead-lettered and nothing follows it"
+    );
+    let bus = w.workers.as_ref().unwrap().bus();
+    let report = reconciler().pass(&bus, &w.deps).await.unwrap();
+    assert_eq!(report.republished, vec![inst.id.clone()]);
+    let done = w
+        .until_is(&inst.id, "stopped", |i| i.status == InstanceStatus::Stopped)
+        .await;
+    assert!(matches!(
+        w.container_state(done.container.as_deref().unwrap()),
+        Some(ContainerState::Exited { .. })
+    ));
+    w.quiesce().await;
+    w.check_invariants().await;
+    w.stop().await;
+}
