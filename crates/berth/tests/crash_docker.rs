@@ -12,6 +12,8 @@
 //! choices (the engine's timing is not replayed).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod api_support;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -581,35 +583,6 @@ fn violations(all: &[Instance], plans: &HashMap<String, Plan>, engine: &Engine) 
     out
 }
 
-/// Berth on the local engine; `None` (after saying why) without one, which
-/// under `CI=true` is a failure.
-async fn engine() -> Option<Docker> {
-    let docker = match berth_docker::DockerRuntime::local().await {
-        Ok(rt) => rt,
-        Err(e) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but there is no Docker engine: {e}"
-            );
-            eprintln!("SKIPPED: {e} (this test needs a Docker engine)");
-            return None;
-        }
-    };
-    let client = docker
-        .client(&berth_runtime::HostId::new("local"))
-        .unwrap()
-        .clone();
-    if client.inspect_image(BASE).await.is_err() {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-image.sh");
-        let out = tokio::task::spawn_blocking(move || Command::new(script).output())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(out.status.success(), "test-image.sh: {out:?}");
-    }
-    Some(client)
-}
-
 /// The plan of instance `n`, from the seeded generator.
 fn plan_of(rng: &SeededRng) -> Plan {
     match rng.between(0, 99) {
@@ -622,7 +595,7 @@ fn plan_of(rng: &SeededRng) -> Plan {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_five_times_while_creating_and_deleting_leaves_engine_and_records_agreeing() {
-    let Some(docker) = engine().await else {
+    let Some(docker) = api_support::docker_engine().await else {
         return;
     };
     let seed = std::env::var("BERTH_CRASH_SEED")

@@ -10,7 +10,6 @@
 mod api_support;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use api_support::{TestApp, docker_config, eventually, spawn_with};
 use berth_docker::bollard::Docker;
@@ -21,32 +20,10 @@ use serde_json::{Value, json};
 
 const BASE: &str = "berth-test-base:latest";
 
-/// Berth on the local engine with the base image on it; `None` (after
-/// saying why) without an engine, which under `CI=true` is a failure.
+/// Berth on the local engine with the base image on it; `None` without an
+/// engine (a failure under `CI=true`).
 async fn docker_app() -> Option<(TestApp, Docker)> {
-    let docker = match berth_docker::DockerRuntime::local().await {
-        Ok(rt) => rt,
-        Err(e) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but there is no Docker engine: {e}"
-            );
-            eprintln!("SKIPPED: {e} (these tests need a Docker engine)");
-            return None;
-        }
-    };
-    let client = docker
-        .client(&berth_runtime::HostId::new("local"))
-        .unwrap()
-        .clone();
-    if client.inspect_image(BASE).await.is_err() {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-image.sh");
-        let out = tokio::task::spawn_blocking(move || std::process::Command::new(script).output())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(out.status.success(), "test-image.sh: {out:?}");
-    }
+    let client = api_support::docker_engine().await?;
     let t = spawn_with(&docker_config(), Vec::new()).await;
     Some((t, client))
 }

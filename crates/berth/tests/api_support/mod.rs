@@ -294,3 +294,35 @@ where
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A client of the local Docker engine with the test base image on it;
+/// `None` (after saying why) without an engine, which under `CI=true` is a
+/// failure rather than a skip.
+pub async fn docker_engine() -> Option<berth_docker::bollard::Docker> {
+    const BASE: &str = "berth-test-base:latest";
+    let docker = match berth_docker::DockerRuntime::local().await {
+        Ok(rt) => rt,
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but there is no Docker engine: {e}"
+            );
+            eprintln!("SKIPPED: {e} (this test needs a Docker engine)");
+            return None;
+        }
+    };
+    let client = docker
+        .client(&berth_runtime::HostId::new("local"))
+        .unwrap()
+        .clone();
+    if client.inspect_image(BASE).await.is_err() {
+        let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../scripts/test-image.sh");
+        let out = tokio::task::spawn_blocking(move || std::process::Command::new(script).output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(out.status.success(), "test-image.sh: {out:?}");
+    }
+    Some(client)
+}
