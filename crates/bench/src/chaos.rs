@@ -507,11 +507,18 @@ async fn check(store: &Store, sim: &SimRuntime, deps: &Deps) -> anyhow::Result<V
     }
     // No event lost: every delivery was handled or dead-lettered (a
     // delivery row goes only with its inbox row or its dead letter).
-    let unhandled: i64 = berth_store::sqlx::query_scalar("SELECT COUNT(*) FROM deliveries")
-        .fetch_one(store.pool())
-        .await?;
-    if unhandled > 0 {
-        out.push(format!("{unhandled} deliveries never handled"));
+    let left: Vec<(String, String, i64, i64, Option<String>)> = berth_store::sqlx::query_as(
+        "SELECT d.worker, e.type, d.attempt, d.not_before, d.lease_owner
+           FROM deliveries d JOIN events e ON e.id = d.event_id",
+    )
+    .fetch_all(store.pool())
+    .await?;
+    let now = store.now().as_micros();
+    for (worker, event_type, attempt, not_before, lease) in left {
+        out.push(format!(
+            "a delivery never handled: {worker} of {event_type}, attempt {attempt}, due in {} ms, lease {lease:?}",
+            (not_before - now) / 1000
+        ));
     }
     Ok(out)
 }

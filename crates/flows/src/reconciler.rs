@@ -261,7 +261,14 @@ impl Reconciler {
             {
                 last = cause;
             }
-            if count < self.config.max_republish {
+            // A stop or a delete has no failed end state to give up to: it
+            // is re-run every deadline until it succeeds (as a Kubernetes
+            // finalizer is), while a creation gives up after a few nudges.
+            let endless = matches!(
+                i.status,
+                InstanceStatus::Stopping | InstanceStatus::Deleting
+            );
+            if count < self.config.max_republish || endless {
                 // A flow stuck at the join: only the delivery of the branch
                 // that finished last acts, and the log's last event may be
                 // the other branch's, so both branches' events go again.
