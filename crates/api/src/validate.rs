@@ -39,11 +39,7 @@ pub struct Quotas {
 impl Default for Quotas {
     fn default() -> Self {
         Quotas {
-            default: ResourceLimits {
-                memory_bytes: 512 << 20,
-                nano_cpus: 1_000_000_000,
-                pids: 512,
-            },
+            default: ResourceLimits::DEFAULT,
             max: ResourceLimits {
                 memory_bytes: 4 << 30,
                 nano_cpus: 4_000_000_000,

@@ -282,15 +282,10 @@ async fn run_seed(seed: u64, args: &Args) -> anyhow::Result<SeedRun> {
     let mut known: Vec<(String, String)> = Vec::new();
     for n in 0..args.flows {
         let roll = rng.between(0, 99);
-        let pick = |rng: &SeededRng, known: &[(String, String)]| {
-            (!known.is_empty()).then(|| {
-                known[usize::try_from(rng.between(0, known.len() as u64 - 1)).unwrap_or(0)].clone()
-            })
-        };
         let store = proc.store.clone();
         match roll {
             0..=54 => {
-                let org = orgs[usize::try_from(rng.between(0, 2)).unwrap_or(0)];
+                let org = choose(&rng, &orgs).copied().unwrap_or("orga");
                 let spec = InstanceSpec {
                     image: "busybox".into(),
                     build: None,
@@ -313,22 +308,22 @@ async fn run_seed(seed: u64, args: &Args) -> anyhow::Result<SeedRun> {
                 }
             }
             55..=66 => {
-                if let Some((org, id)) = pick(&rng, &known) {
+                if let Some((org, id)) = choose(&rng, &known).cloned() {
                     let _ = berth_flows::delete_instance(&store, &org, &id).await;
                 }
             }
             67..=74 => {
-                if let Some((org, id)) = pick(&rng, &known) {
+                if let Some((org, id)) = choose(&rng, &known).cloned() {
                     let _ = berth_flows::stop_instance(&store, &org, &id).await;
                 }
             }
             75..=82 => {
-                if let Some((org, id)) = pick(&rng, &known) {
+                if let Some((org, id)) = choose(&rng, &known).cloned() {
                     let _ = berth_flows::start_instance(&store, &org, &id).await;
                 }
             }
             83..=88 => {
-                if let Some((org, id)) = pick(&rng, &known) {
+                if let Some((org, id)) = choose(&rng, &known).cloned() {
                     let _ = berth_flows::restart_instance(&store, &org, &id).await;
                 }
             }
@@ -336,9 +331,7 @@ async fn run_seed(seed: u64, args: &Args) -> anyhow::Result<SeedRun> {
                 // An engine event at any moment: a death or an OOM kill of a
                 // container, whatever its flow is doing.
                 let all = sim.containers(&host());
-                if !all.is_empty() {
-                    let c =
-                        &all[usize::try_from(rng.between(0, all.len() as u64 - 1)).unwrap_or(0)];
+                if let Some(c) = choose(&rng, &all) {
                     let _ = sim.kill(
                         &host(),
                         &c.name,
@@ -350,9 +343,7 @@ async fn run_seed(seed: u64, args: &Args) -> anyhow::Result<SeedRun> {
             95..=96 => {
                 // Removed behind Berth's back.
                 let all = sim.containers(&host());
-                if !all.is_empty() {
-                    let c =
-                        &all[usize::try_from(rng.between(0, all.len() as u64 - 1)).unwrap_or(0)];
+                if let Some(c) = choose(&rng, &all) {
                     let _ = sim.remove_container(&host(), &c.name).await;
                 }
             }
@@ -400,6 +391,12 @@ async fn run_seed(seed: u64, args: &Args) -> anyhow::Result<SeedRun> {
         crashes,
         elapsed: start.elapsed(),
     })
+}
+
+/// One of `items`, drawn from `rng`; `None` when there are none.
+fn choose<'a, T>(rng: &SeededRng, items: &'a [T]) -> Option<&'a T> {
+    let last = u64::try_from(items.len().checked_sub(1)?).ok()?;
+    items.get(usize::try_from(rng.between(0, last)).ok()?)
 }
 
 /// `every` ± half, at least 1.

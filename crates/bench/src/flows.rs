@@ -383,16 +383,7 @@ fn spec(image: &str) -> InstanceSpec {
         ports: vec![],
         restart: Default::default(),
         build: None,
-        limits: Some(berth_api_limits()),
-    }
-}
-
-/// The configured default limits (`[limits]`), as the API would record them.
-fn berth_api_limits() -> berth_store::instances::ResourceLimits {
-    berth_store::instances::ResourceLimits {
-        memory_bytes: 512 << 20,
-        nano_cpus: 1_000_000_000,
-        pids: 512,
+        limits: Some(berth_store::instances::ResourceLimits::DEFAULT),
     }
 }
 
@@ -427,7 +418,7 @@ async fn raw_engine(
         Ok(_) | Err(RuntimeError::Conflict { .. }) => {}
         Err(e) => anyhow::bail!("cannot make the raw side's network: {e}"),
     }
-    let l = berth_api_limits();
+    let l = berth_store::instances::ResourceLimits::DEFAULT;
     let s = spec(base);
     let mut tasks = tokio::task::JoinSet::new();
     let mut out = Vec::with_capacity(args.count);

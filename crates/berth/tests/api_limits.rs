@@ -8,7 +8,6 @@
 
 mod api_support;
 
-use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -90,18 +89,9 @@ fn serve_with_nofile(nofile: u64) -> Served {
         .spawn()
         .unwrap();
     // `berth serve` prints its address once it listens.
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if let Some(addr) = line.strip_prefix("berth API listening on http://") {
-                let _ = tx.send(addr.trim().parse::<std::net::SocketAddr>().unwrap());
-            }
-        }
-    });
+    let rx = api_support::listening_address(child.stdout.take().unwrap());
     let addr = match rx.recv_timeout(DEADLINE) {
-        Ok(a) => a,
+        Ok(a) => a.parse::<std::net::SocketAddr>().unwrap(),
         Err(_) => panic!(
             "berth serve did not start: {}",
             std::fs::read_to_string(&log).unwrap_or_default()

@@ -15,7 +15,6 @@
 mod api_support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -24,9 +23,7 @@ use std::time::{Duration, Instant};
 use berth_core::SeededRng;
 use berth_core::domain::InstanceStatus;
 use berth_docker::bollard::Docker;
-use berth_docker::bollard::query_parameters::{
-    ListContainersOptions, ListImagesOptions, RemoveContainerOptions, RemoveImageOptions,
-};
+use berth_docker::bollard::query_parameters::{ListContainersOptions, ListImagesOptions};
 use berth_store::instances::{self, Instance};
 use futures::StreamExt;
 use reqwest::Method;
@@ -149,16 +146,7 @@ impl Shared {
             .stderr(log)
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if let Some(addr) = line.strip_prefix("berth API listening on http://") {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
-            }
-        });
+        let rx = api_support::listening_address(child.stdout.take().unwrap());
         *self.child.lock().unwrap() = Some(child);
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(addr) => *self.base.lock().unwrap() = format!("http://{addr}"),
@@ -206,64 +194,11 @@ impl Drop for Guard {
                     .unwrap()
                     .clone();
                 for l in labels {
-                    sweep(&client, &l).await;
+                    api_support::sweep_label(&client, &l).await;
                 }
             });
         })
         .join();
-    }
-}
-
-/// Removes every container, image and network carrying `label` (`k=v`).
-async fn sweep(docker: &Docker, label: &str) {
-    let filters = HashMap::from([("label".to_owned(), vec![label.to_owned()])]);
-    let containers = docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters.clone()),
-            ..Default::default()
-        }))
-        .await
-        .unwrap_or_default();
-    for c in containers {
-        if let Some(id) = c.id {
-            let _ = docker
-                .remove_container(
-                    &id,
-                    Some(RemoveContainerOptions {
-                        force: true,
-                        ..Default::default()
-                    }),
-                )
-                .await;
-        }
-    }
-    let images = docker
-        .list_images(Some(ListImagesOptions {
-            filters: Some(filters.clone()),
-            ..Default::default()
-        }))
-        .await
-        .unwrap_or_default();
-    for i in images {
-        let _ = docker
-            .remove_image(
-                &i.id,
-                Some(RemoveImageOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-                None,
-            )
-            .await;
-    }
-    let (key, value) = label.split_once('=').unwrap();
-    for n in docker.list_networks(None).await.unwrap_or_default() {
-        if n.labels.unwrap_or_default().get(key).map(String::as_str) == Some(value)
-            && let Some(id) = n.id
-        {
-            let _ = docker.remove_network(&id).await;
-        }
     }
 }
 

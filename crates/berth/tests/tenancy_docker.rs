@@ -31,56 +31,7 @@ async fn docker_app() -> Option<(TestApp, Docker)> {
 /// Removes everything of this app's installation from the engine.
 async fn sweep(t: &TestApp, docker: &Docker) {
     let install = format!("berth.install={}", t.app.store.install_id());
-    let filters = HashMap::from([("label".to_owned(), vec![install.clone()])]);
-    let containers = docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters.clone()),
-            ..Default::default()
-        }))
-        .await
-        .unwrap_or_default();
-    for c in containers {
-        if let Some(id) = c.id {
-            let _ = docker
-                .remove_container(
-                    &id,
-                    Some(
-                        berth_docker::bollard::query_parameters::RemoveContainerOptions {
-                            force: true,
-                            ..Default::default()
-                        },
-                    ),
-                )
-                .await;
-        }
-    }
-    for i in berth_images(t, docker).await {
-        let _ = docker
-            .remove_image(
-                &i,
-                Some(
-                    berth_docker::bollard::query_parameters::RemoveImageOptions {
-                        force: true,
-                        ..Default::default()
-                    },
-                ),
-                None,
-            )
-            .await;
-    }
-    let nets = docker.list_networks(None).await.unwrap_or_default();
-    for n in nets {
-        if n.labels
-            .unwrap_or_default()
-            .get("berth.install")
-            .map(String::as_str)
-            == Some(t.app.store.install_id())
-            && let Some(id) = n.id
-        {
-            let _ = docker.remove_network(&id).await;
-        }
-    }
+    api_support::sweep_label(docker, &install).await;
 }
 
 /// Ids of every (tagged) image this installation made; `history` covers

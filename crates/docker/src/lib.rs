@@ -410,13 +410,13 @@ impl Engine {
     ) -> Result<Option<ImageInfo>, RuntimeError> {
         match self.docker.inspect_image(reference).await {
             Ok(i) => {
-                let wanted = normal(reference);
+                let wanted = berth_runtime::normal_reference(reference);
                 let named = i
                     .repo_tags
                     .iter()
                     .flatten()
                     .chain(i.repo_digests.iter().flatten())
-                    .any(|t| normal(t) == wanted);
+                    .any(|t| berth_runtime::normal_reference(t) == wanted);
                 if !named {
                     return Ok(None);
                 }
@@ -446,31 +446,6 @@ impl Engine {
             };
         }
         Ok(self.image(host, op, r).await?.is_some())
-    }
-}
-
-/// A reference as the engine lists it: Docker Hub's implicit prefixes
-/// dropped, `:latest` added to a bare name; with a digest, the digest alone
-/// names it (`RepoDigests` carry no tag).
-fn normal(r: &str) -> String {
-    let r = r
-        .strip_prefix("docker.io/library/")
-        .or_else(|| r.strip_prefix("docker.io/"))
-        .or_else(|| r.strip_prefix("index.docker.io/library/"))
-        .unwrap_or(r);
-    if let Some((name, digest)) = r.split_once('@') {
-        let slash = name.rfind('/').map_or(0, |i| i + 1);
-        let repo = match name[slash..].rfind(':') {
-            Some(i) => &name[..slash + i],
-            None => name,
-        };
-        return format!("{repo}@{digest}");
-    }
-    let last = r.rsplit('/').next().unwrap_or(r);
-    if last.contains(':') {
-        r.to_owned()
-    } else {
-        format!("{r}:latest")
     }
 }
 
@@ -1215,24 +1190,6 @@ impl ContainerRuntime for DockerRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn references_are_compared_as_the_engine_lists_them() {
-        for (a, b) in [
-            ("busybox", "busybox:latest"),
-            ("docker.io/library/busybox:1", "busybox:1"),
-            ("localhost:5000/app", "localhost:5000/app:latest"),
-            ("app:1@sha256:ab", "app@sha256:ab"),
-            (
-                "localhost:5000/app@sha256:ab",
-                "localhost:5000/app@sha256:ab",
-            ),
-        ] {
-            assert_eq!(super::normal(a), super::normal(b), "{a} ~ {b}");
-        }
-        assert_ne!(super::normal("busybox:1"), super::normal("busybox:2"));
-        assert_ne!(super::normal("ab"), super::normal("abc"));
-    }
 
     #[test]
     fn the_engines_maximum_version_is_read_from_its_refusal() {

@@ -170,7 +170,7 @@ impl HostState {
     /// images first, then base images. Never by id, as on Docker through
     /// `find_image`.
     fn by_name(&self, reference: &str) -> Option<ImageInfo> {
-        let n = normal(reference);
+        let n = crate::normal_reference(reference);
         if let Some(i) = self.images.get(&n) {
             return Some(i.clone());
         }
@@ -194,16 +194,6 @@ impl HostState {
             });
         }
         self.by_name(r)
-    }
-}
-
-/// A reference as the engine names it: `:latest` added to a bare name.
-fn normal(r: &str) -> String {
-    let last = r.rsplit('/').next().unwrap_or(r);
-    if r.contains('@') || last.contains(':') {
-        r.to_owned()
-    } else {
-        format!("{r}:latest")
     }
 }
 
@@ -272,14 +262,14 @@ impl SimRuntime {
     pub fn add_base_image(&self, host: &HostId, name: &str) {
         if let Some(mut h) = self.state(host) {
             let id = format!("sha256:{:064x}", fnv(name));
-            h.bases.insert(normal(name), id);
+            h.bases.insert(crate::normal_reference(name), id);
         }
     }
 
     /// Takes a base image away again (to simulate a pruned engine).
     pub fn remove_base_image(&self, host: &HostId, name: &str) {
         if let Some(mut h) = self.state(host) {
-            h.bases.remove(&normal(name));
+            h.bases.remove(&crate::normal_reference(name));
         }
     }
 
@@ -641,10 +631,11 @@ impl ContainerRuntime for SimRuntime {
         }
         let image = ImageInfo {
             id: format!("sha256:{}", self.new_id()),
-            tag: normal(&spec.tag),
+            tag: crate::normal_reference(&spec.tag),
             labels: spec.labels.clone(),
         };
-        h.images.insert(normal(&spec.tag), image.clone());
+        h.images
+            .insert(crate::normal_reference(&spec.tag), image.clone());
         log_tail.push(format!("Successfully built {}", image.id));
         log_tail.push(format!("Successfully tagged {}", spec.tag));
         Ok(BuildOutput { image, log_tail })
@@ -652,7 +643,7 @@ impl ContainerRuntime for SimRuntime {
 
     async fn remove_image(&self, host: &HostId, tag: &str) -> Result<(), RuntimeError> {
         let mut h = self.enter(host, self.latency.image_remove).await?;
-        h.images.remove(&normal(tag));
+        h.images.remove(&crate::normal_reference(tag));
         Ok(())
     }
 

@@ -296,3 +296,60 @@ impl RuntimeError {
         }
     }
 }
+
+/// A reference as engines list it (`RepoTags`, `RepoDigests`), so that two
+/// spellings of one name compare equal: Docker Hub's implicit prefixes
+/// dropped, `:latest` added to a bare name; with a digest, the digest alone
+/// names it (`RepoDigests` carry no tag).
+pub fn normal_reference(r: &str) -> String {
+    let r = r
+        .strip_prefix("docker.io/library/")
+        .or_else(|| r.strip_prefix("docker.io/"))
+        .or_else(|| r.strip_prefix("index.docker.io/library/"))
+        .unwrap_or(r);
+    if let Some((name, digest)) = r.split_once('@') {
+        let slash = name.rfind('/').map_or(0, |i| i + 1);
+        let repo = match name[slash..].rfind(':') {
+            Some(i) => &name[..slash + i],
+            None => name,
+        };
+        return format!("{repo}@{digest}");
+    }
+    let last = r.rsplit('/').next().unwrap_or(r);
+    if last.contains(':') {
+        r.to_owned()
+    } else {
+        format!("{r}:latest")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn references_are_compared_as_the_engine_lists_them() {
+        for (a, b) in [
+            ("busybox", "busybox:latest"),
+            ("docker.io/library/busybox:1", "busybox:1"),
+            ("localhost:5000/app", "localhost:5000/app:latest"),
+            ("app:1@sha256:ab", "app@sha256:ab"),
+            (
+                "localhost:5000/app@sha256:ab",
+                "localhost:5000/app@sha256:ab",
+            ),
+        ] {
+            assert_eq!(
+                super::normal_reference(a),
+                super::normal_reference(b),
+                "{a} ~ {b}"
+            );
+        }
+        assert_ne!(
+            super::normal_reference("busybox:1"),
+            super::normal_reference("busybox:2")
+        );
+        assert_ne!(
+            super::normal_reference("ab"),
+            super::normal_reference("abc")
+        );
+    }
+}

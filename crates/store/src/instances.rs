@@ -54,6 +54,16 @@ pub struct ResourceLimits {
     pub pids: i64,
 }
 
+impl ResourceLimits {
+    /// What a container gets when nothing says otherwise (`[limits]`'s
+    /// defaults): 512MiB, one CPU, 512 processes.
+    pub const DEFAULT: ResourceLimits = ResourceLimits {
+        memory_bytes: 512 << 20,
+        nano_cpus: 1_000_000_000,
+        pids: 512,
+    };
+}
+
 /// An instance row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instance {

@@ -326,3 +326,81 @@ pub async fn docker_engine() -> Option<berth_docker::bollard::Docker> {
     }
     Some(client)
 }
+
+/// Removes every container, image and network carrying `label` (`k=v`),
+/// ignoring failures: a sweep after a test, also after one that panicked.
+pub async fn sweep_label(docker: &berth_docker::bollard::Docker, label: &str) {
+    let filters = std::collections::HashMap::from([("label".to_owned(), vec![label.to_owned()])]);
+    let containers = docker
+        .list_containers(Some(
+            berth_docker::bollard::query_parameters::ListContainersOptions {
+                all: true,
+                filters: Some(filters.clone()),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_or_default();
+    for c in containers {
+        if let Some(id) = c.id {
+            let _ = docker
+                .remove_container(
+                    &id,
+                    Some(
+                        berth_docker::bollard::query_parameters::RemoveContainerOptions {
+                            force: true,
+                            ..Default::default()
+                        },
+                    ),
+                )
+                .await;
+        }
+    }
+    let images = docker
+        .list_images(Some(
+            berth_docker::bollard::query_parameters::ListImagesOptions {
+                filters: Some(filters.clone()),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_or_default();
+    for i in images {
+        let _ = docker
+            .remove_image(
+                &i.id,
+                Some(
+                    berth_docker::bollard::query_parameters::RemoveImageOptions {
+                        force: true,
+                        ..Default::default()
+                    },
+                ),
+                None,
+            )
+            .await;
+    }
+    let (key, value) = label.split_once('=').unwrap();
+    for n in docker.list_networks(None).await.unwrap_or_default() {
+        if n.labels.unwrap_or_default().get(key).map(String::as_str) == Some(value)
+            && let Some(id) = n.id
+        {
+            let _ = docker.remove_network(&id).await;
+        }
+    }
+}
+
+/// The address `berth serve` prints once it listens, read from its stdout
+/// on a thread of its own (the child's pipe is blocking).
+pub fn listening_address(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if let Some(addr) = line.strip_prefix("berth API listening on http://") {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+        }
+    });
+    rx
+}
