@@ -1,27 +1,32 @@
-//! `berth-bench chaos`: the real workers, store, dispatcher, reconciler and
-//! engine-event listener against the simulated runtime behind the fault
-//! wrapper, driven by user actions drawn from a seed, with engine faults of
-//! every kind, engine events at any moment (deaths, OOM kills, removals
-//! behind Berth's back), engine outages and process crashes (the dispatcher
-//! stopped with no grace, in-flight attempts abandoned, the store reopened
-//! so that nothing of the process's memory survives); then quiescence and
-//! the design's invariants.
+//! `berth-bench chaos`: a deterministic simulation of the control plane. The
+//! real workers, store, dispatcher, reconciler and engine-event listener run
+//! against the simulated runtime behind the fault wrapper, driven by user
+//! actions drawn from a seed, with engine faults of every kind, engine
+//! events at any moment (deaths, OOM kills, removals behind Berth's back),
+//! engine outages, duplicate deliveries and process crashes (every attempt
+//! stopped where it is, unrecorded, the store reopened so that nothing of
+//! the process's memory survives); then quiescence, with simulated time
+//! running on, and the design's invariants.
 //!
-//! First slice: runs are *seeded* (actions, fault kinds and rates, crash
-//! points come from the seed) but not yet *deterministic*: they run on the
-//! system clock with a multi-threaded runtime and SQLite's own thread, so
-//! a seed replays the same plan, not the same interleaving. `simulated_s`
-//! is the time the runs took on that clock until a simulated clock drives
-//! them.
+//! Determinism: each seed runs on a runtime of its own, one thread, with
+//! tokio's clock paused and moved only by the driver (a millisecond at a
+//! time, once nothing is left to run at the current instant), and the tasks
+//! take turns through [`berth_core::sched`], so that SQLite answering from
+//! its own threads cannot reorder them. The same seed and arguments give
+//! the same run: the same faults, crashes, violations and event log (the
+//! `digest` of the log says so).
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use berth_core::domain::{InstanceName, InstanceStatus};
-use berth_core::{Clock, IdGen, SeededRng, SystemClock};
+use berth_core::sched::{self, Sched};
+use berth_core::{Clock, IdGen, SeededRng, Timestamp};
 use berth_flows::reconciler::{Reconciler, ReconcilerConfig};
 use berth_flows::{Deps, names};
 use berth_runtime::faulty::{Fault, FaultKind, FaultyRuntime, Op};
@@ -29,14 +34,14 @@ use berth_runtime::hosts::LocalProvider;
 use berth_runtime::sim::{SimConfig, SimLatency, SimRuntime};
 use berth_runtime::{ContainerRuntime, ContainerState, HostId, Limits, label};
 use berth_store::instances::{self, Instance, InstanceSpec};
-use berth_store::{Store, StoreOptions};
+use berth_store::{Store, StoreOptions, Synchronous};
 use berth_worker::policy::BackoffConfig;
 use berth_worker::{BusOptions, Policies, PolicyConfig, Registry, Workers, WorkersConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::report::table;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct Args {
     /// How many seeds to run (1..=S), unless `--seed` names one.
     #[arg(long, default_value_t = 10)]
@@ -53,6 +58,10 @@ pub struct Args {
     /// Run this seed only (to reproduce a failure).
     #[arg(long)]
     seed: Option<u64>,
+    /// Write each seed's final event log and records to FILE.<seed>, one
+    /// line each: two runs of a seed give the same files.
+    #[arg(long, value_name = "FILE")]
+    log: Option<std::path::PathBuf>,
 }
 
 const KINDS: [FaultKind; 5] = [
@@ -63,13 +72,26 @@ const KINDS: [FaultKind; 5] = [
     FaultKind::LostReply,
 ];
 
+/// The simulated clock starts here (2026-01-01T00:00:00Z), whatever the
+/// wall clock says, so that timestamps, ids and the log repeat.
+const EPOCH_MICROS: i64 = 1_767_225_600_000_000;
+
+/// One broken invariant, and the instance it concerns (for its trace).
+struct Violation {
+    instance: Option<String>,
+    what: String,
+}
+
 /// What one seed's run found.
 struct SeedRun {
-    violations: Vec<String>,
+    violations: Vec<Violation>,
+    /// The violating instances' events and attempts, one line each.
+    traces: HashMap<String, Vec<String>>,
     converged: bool,
     faults: u64,
     crashes: u64,
-    elapsed: Duration,
+    simulated: Duration,
+    digest: u64,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<String> {
@@ -86,22 +108,36 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     let (mut converged, mut faults, mut crashes, mut simulated) = (0u64, 0u64, 0u64, 0f64);
     let mut violations = 0usize;
     let mut samples: Vec<String> = Vec::new();
+    let mut digest = std::collections::hash_map::DefaultHasher::new();
     for &seed in &seeds {
-        let r = run_seed(seed, &args)
+        let a = args.clone();
+        let r = tokio::task::spawn_blocking(move || run_isolated(seed, &a))
             .await
+            .context("a seed's thread failed")?
             .with_context(|| format!("seed {seed}"))?;
         converged += u64::from(r.converged);
         faults += r.faults;
         crashes += r.crashes;
-        simulated += r.elapsed.as_secs_f64();
+        simulated += r.simulated.as_secs_f64();
         violations += r.violations.len();
+        r.digest.hash(&mut digest);
+        let mut shown: HashSet<&str> = HashSet::new();
         for v in &r.violations {
             eprintln!(
-                "seed {seed}: {v} (re-run: berth-bench chaos --seed {seed} --flows {} --fault-rate {} --crash-every {})",
-                args.flows, args.fault_rate, args.crash_every
+                "seed {seed}: {} (re-run: berth-bench chaos --seed {seed} --flows {} --fault-rate {} --crash-every {})",
+                v.what, args.flows, args.fault_rate, args.crash_every
             );
+            if let Some(i) = &v.instance
+                && shown.insert(i)
+                && let Some(t) = r.traces.get(i)
+            {
+                eprintln!("  trace of instance {i}:");
+                for line in t {
+                    eprintln!("    {line}");
+                }
+            }
             if samples.len() < 5 {
-                samples.push(format!("seed {seed}: {v}"));
+                samples.push(format!("seed {seed}: {}", v.what));
             }
         }
     }
@@ -119,6 +155,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
             ("violations", violations.to_string()),
             ("faults injected", faults.to_string()),
             ("crashes", crashes.to_string()),
+            ("simulated", format!("{simulated:.1} s")),
             ("wall", format!("{wall:.1} s")),
         ],
     );
@@ -135,8 +172,112 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         "crashes": crashes,
         "simulated_s": (simulated * 10.0).round() / 10.0,
         "wall_s": (wall * 10.0).round() / 10.0,
+        "digest": format!("{:016x}", digest.finish()),
     })
     .to_string())
+}
+
+/// Runs one seed on a runtime of its own: one thread, the clock paused, the
+/// tasks taking turns.
+fn run_isolated(seed: u64, args: &Args) -> anyhow::Result<SeedRun> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .context("cannot start the simulation's runtime")?;
+    let s = Sched::new();
+    sched::install(Some(s.clone()));
+    let watchdog = Watchdog::start(seed, s.clone());
+    let out = rt.block_on(sched::task(run_seed(seed, args, s)));
+    watchdog.stop();
+    sched::install(None);
+    out
+}
+
+/// A deadlock in the simulation (a task waiting, holding the baton, on one
+/// that needs it) would hang the run: a thread on the wall clock notices
+/// when no task has taken a turn for a long while, says so, and ends the
+/// process rather than hang CI.
+struct Watchdog {
+    done: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    const STUCK: Duration = Duration::from_secs(60);
+
+    fn start(seed: u64, sched: Arc<Sched>) -> Watchdog {
+        let (done, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let mut last = sched.turns();
+            loop {
+                match rx.recv_timeout(Self::STUCK) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                let now = sched.turns();
+                if now == last {
+                    eprintln!(
+                        "seed {seed}: the simulation is stuck (no task took a turn in {}s, {now} turns so far): a deadlock",
+                        Self::STUCK.as_secs()
+                    );
+                    std::process::exit(3);
+                }
+                last = now;
+            }
+        });
+        Watchdog { done }
+    }
+
+    fn stop(self) {
+        let _ = self.done.send(());
+    }
+}
+
+/// Simulated time: moved by the driver only.
+#[derive(Debug)]
+struct SimClock(AtomicI64);
+
+impl Clock for SimClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_micros(EPOCH_MICROS + self.0.load(Ordering::SeqCst))
+    }
+}
+
+/// The driver's hold on time.
+struct Time {
+    sched: Arc<Sched>,
+    clock: Arc<SimClock>,
+    elapsed: Duration,
+}
+
+impl Time {
+    const TICK: Duration = Duration::from_millis(1);
+
+    /// Lets everything due now run, then moves time one tick.
+    async fn tick(&mut self) {
+        let sched = self.sched.clone();
+        let clock = self.clock.clone();
+        let next = self.elapsed + Self::TICK;
+        sched::idle(async move {
+            sched.settle().await;
+            // The clock first: whoever wakes reads the new time.
+            clock.0.store(
+                i64::try_from(next.as_micros()).unwrap_or(i64::MAX),
+                Ordering::SeqCst,
+            );
+            tokio::time::advance(Self::TICK).await;
+            sched.settle().await;
+        })
+        .await;
+        self.elapsed = next;
+    }
+
+    async fn run_for(&mut self, d: Duration) {
+        let end = self.elapsed + d;
+        while self.elapsed < end {
+            self.tick().await;
+        }
+    }
 }
 
 fn host() -> HostId {
@@ -144,7 +285,7 @@ fn host() -> HostId {
 }
 
 /// Fast retries and short timeouts, so that faults and hangs resolve in
-/// milliseconds.
+/// simulated milliseconds.
 fn policies(reg: &Registry) -> anyhow::Result<Policies> {
     let mut cfg = WorkersConfig::new();
     cfg.insert(
@@ -171,6 +312,7 @@ struct Process {
     workers: Workers,
     cancel: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    registry: Registry,
 }
 
 async fn boot(
@@ -178,11 +320,18 @@ async fn boot(
     seed: u64,
     generation: u64,
     deps: &Arc<Deps>,
+    clock: Arc<dyn Clock>,
 ) -> anyhow::Result<(Process, Arc<Deps>)> {
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let rng = Arc::new(SeededRng::new(seed ^ generation.rotate_left(32)));
     let ids = Arc::new(IdGen::new(clock.clone(), rng.clone()));
-    let store = Store::open(path, StoreOptions::default(), clock, ids).await?;
+    let options = StoreOptions {
+        synchronous: Synchronous::Normal,
+        // Enough that no reader ever waits for a connection another task
+        // holds while it waits on the engine.
+        max_connections: 256,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(path, options, clock, ids).await?;
     let deps = Arc::new(deps.with_install(store.install_id()));
     let mut reg = Registry::new();
     berth_flows::register(&mut reg, deps.clone())?;
@@ -192,6 +341,8 @@ async fn boot(
         &policies(&reg)?,
         BusOptions {
             shutdown_grace: Duration::ZERO,
+            // No background checkpoints: SQLite's own suffice here.
+            checkpoint_interval: None,
             rng,
             ..BusOptions::default()
         },
@@ -199,17 +350,17 @@ async fn boot(
     .await?;
     let cancel = CancellationToken::new();
     let tasks = vec![
-        tokio::spawn(berth_flows::exits::listen(
+        tokio::spawn(sched::task(berth_flows::exits::listen(
             workers.bus(),
             deps.clone(),
             host(),
             cancel.clone(),
-        )),
-        tokio::spawn(Reconciler::new(reconciler_config()).run(
+        ))),
+        tokio::spawn(sched::task(Reconciler::new(reconciler_config()).run(
             workers.bus(),
             deps.clone(),
             cancel.clone(),
-        )),
+        ))),
     ];
     Ok((
         Process {
@@ -217,6 +368,7 @@ async fn boot(
             workers,
             cancel,
             tasks,
+            registry: reg,
         },
         deps,
     ))
@@ -232,25 +384,54 @@ fn reconciler_config() -> ReconcilerConfig {
 }
 
 impl Process {
-    /// A crash: nothing in flight finishes, nothing in memory survives.
+    /// A crash: every task stops where it is, nothing in memory survives.
     async fn crash(self) {
         self.cancel.cancel();
-        for t in self.tasks {
+        for t in &self.tasks {
             t.abort();
         }
-        // No grace: attempts still running are abandoned to the next start.
-        let _ = self.workers.shutdown().await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.workers.crash().await;
         self.store.pool().close().await;
     }
 }
 
-async fn run_seed(seed: u64, args: &Args) -> anyhow::Result<SeedRun> {
-    let start = Instant::now();
+async fn run_seed(seed: u64, args: &Args, sched: Arc<Sched>) -> anyhow::Result<SeedRun> {
+    // Keeps tokio from moving the paused clock by itself while a task waits
+    // on SQLite's threads (a running blocking task inhibits auto-advance):
+    // only `Time::tick` moves it.
+    let (keep, hold) = std::sync::mpsc::channel::<()>();
+    let inhibitor = tokio::task::spawn_blocking(move || {
+        let _ = hold.recv();
+    });
+    let clock = Arc::new(SimClock(AtomicI64::new(0)));
+    let mut time = Time {
+        sched,
+        clock: clock.clone(),
+        elapsed: Duration::ZERO,
+    };
+    let out = drive(seed, args, &mut time, clock).await;
+    drop(keep);
+    let _ = inhibitor.await;
+    out
+}
+
+async fn drive(
+    seed: u64,
+    args: &Args,
+    time: &mut Time,
+    clock: Arc<SimClock>,
+) -> anyhow::Result<SeedRun> {
     let dir = tempfile::tempdir().context("cannot create the run's directory")?;
     let path = dir.path().join("chaos.db");
     let rng = SeededRng::new(seed);
     let sim = Arc::new(SimRuntime::new(
-        SimConfig::new(vec![host()]).with_latency(SimLatency::uniform(Duration::from_millis(1))),
+        SimConfig::new(vec![host()])
+            .with_latency(SimLatency::uniform(Duration::from_millis(1)))
+            .with_seed(seed)
+            .with_clock(clock.clone()),
     ));
     sim.add_base_image(&host(), "busybox");
     let faulty = Arc::new(FaultyRuntime::new(sim.clone(), seed));
@@ -275,8 +456,9 @@ async fn run_seed(seed: u64, args: &Args) -> anyhow::Result<SeedRun> {
         builds: Default::default(),
     });
     let mut generation = 0u64;
-    let (mut proc, mut deps) = boot(&path, seed, generation, &template).await?;
+    let (mut proc, mut deps) = boot(&path, seed, generation, &template, clock.clone()).await?;
     let mut crashes = 0u64;
+    let mut handled_before = 0u64;
     let mut next_crash = jittered(&rng, args.crash_every);
     let orgs = ["orga", "orgb", "orgc"];
     let mut known: Vec<(String, String)> = Vec::new();
@@ -284,7 +466,7 @@ async fn run_seed(seed: u64, args: &Args) -> anyhow::Result<SeedRun> {
         let roll = rng.between(0, 99);
         let store = proc.store.clone();
         match roll {
-            0..=54 => {
+            0..=52 => {
                 let org = choose(&rng, &orgs).copied().unwrap_or("orga");
                 let spec = InstanceSpec {
                     image: "busybox".into(),
@@ -307,27 +489,27 @@ async fn run_seed(seed: u64, args: &Args) -> anyhow::Result<SeedRun> {
                     known.push((org.to_owned(), i.id));
                 }
             }
-            55..=66 => {
+            53..=64 => {
                 if let Some((org, id)) = choose(&rng, &known).cloned() {
                     let _ = berth_flows::delete_instance(&store, &org, &id).await;
                 }
             }
-            67..=74 => {
+            65..=72 => {
                 if let Some((org, id)) = choose(&rng, &known).cloned() {
                     let _ = berth_flows::stop_instance(&store, &org, &id).await;
                 }
             }
-            75..=82 => {
+            73..=80 => {
                 if let Some((org, id)) = choose(&rng, &known).cloned() {
                     let _ = berth_flows::start_instance(&store, &org, &id).await;
                 }
             }
-            83..=88 => {
+            81..=86 => {
                 if let Some((org, id)) = choose(&rng, &known).cloned() {
                     let _ = berth_flows::restart_instance(&store, &org, &id).await;
                 }
             }
-            89..=94 => {
+            87..=92 => {
                 // An engine event at any moment: a death or an OOM kill of a
                 // container, whatever its flow is doing.
                 let all = sim.containers(&host());
@@ -340,56 +522,84 @@ async fn run_seed(seed: u64, args: &Args) -> anyhow::Result<SeedRun> {
                     );
                 }
             }
-            95..=96 => {
+            93..=94 => {
                 // Removed behind Berth's back.
+                // The removal takes the engine's time: a task of its own,
+                // done while time runs on.
                 let all = sim.containers(&host());
                 if let Some(c) = choose(&rng, &all) {
-                    let _ = sim.remove_container(&host(), &c.name).await;
+                    let (sim, name) = (sim.clone(), c.name.clone());
+                    tokio::spawn(sched::task(async move {
+                        let _ = sim.remove_container(&host(), &name).await;
+                    }));
                 }
+            }
+            95..=97 => {
+                // A duplicate delivery: an event handled already is
+                // delivered again, as an at-least-once bus may.
+                redeliver(&store, &rng).await?;
             }
             _ => {
                 // An engine outage: every call fails for a stretch.
                 faulty.set_fault_all(Some(Fault::new(1.0, FaultKind::Transient)));
-                tokio::time::sleep(Duration::from_millis(rng.between(5, 50))).await;
+                time.run_for(Duration::from_millis(rng.between(5, 50)))
+                    .await;
                 set_rates(true);
             }
         }
         // A little time between actions, so that flows overlap them.
-        tokio::time::sleep(Duration::from_micros(rng.between(0, 2_000))).await;
-        let handled = proc
-            .workers
-            .bus()
-            .stats()
-            .handled
-            .load(std::sync::atomic::Ordering::Relaxed);
+        time.run_for(Duration::from_millis(rng.between(0, 2))).await;
+        let handled = handled_before
+            + proc
+                .workers
+                .bus()
+                .stats()
+                .handled
+                .load(std::sync::atomic::Ordering::Relaxed);
         if args.crash_every > 0 && handled >= next_crash {
             proc.crash().await;
             crashes += 1;
             generation += 1;
-            (proc, deps) = boot(&path, seed, generation, &template).await?;
-            next_crash = jittered(&rng, args.crash_every);
+            handled_before = handled;
+            (proc, deps) = boot(&path, seed, generation, &template, clock.clone()).await?;
+            next_crash = handled + jittered(&rng, args.crash_every);
         }
     }
-    // Quiescence: faults off, the reconciler running, until nothing moves.
+    // Quiescence: faults off, the reconciler running, simulated time going
+    // on until nothing moves.
     set_rates(false);
     faulty.set_fault_all(None);
-    let converged = quiesce(&proc.store, Duration::from_secs(30)).await?;
-    // Orphans go after the grace period: two explicit passes that far apart.
-    let mut r = Reconciler::new(reconciler_config());
-    let bus = proc.workers.bus();
-    let _ = r.pass(&bus, &deps).await;
-    tokio::time::sleep(reconciler_config().grace + Duration::from_millis(50)).await;
-    let _ = r.pass(&bus, &deps).await;
-    let converged = converged && quiesce(&proc.store, Duration::from_secs(10)).await?;
-    let violations = check(&proc.store, &sim, &deps).await?;
+    let limit = Duration::from_secs(120);
+    let converged = quiesce(&proc.store, time, limit).await?;
+    // Orphans go after the grace period: let it pass, passes included.
+    let r = reconciler_config();
+    time.run_for(r.grace + 2 * r.period + Duration::from_millis(50))
+        .await;
+    let converged = converged && quiesce(&proc.store, time, limit).await?;
+    let violations = check(&proc.store, &sim, &deps, &proc.registry).await?;
+    let mut traces = HashMap::new();
+    for v in &violations {
+        if let Some(i) = &v.instance
+            && !traces.contains_key(i)
+        {
+            traces.insert(i.clone(), trace(&proc.store, i).await?);
+        }
+    }
+    let log = args
+        .log
+        .as_ref()
+        .map(|p| p.with_extension(format!("{seed}")));
+    let digest = digest(&proc.store, log.as_deref()).await?;
     let faults = faulty.injected();
     proc.crash().await;
     Ok(SeedRun {
         violations,
+        traces,
         converged,
         faults,
         crashes,
-        elapsed: start.elapsed(),
+        simulated: time.elapsed,
+        digest,
     })
 }
 
@@ -404,10 +614,41 @@ fn jittered(rng: &SeededRng, every: u64) -> u64 {
     (every / 2 + rng.between(0, every)).max(1)
 }
 
-/// Waits until no delivery is left and every instance is in a terminal
-/// status, for at most `limit`; whether it got there.
-async fn quiesce(store: &Store, limit: Duration) -> anyhow::Result<bool> {
-    let end = Instant::now() + limit;
+/// Delivers an already handled event again to the worker that handled it:
+/// the worker must recognise it (its inbox) and do nothing twice.
+async fn redeliver(store: &Store, rng: &SeededRng) -> anyhow::Result<()> {
+    let handled: i64 = berth_store::sqlx::query_scalar("SELECT COUNT(*) FROM inbox")
+        .fetch_one(store.pool())
+        .await?;
+    if handled == 0 {
+        return Ok(());
+    }
+    let pick = rng.between(0, u64::try_from(handled - 1).unwrap_or(0));
+    let (event_id, worker): (String, String) = berth_store::sqlx::query_as(
+        "SELECT event_id, worker FROM inbox ORDER BY worker, event_id LIMIT 1 OFFSET ?1",
+    )
+    .bind(i64::try_from(pick).unwrap_or(0))
+    .fetch_one(store.pool())
+    .await?;
+    // Through the write gate, as every writer in the process.
+    let mut tx = store.begin().await?;
+    berth_store::sqlx::query(
+        "INSERT OR IGNORE INTO deliveries (event_id, worker, not_before) VALUES (?1, ?2, ?3)",
+    )
+    .bind(&event_id)
+    .bind(&worker)
+    .bind(store.now().as_micros())
+    .execute(tx.conn())
+    .await?;
+    tx.commit().await?;
+    store.notify_committed([worker]);
+    Ok(())
+}
+
+/// Runs simulated time on until no delivery is left and every instance is
+/// in a terminal status, for at most `limit`; whether it got there.
+async fn quiesce(store: &Store, time: &mut Time, limit: Duration) -> anyhow::Result<bool> {
+    let end = time.elapsed + limit;
     loop {
         let pending: i64 = berth_store::sqlx::query_scalar("SELECT COUNT(*) FROM deliveries")
             .fetch_one(store.pool())
@@ -419,16 +660,100 @@ async fn quiesce(store: &Store, limit: Duration) -> anyhow::Result<bool> {
         if pending == 0 && all.iter().all(|i| i.status.is_terminal()) {
             return Ok(true);
         }
-        if Instant::now() > end {
+        if time.elapsed > end {
             return Ok(false);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        time.run_for(Duration::from_millis(10)).await;
     }
 }
 
+/// The instance's events, in log order, each with its attempts.
+async fn trace(store: &Store, instance: &str) -> anyhow::Result<Vec<String>> {
+    type Row = (
+        String,
+        String,
+        i64,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = berth_store::sqlx::query_as(
+        "SELECT e.id, e.type, e.created_at, a.worker, a.outcome, a.attempt,
+                    json_extract(a.error, '$.code') || ': ' || json_extract(a.error, '$.message')
+               FROM events e LEFT JOIN attempts a ON a.event_id = e.id
+              WHERE e.subject = ?1
+              ORDER BY e.created_at, e.id, a.id",
+    )
+    .bind(instance)
+    .fetch_all(store.pool())
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, ty, at, worker, outcome, attempt, error)| {
+            let t = (at - EPOCH_MICROS) as f64 / 1e6;
+            let error = error.map(|e| format!(" ({e})")).unwrap_or_default();
+            match (worker, outcome, attempt) {
+                (Some(w), Some(o), Some(n)) => {
+                    format!("t={t:.3}s {ty} ({id}) → {w} attempt {n}: {o}{error}")
+                }
+                _ => format!("t={t:.3}s {ty} ({id}) → no attempt"),
+            }
+        })
+        .collect())
+}
+
+/// A hash of the event log and the instances' final records: two runs of a
+/// seed that did the same things have the same digest.
+async fn digest(store: &Store, log: Option<&Path>) -> anyhow::Result<u64> {
+    let events: Vec<(String, String, Option<String>, i64)> = berth_store::sqlx::query_as(
+        "SELECT id, type, subject, created_at FROM events ORDER BY created_at, id",
+    )
+    .fetch_all(store.pool())
+    .await?;
+    let all = {
+        let mut c = store.pool().acquire().await?;
+        instances::list(&mut c, None).await?
+    };
+    // SipHash with fixed keys: the same on every run and machine.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    events.hash(&mut h);
+    for i in &all {
+        (&i.id, i.status.as_str(), i.generation).hash(&mut h);
+    }
+    if let Some(path) = log {
+        let mut text = String::new();
+        for (id, ty, subject, at) in &events {
+            text.push_str(&format!(
+                "{at} {id} {ty} {}\n",
+                subject.as_deref().unwrap_or("-")
+            ));
+        }
+        for i in &all {
+            text.push_str(&format!(
+                "instance {} {} generation {}\n",
+                i.id, i.status, i.generation
+            ));
+        }
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(h.finish())
+}
+
 /// DESIGN §8's invariants, and that what the store says is true.
-async fn check(store: &Store, sim: &SimRuntime, deps: &Deps) -> anyhow::Result<Vec<String>> {
+async fn check(
+    store: &Store,
+    sim: &SimRuntime,
+    deps: &Deps,
+    registry: &Registry,
+) -> anyhow::Result<Vec<Violation>> {
     let mut out = Vec::new();
+    let mut says = |instance: Option<&str>, what: String| {
+        out.push(Violation {
+            instance: instance.map(str::to_owned),
+            what,
+        })
+    };
     let all: Vec<Instance> = {
         let mut c = store.pool().acquire().await?;
         instances::list(&mut c, None).await?
@@ -437,10 +762,13 @@ async fn check(store: &Store, sim: &SimRuntime, deps: &Deps) -> anyhow::Result<V
     let live = |i: &Instance| !matches!(i.status, InstanceStatus::Failed | InstanceStatus::Deleted);
     for i in &all {
         if !i.status.is_terminal() {
-            out.push(format!(
-                "flow did not end: instance {} is {}",
-                i.name, i.status
-            ));
+            says(
+                Some(&i.id),
+                format!(
+                    "flow did not end: instance {} ({}) is {}",
+                    i.name, i.id, i.status
+                ),
+            );
         }
     }
     let containers = sim.containers(&host());
@@ -455,17 +783,25 @@ async fn check(store: &Store, sim: &SimRuntime, deps: &Deps) -> anyhow::Result<V
         let generation = c.labels.get(label::GENERATION).cloned().unwrap_or_default();
         *per_generation.entry((id.clone(), generation)).or_default() += 1;
         match by_id.get(id.as_str()) {
-            None => out.push(format!("container {} has no record", c.name)),
-            Some(i) if !live(i) => out.push(format!(
-                "container {} outlives its {} instance {}",
-                c.name, i.status, i.name
-            )),
+            None => says(Some(id), format!("container {} has no record", c.name)),
+            Some(i) if !live(i) => says(
+                Some(id),
+                format!(
+                    "container {} outlives its {} instance {}",
+                    c.name, i.status, i.name
+                ),
+            ),
             _ => {}
         }
     }
-    for (k, n) in per_generation {
+    let mut per_generation: Vec<_> = per_generation.into_iter().collect();
+    per_generation.sort();
+    for ((id, generation), n) in per_generation {
         if n > 1 {
-            out.push(format!("{n} containers for instance generation {k:?}"));
+            says(
+                Some(&id),
+                format!("{n} containers for instance {id} generation {generation}"),
+            );
         }
     }
     let orgs_live: HashSet<&str> = all
@@ -477,10 +813,10 @@ async fn check(store: &Store, sim: &SimRuntime, deps: &Deps) -> anyhow::Result<V
         if let Some(org) = n.labels.get(label::ORG)
             && !orgs_live.contains(org.as_str())
         {
-            out.push(format!(
-                "network {} outlives every instance of its org",
-                n.name
-            ));
+            says(
+                None,
+                format!("network {} outlives every instance of its org", n.name),
+            );
         }
     }
     // What the API says is true.
@@ -489,33 +825,64 @@ async fn check(store: &Store, sim: &SimRuntime, deps: &Deps) -> anyhow::Result<V
         let state = containers.iter().find(|c| c.name == name).map(|c| c.state);
         match (i.status, state) {
             (InstanceStatus::Running, Some(ContainerState::Running)) => {}
-            (InstanceStatus::Running, s) => out.push(format!(
-                "instance {} is running but its container is {s:?}",
-                i.name
-            )),
+            (InstanceStatus::Running, s) => says(
+                Some(&i.id),
+                format!("instance {} is running but its container is {s:?}", i.name),
+            ),
             (InstanceStatus::Exited | InstanceStatus::Stopped, Some(ContainerState::Running)) => {
-                out.push(format!(
-                    "instance {} is {} but its container runs",
-                    i.name, i.status
-                ))
+                says(
+                    Some(&i.id),
+                    format!("instance {} is {} but its container runs", i.name, i.status),
+                )
             }
             _ => {}
         }
     }
-    // No event lost: every delivery was handled or dead-lettered (a
-    // delivery row goes only with its inbox row or its dead letter).
-    let left: Vec<(String, String, i64, i64, Option<String>)> = berth_store::sqlx::query_as(
-        "SELECT d.worker, e.type, d.attempt, d.not_before, d.lease_owner
-           FROM deliveries d JOIN events e ON e.id = d.event_id",
+    // No event lost: every delivery left was handled or dead-lettered …
+    let left: Vec<(String, String, i64, i64, Option<String>, Option<String>)> =
+        berth_store::sqlx::query_as(
+            "SELECT d.worker, e.type, d.attempt, d.not_before, d.lease_owner, e.subject
+               FROM deliveries d JOIN events e ON e.id = d.event_id
+              ORDER BY e.id, d.worker",
+        )
+        .fetch_all(store.pool())
+        .await?;
+    let now = store.now().as_micros();
+    for (worker, event_type, attempt, not_before, lease, subject) in left {
+        says(
+            subject.as_deref(),
+            format!(
+                "a delivery never handled: {worker} of {event_type}, attempt {attempt}, due in {} ms, lease {lease:?}",
+                (not_before - now) / 1000
+            ),
+        );
+    }
+    // … and, against the log, every worker subscribed to each event's type
+    // handled it or dead-lettered it.
+    let events: Vec<(String, String, Option<String>)> =
+        berth_store::sqlx::query_as("SELECT id, type, subject FROM events ORDER BY id")
+            .fetch_all(store.pool())
+            .await?;
+    let done: HashSet<(String, String)> = berth_store::sqlx::query_as::<_, (String, String)>(
+        "SELECT worker, event_id FROM inbox
+         UNION SELECT worker, event_id FROM dead_letters",
     )
     .fetch_all(store.pool())
-    .await?;
-    let now = store.now().as_micros();
-    for (worker, event_type, attempt, not_before, lease) in left {
-        out.push(format!(
-            "a delivery never handled: {worker} of {event_type}, attempt {attempt}, due in {} ms, lease {lease:?}",
-            (not_before - now) / 1000
-        ));
+    .await?
+    .into_iter()
+    .collect();
+    let subs = registry.subscriptions();
+    for (id, event_type, subject) in events {
+        for w in subs.workers_for(&event_type) {
+            if !done.contains(&(w.to_string(), id.clone())) {
+                says(
+                    subject.as_deref(),
+                    format!(
+                        "event {event_type} ({id}) lost: {w} neither handled nor dead-lettered it"
+                    ),
+                );
+            }
+        }
     }
     Ok(out)
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod id;
 pub mod rng;
+pub mod sched;
 pub mod size;
 
 pub use clock::{Clock, SystemClock, Timestamp};

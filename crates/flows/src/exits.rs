@@ -164,9 +164,15 @@ pub async fn listen(bus: Bus, deps: Arc<Deps>, host: HostId, cancel: Cancellatio
     loop {
         let mut events = deps.runtime.events(&host, label::INSTANCE, Some(since));
         loop {
-            let next = tokio::select! {
-                _ = cancel.cancelled() => return,
-                n = events.next() => n,
+            let next = berth_core::sched::idle(async {
+                tokio::select! {
+                    _ = cancel.cancelled() => None,
+                    n = events.next() => Some(n),
+                }
+            })
+            .await;
+            let Some(next) = next else {
+                return;
             };
             match next {
                 None => break,
@@ -227,9 +233,15 @@ pub async fn listen(bus: Bus, deps: Arc<Deps>, host: HostId, cancel: Cancellatio
                 }
             }
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+        let stop = berth_core::sched::idle(async {
+            tokio::select! {
+                _ = cancel.cancelled() => true,
+                _ = tokio::time::sleep(pause) => false,
+            }
+        })
+        .await;
+        if stop {
+            return;
         }
         pause = (pause * 2).min(Duration::from_secs(5));
     }

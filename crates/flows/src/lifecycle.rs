@@ -53,10 +53,17 @@ async fn stop(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         return Ok(ctx.done());
     }
     let (host, container) = placed(&inst)?;
-    deps.runtime
+    match deps
+        .runtime
         .stop_container(&host, &container, STOP_GRACE)
         .await
-        .map_err(engine)?;
+    {
+        // Removed outside Berth: nothing runs, which is what a stop is for
+        // (a later start makes the container again). Failing here left the
+        // instance `stopping` for good (found by `berth-bench chaos`).
+        Ok(()) | Err(RuntimeError::NotFound { .. }) => {}
+        Err(e) => return Err(engine(e)),
+    }
     step::save(&mut ctx, &mut inst, None, Some(InstanceStatus::Stopped));
     ctx.emit_payload(&ev::Stopped {
         instance_id: inst.id.clone(),

@@ -85,9 +85,15 @@ impl Reconciler {
     /// tries again.
     pub async fn run(mut self, bus: Bus, deps: Arc<Deps>, cancel: CancellationToken) {
         loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(self.config.period) => {}
+            let stop = berth_core::sched::idle(async {
+                tokio::select! {
+                    _ = cancel.cancelled() => true,
+                    _ = tokio::time::sleep(self.config.period) => false,
+                }
+            })
+            .await;
+            if stop {
+                return;
             }
             match self.pass(&bus, &deps).await {
                 Ok(r) if r != PassReport::default() => info!(

@@ -258,7 +258,7 @@ impl FaultyRuntime {
                 message: format!("injected permanent fault in {op}"),
             }),
             FaultKind::Timeout => Err(RuntimeError::timeout(host, op.as_str())),
-            FaultKind::Hang => std::future::pending().await,
+            FaultKind::Hang => berth_core::sched::idle(std::future::pending()).await,
             FaultKind::LostReply => {
                 // The outcome is dropped on purpose: that is the fault.
                 let _ = call.await;

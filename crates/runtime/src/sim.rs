@@ -431,7 +431,7 @@ impl SimRuntime {
         self.ops.fetch_add(1, Ordering::Relaxed);
         self.slot(host)?;
         if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
+            berth_core::sched::idle(tokio::time::sleep(latency)).await;
         }
         // Again: the host may have gone down during the latency.
         self.locked(host)

@@ -309,7 +309,9 @@ impl Store {
     /// Waits for this process's turn to write; hold the guard for the whole
     /// write transaction (the dispatcher does, around each group commit).
     pub async fn write_gate(&self) -> tokio::sync::OwnedMutexGuard<()> {
-        self.inner.write_gate.clone().lock_owned().await
+        // The holder may be waiting on the engine: in the simulator, let it
+        // take its turn.
+        berth_core::sched::idle(self.inner.write_gate.clone().lock_owned()).await
     }
 
     /// The instance row `id` as last written by this process, if it is

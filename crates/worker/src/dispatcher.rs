@@ -135,6 +135,9 @@ pub(crate) struct DispatcherConfig {
     pub poll_interval: Duration,
     pub max_cached: usize,
     pub rng: Arc<SeededRng>,
+    /// Cancelled for a simulated crash: every attempt stops where it is,
+    /// unrecorded, as if the process had died.
+    pub kill: CancellationToken,
 }
 
 pub(crate) struct Dispatcher {
@@ -295,7 +298,9 @@ impl Dispatcher {
                 let timer = self
                     .next_timer()
                     .map(|t| tokio::time::Instant::now() + t.since(now) + Duration::from_micros(1));
-                tokio::select! {
+                // The simulator's other tasks take their turns while this
+                // one waits (a no-op outside the simulator).
+                berth_core::sched::idle(async { tokio::select! {
                     biased;
                     _ = cancel.cancelled(), if !self.draining => {
                         info!(in_flight = self.in_flight(), "bus shutting down: finishing in-flight work");
@@ -319,7 +324,8 @@ impl Dispatcher {
                             w.backlog = Backlog::Unknown;
                         }
                     }
-                }
+                }})
+                .await;
             }
             // Gather everything already waiting into this turn's batch.
             while self.completions.len() < self.cfg.max_batch {
@@ -353,7 +359,7 @@ impl Dispatcher {
                     if self.failures >= SUSPECT_AFTER {
                         self.suspect_completions(&e);
                     }
-                    tokio::time::sleep(pause).await;
+                    berth_core::sched::idle(tokio::time::sleep(pause)).await;
                 }
             }
         }
@@ -1008,7 +1014,19 @@ impl Dispatcher {
             done: self.done_tx.clone(),
             cancel: self.handlers_cancel.clone(),
         };
-        self.tracker.spawn(task.run().instrument(span));
+        let kill = self.cfg.kill.clone();
+        self.tracker.spawn(
+            berth_core::sched::task(async move {
+                tokio::select! {
+                    biased;
+                    // A simulated crash: the attempt ends unrecorded, its
+                    // lease left for the next process to take back.
+                    _ = kill.cancelled() => {}
+                    _ = task.run() => {}
+                }
+            })
+            .instrument(span),
+        );
     }
 }
 
@@ -1109,6 +1127,9 @@ impl HandlerTask {
                 },
             },
         };
+        // A timeout may have dropped the handler in an engine call, where
+        // it had given up the simulator's baton.
+        berth_core::sched::hold().await;
         let duration = t0.elapsed();
         match &finished {
             Finished::Ok { .. } | Finished::Committed => debug!(?duration, "handled"),

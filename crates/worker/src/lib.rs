@@ -128,16 +128,20 @@ impl Bus {
         writes: Vec<berth_store::writes::Write>,
     ) -> anyhow::Result<HashSet<EventId>> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(PublishReq {
-                envs,
-                writes,
-                reply,
-            })
-            .await
-            .map_err(|_| anyhow::anyhow!("the bus has shut down"))?;
-        rx.await
-            .map_err(|_| anyhow::anyhow!("the bus shut down before the publish committed"))?
+        // The dispatcher commits it: in the simulator, its turn.
+        berth_core::sched::idle(async {
+            self.tx
+                .send(PublishReq {
+                    envs,
+                    writes,
+                    reply,
+                })
+                .await
+                .map_err(|_| anyhow::anyhow!("the bus has shut down"))?;
+            rx.await
+                .map_err(|_| anyhow::anyhow!("the bus shut down before the publish committed"))?
+        })
+        .await
     }
 
     /// Re-drives a dead letter (see [`Store::redrive`]), refusing ones whose
@@ -166,6 +170,7 @@ pub const COMMITTED_BACKLOG: usize = 65_536;
 pub struct Workers {
     bus: Bus,
     cancel: CancellationToken,
+    kill: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     checkpointer: tokio::task::JoinHandle<()>,
     _lock: std::fs::File,
@@ -236,6 +241,7 @@ impl Workers {
             );
         }
         let stats = Arc::new(Stats::default());
+        let kill = CancellationToken::new();
         let (tx, rx) = mpsc::channel(1024);
         let (committed, _) = tokio::sync::broadcast::channel(COMMITTED_BACKLOG);
         let owner: Arc<str> = Arc::from(format!("{}-{}", std::process::id(), store.ids().ulid()));
@@ -255,6 +261,7 @@ impl Workers {
                 poll_interval: options.poll_interval.max(Duration::from_millis(10)),
                 max_cached: 262_144,
                 rng: options.rng,
+                kill: kill.clone(),
             },
             stats.clone(),
             committed.clone(),
@@ -262,8 +269,7 @@ impl Workers {
         );
         let cancel = CancellationToken::new();
         let task = tokio::spawn(
-            dispatcher
-                .run(cancel.clone())
+            berth_core::sched::task(dispatcher.run(cancel.clone()))
                 .instrument(info_span!("dispatcher")),
         );
         let checkpointer = tokio::spawn(
@@ -278,6 +284,7 @@ impl Workers {
                 committed,
             },
             cancel,
+            kill,
             task,
             checkpointer,
             _lock: lock,
@@ -286,6 +293,20 @@ impl Workers {
 
     pub fn bus(&self) -> Bus {
         self.bus.clone()
+    }
+
+    /// A simulated process crash, for the simulator and crash tests: the
+    /// dispatcher and every attempt stop where they are, nothing more is
+    /// committed or recorded, leases stay with the dead owner until the next
+    /// [`Workers::start`] takes them back. Returns once the dispatcher task
+    /// is gone (an attempt still in a database call may finish that call:
+    /// its transaction commits whole or not at all, as at a real crash).
+    pub async fn crash(self) {
+        self.kill.cancel();
+        self.task.abort();
+        self.checkpointer.abort();
+        let _ = self.task.await;
+        let _ = self.checkpointer.await;
     }
 
     /// Stops claiming work, lets in-flight attempts finish within the grace
