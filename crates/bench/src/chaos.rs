@@ -839,7 +839,9 @@ async fn check(
         }
     }
     // No event lost: every delivery left was handled or dead-lettered …
-    let left: Vec<(String, String, i64, i64, Option<String>, Option<String>)> =
+    /// worker, event type, attempt, due, lease owner, subject
+    type Left = (String, String, i64, i64, Option<String>, Option<String>);
+    let left: Vec<Left> =
         berth_store::sqlx::query_as(
             "SELECT d.worker, e.type, d.attempt, d.not_before, d.lease_owner, e.subject
                FROM deliveries d JOIN events e ON e.id = d.event_id
