@@ -81,7 +81,7 @@ async fn open_store_with(
 
 /// The runtime and host provider the configuration asks for. With Docker,
 /// every engine must answer now: a start against no engine fails at once,
-/// naming the endpoint. Its install id is empty: [`App::build`] sets the
+/// naming the endpoint. Its install id is empty: [`compose`] sets the
 /// store's.
 pub async fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimRuntime>>)> {
     deps_with(config, None).await
