@@ -1,5 +1,7 @@
-//! Start-up: opening the store, resolving policies, starting the workers and
-//! the HTTP API; and the orderly stop.
+//! Start-up: composing the world (engine, store, workers' dependencies,
+//! registry, policies) in one function, [`compose`], that the binary and
+//! the tests share; starting its workers, engine-event listeners,
+//! reconciler and HTTP API; and the orderly stop.
 
 use std::sync::Arc;
 
@@ -8,9 +10,11 @@ use berth_core::{Clock, IdGen, SeededRng, SystemClock};
 use berth_flows::Deps;
 use berth_runtime::hosts::{HostProvider, LOCAL, LocalProvider, PoolProvider};
 use berth_runtime::sim::{SimConfig, SimRuntime};
-use berth_runtime::{HostId, Limits};
+use berth_runtime::{ContainerRuntime, HostId, Limits};
 use berth_store::{Store, StoreOptions};
 use berth_worker::{Bus, BusOptions, Policies, Registry, Workers};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::{Config, ProviderKind, RuntimeKind};
@@ -38,7 +42,16 @@ pub fn registry(config: &Config, deps: Arc<Deps>) -> anyhow::Result<Registry> {
 /// Opens (creating and migrating if needed) the database under
 /// `config.data_dir`; returns it with the random source its ids use.
 pub async fn open_store(config: &Config) -> anyhow::Result<(Store, Arc<SeededRng>)> {
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    open_store_with(config, Arc::new(SystemClock), false).await
+}
+
+/// [`open_store`] on `clock`; with `seeded_ids`, every id is drawn from
+/// the seeded generator too (replayable runs: the simulator, tests).
+async fn open_store_with(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    seeded_ids: bool,
+) -> anyhow::Result<(Store, Arc<SeededRng>)> {
     let rng = Arc::new(match config.bus.seed {
         Some(seed) => SeededRng::new(seed),
         None => SeededRng::from_entropy(),
@@ -46,8 +59,12 @@ pub async fn open_store(config: &Config) -> anyhow::Result<(Store, Arc<SeededRng
     // The ids the API hands out (orgs, instances, tokens, flows) take their
     // random bits from the OS, even with `bus.seed` set: a seed replays
     // retry timings, and must not make one org's ids guessable from
-    // another's. Only the simulator seeds every id.
-    let ids = Arc::new(IdGen::with_os_entropy(clock.clone(), rng.clone()));
+    // another's. Only the simulator and tests seed every id.
+    let ids = Arc::new(if seeded_ids {
+        IdGen::new(clock.clone(), rng.clone())
+    } else {
+        IdGen::with_os_entropy(clock.clone(), rng.clone())
+    });
     let store = Store::open(
         &config.database_path(),
         StoreOptions {
@@ -64,9 +81,18 @@ pub async fn open_store(config: &Config) -> anyhow::Result<(Store, Arc<SeededRng
 
 /// The runtime and host provider the configuration asks for. With Docker,
 /// every engine must answer now: a start against no engine fails at once,
-/// naming the endpoint. Its install id is empty: [`App::build`] sets the
+/// naming the endpoint. Its install id is empty: [`compose`] sets the
 /// store's.
 pub async fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimRuntime>>)> {
+    deps_with(config, None).await
+}
+
+/// [`deps`], on `runtime` instead of the configured engine when one is
+/// given (the hosts and limits still come from the configuration).
+async fn deps_with(
+    config: &Config,
+    runtime: Option<Arc<dyn ContainerRuntime>>,
+) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimRuntime>>)> {
     // Host names, and for Docker their endpoints.
     let named: Vec<(HostId, Option<String>)> = match config.hosts.provider {
         ProviderKind::Local => vec![(HostId::new(LOCAL), config.runtime.docker_host.clone())],
@@ -90,6 +116,16 @@ pub async fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimR
         ProviderKind::Local => Arc::new(LocalProvider),
         ProviderKind::Pool => Arc::new(PoolProvider::new(hosts.clone())),
     };
+    if let Some(runtime) = runtime {
+        let deps = Arc::new(Deps {
+            runtime,
+            hosts: provider,
+            limits: default_limits(config)?,
+            install: String::new(),
+            builds: Default::default(),
+        });
+        return Ok((deps, None));
+    }
     match config.runtime.kind {
         RuntimeKind::Docker => {
             let mut endpoints = Vec::new();
@@ -116,12 +152,7 @@ pub async fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimR
             Ok((deps, None))
         }
         RuntimeKind::Sim => {
-            let sim = Arc::new(SimRuntime::new(SimConfig::new(hosts.clone())));
-            for h in &hosts {
-                for image in &config.runtime.sim_base_images {
-                    sim.add_base_image(h, image);
-                }
-            }
+            let sim = sim_runtime(config, SimConfig::new(hosts));
             let deps = Arc::new(Deps {
                 runtime: sim.clone(),
                 hosts: provider,
@@ -132,6 +163,34 @@ pub async fn deps(config: &Config) -> anyhow::Result<(Arc<Deps>, Option<Arc<SimR
             Ok((deps, Some(sim)))
         }
     }
+}
+
+/// The host names the configuration gives (`[hosts]`), without endpoints.
+pub fn host_names(config: &Config) -> Vec<HostId> {
+    match config.hosts.provider {
+        ProviderKind::Local => vec![HostId::new(LOCAL)],
+        ProviderKind::Pool => config
+            .hosts
+            .pool
+            .iter()
+            .map(|entry| HostId::new(entry.split_once('=').map_or(entry.as_str(), |(h, _)| h)))
+            .collect(),
+    }
+}
+
+/// The simulated engine as `sim` configures it, with the configured base
+/// images (`runtime.sim_base_images`) on each of its hosts. Tests make
+/// theirs here too (with latency, or behind the fault wrapper) and hand it
+/// to [`compose`] as [`Overrides::runtime`].
+pub fn sim_runtime(config: &Config, sim: SimConfig) -> Arc<SimRuntime> {
+    let hosts = sim.hosts.clone();
+    let sim = Arc::new(SimRuntime::new(sim));
+    for h in &hosts {
+        for image in &config.runtime.sim_base_images {
+            sim.add_base_image(h, image);
+        }
+    }
+    sim
 }
 
 /// The configured default limits, for instances recorded without their own.
@@ -145,6 +204,164 @@ fn default_limits(config: &Config) -> anyhow::Result<Limits> {
         nano_cpus: Some(q.default.nano_cpus),
         pids: Some(q.default.pids),
     })
+}
+
+/// What a test, a benchmark or the simulator puts in place of what the
+/// configuration would make. The default replaces nothing: the binary's
+/// world.
+#[derive(Default)]
+pub struct Overrides {
+    /// The engine, instead of the one `[runtime]` names (the simulator
+    /// behind the fault wrapper, or a Docker runtime already connected);
+    /// hosts and limits still come from the configuration.
+    pub runtime: Option<Arc<dyn ContainerRuntime>>,
+    /// The store's clock (every timestamp, and so the back-off's delays),
+    /// instead of the system's: a paused tokio clock, a frozen one.
+    pub clock: Option<Arc<dyn Clock>>,
+    /// Draw every id from `bus.seed`'s generator, as the simulator does;
+    /// the binary draws the ids users see from the OS.
+    pub seeded_ids: bool,
+    /// The workers, instead of Berth's (the framework's tests run toy
+    /// workers on the same start-up).
+    pub registry: Option<Registry>,
+    /// The policies, instead of those resolved from `[workers]`.
+    pub policies: Option<Policies>,
+    /// Leave the WAL to SQLite's automatic checkpoint: a test on tokio's
+    /// paused clock must have no timer armed while SQLite works.
+    pub no_checkpointer: bool,
+}
+
+impl std::fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overrides")
+            .field("runtime", &self.runtime.is_some())
+            .field("clock", &self.clock.is_some())
+            .field("seeded_ids", &self.seeded_ids)
+            .field("registry", &self.registry.is_some())
+            .field("policies", &self.policies.is_some())
+            .field("no_checkpointer", &self.no_checkpointer)
+            .finish()
+    }
+}
+
+/// Berth composed but not started: the engine, the store, what the workers
+/// need, the registry and its resolved policies. [`App::build`] starts one
+/// with the API; tests start its parts ([`World::start_workers`],
+/// [`World::listen`], [`World::reconcile`]) as they need them.
+pub struct World {
+    pub config: Config,
+    pub store: Store,
+    /// The generator of the back-off's jitter (and, with
+    /// [`Overrides::seeded_ids`], of every id).
+    pub rng: Arc<SeededRng>,
+    pub deps: Arc<Deps>,
+    /// The simulated engine, when the configuration made it.
+    pub sim: Option<Arc<SimRuntime>>,
+    pub registry: Registry,
+    pub policies: Policies,
+    checkpoints: bool,
+}
+
+impl std::fmt::Debug for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("World")
+            .field("store", &self.store)
+            .field("workers", &self.registry.workers().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Composes Berth from `config` (`source` names it in errors), replacing
+/// what `overrides` gives. The one composition of the binary, the tests
+/// and the benchmarks, so that what a test runs is what `berth serve` runs.
+pub async fn compose(config: Config, source: &str, overrides: Overrides) -> anyhow::Result<World> {
+    // The engine first: a start against no engine writes nothing. Then
+    // the store, whose install id labels everything the runtime makes.
+    let (deps, sim) = deps_with(&config, overrides.runtime).await?;
+    let clock = overrides.clock.unwrap_or_else(|| Arc::new(SystemClock));
+    let (store, rng) = open_store_with(&config, clock, overrides.seeded_ids).await?;
+    let deps = Arc::new(deps.with_install(store.install_id()));
+    let registry = match overrides.registry {
+        Some(r) => r,
+        None => registry(&config, deps.clone())?,
+    };
+    let policies = match overrides.policies {
+        Some(p) => p,
+        None => config.policies(registry.names(), source)?,
+    };
+    Ok(World {
+        config,
+        store,
+        rng,
+        deps,
+        sim,
+        registry,
+        policies,
+        checkpoints: !overrides.no_checkpointer,
+    })
+}
+
+impl World {
+    /// The dispatcher's options, from `[bus]`.
+    pub fn bus_options(&self) -> BusOptions {
+        let bus = &self.config.bus;
+        BusOptions {
+            lease_grace: bus.lease_grace,
+            shutdown_grace: bus.shutdown_grace,
+            max_batch: bus.max_batch,
+            poll_interval: bus.poll_interval,
+            checkpoint_interval: self.checkpoints.then_some(bus.checkpoint_interval),
+            rng: self.rng.clone(),
+        }
+    }
+
+    /// Starts dispatching the registry's workers (see [`Workers::start`]).
+    pub async fn start_workers(&self) -> anyhow::Result<Workers> {
+        Workers::start(
+            self.store.clone(),
+            &self.registry,
+            &self.policies,
+            self.bus_options(),
+        )
+        .await
+        .context("failed to start the workers")
+    }
+
+    /// Spawns one engine-event listener per host, until `cancel`.
+    pub fn listen(&self, bus: &Bus, cancel: &CancellationToken) -> Vec<JoinHandle<()>> {
+        self.deps
+            .hosts
+            .hosts()
+            .into_iter()
+            .map(|host| {
+                tokio::spawn(berth_flows::exits::listen(
+                    bus.clone(),
+                    self.deps.clone(),
+                    host,
+                    cancel.clone(),
+                ))
+            })
+            .collect()
+    }
+
+    /// The reconciler `[reconciler]` configures.
+    pub fn reconciler(&self) -> berth_flows::reconciler::Reconciler {
+        let r = &self.config.reconciler;
+        berth_flows::reconciler::Reconciler::new(berth_flows::reconciler::ReconcilerConfig {
+            period: r.period,
+            grace: r.grace,
+            flow_deadline: r.flow_deadline,
+            max_republish: r.max_republish,
+        })
+    }
+
+    /// Spawns the reconciler's passes, until `cancel`.
+    pub fn reconcile(&self, bus: &Bus, cancel: &CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(
+            self.reconciler()
+                .run(bus.clone(), self.deps.clone(), cancel.clone()),
+        )
+    }
 }
 
 /// A running Berth: the store, the workers on it, and the HTTP API.
@@ -161,8 +378,8 @@ pub struct App {
     workers: Workers,
     api: berth_api::Server,
     /// The engine-event listeners (one per host) and the reconciler.
-    background: Vec<tokio::task::JoinHandle<()>>,
-    background_cancel: tokio_util::sync::CancellationToken,
+    background: Vec<JoinHandle<()>>,
+    background_cancel: CancellationToken,
 }
 
 impl std::fmt::Debug for App {
@@ -175,49 +392,23 @@ impl App {
     /// Builds the runtime and workers the configuration asks for, then
     /// starts them and the API; `source` names the configuration in errors.
     pub async fn build(config: Config, source: &str) -> anyhow::Result<App> {
-        // The engine first: a start against no engine writes nothing. Then
-        // the store, whose install id labels everything the runtime makes.
-        let (deps, sim) = deps(&config).await?;
-        let (store, rng) = open_store(&config).await?;
-        let deps = Arc::new(deps.with_install(store.install_id()));
-        let registry = registry(&config, deps.clone())?;
-        let policies = config.policies(registry.names(), source)?;
-        App::start(config, store, rng, registry, policies, deps, sim).await
+        App::start(compose(config, source, Overrides::default()).await?).await
     }
 
-    /// Starts `registry`'s workers on `store` with `policies`, and the API.
-    async fn start(
-        config: Config,
-        store: Store,
-        rng: Arc<SeededRng>,
-        registry: Registry,
-        policies: Policies,
-        deps: Arc<Deps>,
-        sim: Option<Arc<SimRuntime>>,
-    ) -> anyhow::Result<App> {
+    /// Starts `world`'s workers, the API, the engine-event listeners and
+    /// the reconciler.
+    pub async fn start(world: World) -> anyhow::Result<App> {
         // Bound first: a taken address should stop the start before any
         // work is claimed.
+        let config = &world.config;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
-        let workers = Workers::start(
-            store.clone(),
-            &registry,
-            &policies,
-            BusOptions {
-                lease_grace: config.bus.lease_grace,
-                shutdown_grace: config.bus.shutdown_grace,
-                max_batch: config.bus.max_batch,
-                poll_interval: config.bus.poll_interval,
-                checkpoint_interval: Some(config.bus.checkpoint_interval),
-                rng: rng.clone(),
-            },
-        )
-        .await
-        .context("failed to start the workers")?;
+        let workers = world.start_workers().await?;
+        let store = &world.store;
         let api = async {
             let admin =
-                berth_api::admin_token(&store, config.admin_token.as_ref().map(|t| t.expose()))
+                berth_api::admin_token(store, config.admin_token.as_ref().map(|t| t.expose()))
                     .await
                     .context("failed to set up the admin token")?;
             let server = berth_api::Server::start(
@@ -225,7 +416,7 @@ impl App {
                 berth_api::ApiDeps {
                     store: store.clone(),
                     bus: workers.bus(),
-                    runtime: deps.runtime.clone(),
+                    runtime: world.deps.runtime.clone(),
                     quotas: config
                         .limits
                         .quotas()
@@ -249,33 +440,25 @@ impl App {
             }
         };
         // Background tasks, each owned here and stopped by `shutdown`.
-        let background_cancel = tokio_util::sync::CancellationToken::new();
-        let mut background = Vec::new();
-        for host in deps.hosts.hosts() {
-            background.push(tokio::spawn(berth_flows::exits::listen(
-                workers.bus(),
-                deps.clone(),
-                host,
-                background_cancel.clone(),
-            )));
-        }
-        let r = &config.reconciler;
-        background.push(tokio::spawn(
-            berth_flows::reconciler::Reconciler::new(berth_flows::reconciler::ReconcilerConfig {
-                period: r.period,
-                grace: r.grace,
-                flow_deadline: r.flow_deadline,
-                max_republish: r.max_republish,
-            })
-            .run(workers.bus(), deps.clone(), background_cancel.clone()),
-        ));
+        let background_cancel = CancellationToken::new();
+        let bus = workers.bus();
+        let mut background = world.listen(&bus, &background_cancel);
+        background.push(world.reconcile(&bus, &background_cancel));
         info!(
             database = %config.database_path().display(),
-            workers = registry.workers().len(),
+            workers = world.registry.workers().len(),
             listen = %api.local_addr(),
-            seed = rng.seed(),
+            seed = world.rng.seed(),
             "berth started"
         );
+        let World {
+            config,
+            store,
+            deps,
+            sim,
+            policies,
+            ..
+        } = world;
         Ok(App {
             config,
             store,

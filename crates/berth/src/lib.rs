@@ -6,5 +6,5 @@ pub mod app;
 pub mod config;
 pub mod telemetry;
 
-pub use app::{App, deps, open_store, registry};
+pub use app::{App, Overrides, World, compose, deps, open_store, registry};
 pub use config::{Config, ConfigError};

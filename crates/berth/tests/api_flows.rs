@@ -9,7 +9,7 @@ mod api_support;
 
 use std::collections::BTreeSet;
 
-use api_support::{DEADLINE, TestApp, eventually, messages_until, next_message, spawn};
+use api_support::{DEADLINE, TestApp, messages_until, next_message, spawn};
 use berth_runtime::HostId;
 use futures::StreamExt;
 use reqwest::Method;
@@ -441,19 +441,20 @@ async fn health_and_metrics_answer_without_a_token() {
     )
     .await
     .error(409, "image_not_found");
-    let text = eventually("the finished attempts in /metrics", || async {
-        let a = t.call(Method::GET, "/metrics", None, None).await;
-        assert!(
-            a.headers["content-type"]
-                .to_str()
-                .unwrap()
-                .starts_with("text/plain")
-        );
-        a.text
-            .contains("berth_attempts_total{worker=\"instance.finish\",outcome=\"ok\"} 1")
-            .then_some(a.text)
-    })
-    .await;
+    let text = t
+        .wait_for("the finished attempts in /metrics", || async {
+            let a = t.call(Method::GET, "/metrics", None, None).await;
+            assert!(
+                a.headers["content-type"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("text/plain")
+            );
+            a.text
+                .contains("berth_attempts_total{worker=\"instance.finish\",outcome=\"ok\"} 1")
+                .then_some(a.text)
+        })
+        .await;
     // Counts of image.build include the retries of lost races on the row.
     let value = |name: &str| -> u64 {
         let line = text

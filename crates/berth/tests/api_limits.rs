@@ -11,7 +11,7 @@ mod api_support;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use api_support::{ADMIN, DEADLINE, TestApp, eventually, spawn, spawn_with};
+use api_support::{ADMIN, DEADLINE, TestApp, poll_until, spawn, spawn_with};
 use futures::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -400,7 +400,7 @@ async fn streams_past_the_org_cap_are_429_until_one_closes() {
     let mut a1 = a1;
     a1.close(None).await.unwrap();
     drop(a1);
-    let again = eventually("acme's slot to come back", || async {
+    let again = poll_until("acme's slot to come back", || async {
         try_ws(&t, &acme).await.ok()
     })
     .await;
@@ -427,7 +427,7 @@ async fn waits_past_the_org_cap_are_429_write_nothing_and_end_with_the_client() 
             }
         }
     });
-    let refused = eventually("the long wait to hold the org's slot", || async {
+    let refused = poll_until("the long wait to hold the org's slot", || async {
         let a = t.get(&probe, &tok).await;
         (a.status.as_u16() == 429).then_some(a)
     })
@@ -470,7 +470,7 @@ async fn waits_past_the_org_cap_are_429_write_nothing_and_end_with_the_client() 
     // The waiting client leaves: its slot comes back.
     waiter.abort();
     let _ = waiter.await;
-    let a = eventually("the slot to come back", || async {
+    let a = poll_until("the slot to come back", || async {
         let a = t.get(&probe, &tok).await;
         (a.status.as_u16() != 429).then_some(a)
     })

@@ -11,11 +11,12 @@ mod api_support;
 
 use std::collections::HashMap;
 
-use api_support::{TestApp, docker_config, eventually, spawn_with};
+use api_support::{TestApp, docker_config, spawn_with};
 use berth_docker::bollard::Docker;
 use berth_docker::bollard::query_parameters::{
     InspectContainerOptions, ListContainersOptions, ListImagesOptions,
 };
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 const BASE: &str = "berth-test-base:latest";
@@ -371,21 +372,31 @@ async fn builds_are_shared_per_context_and_fail_with_their_step() {
     assert_eq!(code, 409, "cat exits at once: {cat}");
     assert_eq!(cat["instance"]["status"], "exited", "{cat}");
     assert_eq!(cat["instance"]["exit_code"], 0, "{cat}");
-    let logs = eventually("the context's file in the logs", || async {
-        let ans = t
-            .get(
-                &format!(
-                    "/v1/instances/{}/logs",
-                    cat["instance"]["id"].as_str().unwrap()
-                ),
-                &a,
-            )
-            .await;
-        ans.text
-            .contains("hello from the context")
-            .then_some(ans.text)
-    })
-    .await;
+    // Followed rather than polled: the engine may copy an exited
+    // container's output a moment after the exit, and a followed log of a
+    // stopped container ends with its last line.
+    let logs = {
+        let resp = t
+            .http
+            .get(t.url(&format!(
+                "/v1/instances/{}/logs?follow=true",
+                cat["instance"]["id"].as_str().unwrap()
+            )))
+            .bearer_auth(&a)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let mut body = resp.bytes_stream();
+        let mut text = String::new();
+        while !text.contains("hello from the context") {
+            match tokio::time::timeout(api_support::DEADLINE, body.next()).await {
+                Ok(Some(Ok(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+                other => panic!("the logs ended without the context's file: {other:?} ({text})"),
+            }
+        }
+        text
+    };
     assert!(logs.contains("hello from the context"));
 
     // A failing step fails the instance with build_failed and names it.
@@ -457,11 +468,12 @@ async fn a_container_that_exits_at_once_is_exited_not_running() {
         .or(ans["instance"]["id"].as_str())
         .unwrap_or_else(|| panic!("{code}: {ans}"))
         .to_owned();
-    let done = eventually("two restarts, then exited", || async {
-        let v = t.get(&format!("/v1/instances/{id}"), &a).await.json.clone();
-        (v["restarts"] == 2 && v["status"] == "exited").then_some(v)
-    })
-    .await;
+    let done = t
+        .wait_for("two restarts, then exited", || async {
+            let v = t.get(&format!("/v1/instances/{id}"), &a).await.json.clone();
+            (v["restarts"] == 2 && v["status"] == "exited").then_some(v)
+        })
+        .await;
     assert_eq!(done["exit_code"], 4, "{done}");
     sweep(&t, &docker).await;
     t.shutdown().await;

@@ -16,7 +16,7 @@ use berth_runtime::{
     BuildSpec, ContainerRuntime, ContainerSpec, ContainerState, EngineEvent, EngineEventKind,
     HostId, Labels, Limits, NetworkSpec, ResourceKind, RuntimeError,
 };
-use common::{BASE, Sweep, exec, local, reaches, unique, until};
+use common::{BASE, Sweep, exec, local, reaches, unique};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
@@ -159,15 +159,16 @@ async fn env_and_cmd_go_to_the_container_never_into_the_image() {
     );
     rt.create_container(&host, &c).await.unwrap();
     rt.start_container(&host, &c.name).await.unwrap();
-    let lines = until(WAIT, "the container's output", || async {
-        let lines: Vec<String> = rt
-            .logs(&host, &c.name, 10, false)
+    // Followed, not polled: the stream yields each line as it is written.
+    let lines: Vec<String> = tokio::time::timeout(
+        WAIT,
+        rt.logs(&host, &c.name, 10, true)
+            .take(2)
             .map(|l| l.unwrap())
-            .collect()
-            .await;
-        (lines.len() >= 2).then_some(lines)
-    })
-    .await;
+            .collect(),
+    )
+    .await
+    .expect("the container's output");
     assert_eq!(lines, vec!["hi there".to_owned(), tricky.to_owned()]);
 
     // Nothing of the env is in the image: not its config, not a layer.
@@ -613,15 +614,15 @@ async fn logs_give_the_tail_then_follow() {
                   while [ ! -e /tmp/go ]; do sleep 0.05; done; echo four; sleep 3600";
     let name = container(&rt, &run, "logs", &["sh", "-c", script]).await;
     rt.start_container(&host, &name).await.unwrap();
-    let all = until(WAIT, "four lines of output", || async {
-        let all: Vec<String> = rt
-            .logs(&host, &name, usize::MAX, false)
+    let all: Vec<String> = tokio::time::timeout(
+        WAIT,
+        rt.logs(&host, &name, usize::MAX, true)
+            .take(4)
             .map(|l| l.unwrap())
-            .collect()
-            .await;
-        (all.len() >= 4).then_some(all)
-    })
-    .await;
+            .collect(),
+    )
+    .await
+    .expect("four lines of output");
     assert_eq!(all, ["err", "one", "two", "three"], "stderr included");
     let last2: Vec<String> = rt
         .logs(&host, &name, 2, false)

@@ -11,90 +11,61 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_core::domain::{InstanceName, InstanceStatus};
-use berth_core::{Clock, IdGen, SeededRng, SystemClock};
+use berth_core::domain::InstanceStatus;
 use berth_docker::DockerRuntime;
-use berth_flows::{Deps, create_instance, delete_instance};
+use berth_flows::delete_instance;
 use berth_runtime::faulty::{FaultKind, FaultyRuntime, Op};
-use berth_runtime::hosts::LocalProvider;
-use berth_runtime::{ContainerRuntime, Limits, ResourceKind, label};
-use berth_store::instances::{self, Instance, InstanceSpec};
-use berth_store::{Store, StoreOptions};
-use berth_worker::{BusOptions, Policies, Registry, Workers, WorkersConfig};
-use common::{BASE, Sweep, local, reaches, unique, until};
+use berth_runtime::{ContainerRuntime, ResourceKind, label};
+use berth_store::instances::{Instance, InstanceSpec};
+use berth_testkit::{Kit, TestWorld, wait_for_within};
+use common::{BASE, Sweep, local, reaches, unique};
 
 /// Generous for a 2-core machine building images; reached only on failure.
 const DEADLINE: Duration = Duration::from_secs(90);
 const PORT: u16 = 8080;
 
-/// Quick retries; room for a transient failure and a lost reply per step.
-const POLICIES: &str = r#"
+/// Quick retries; room for a transient failure and a lost reply per step;
+/// the containers' default limits small, as a test machine wants them.
+const CONFIG: &str = r#"
 [workers.default]
 max_attempts = 5
 timeout = "60s"
 backoff = { initial = "10ms", max = "200ms" }
+
+[limits]
+memory = "64MiB"
+cpus = 0.5
+pids = 64
 "#;
 
+/// A kit world on `runtime` (the engine, maybe behind the fault wrapper),
+/// and the engine itself to look at.
 struct World {
-    _dir: tempfile::TempDir,
-    store: Store,
+    kit: TestWorld,
     docker: Arc<DockerRuntime>,
-    deps: Arc<Deps>,
-    workers: Option<Workers>,
+}
+
+impl Deref for World {
+    type Target = TestWorld;
+    fn deref(&self) -> &TestWorld {
+        &self.kit
+    }
+}
+
+impl DerefMut for World {
+    fn deref_mut(&mut self) -> &mut TestWorld {
+        &mut self.kit
+    }
 }
 
 async fn world(runtime: Arc<dyn ContainerRuntime>, docker: Arc<DockerRuntime>) -> World {
-    let dir = tempfile::tempdir().unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(5))));
-    let store = Store::open(
-        &dir.path().join("berth.db"),
-        StoreOptions::default(),
-        clock,
-        ids,
-    )
-    .await
-    .unwrap();
-    let deps = Arc::new(Deps {
-        runtime,
-        hosts: Arc::new(LocalProvider),
-        limits: Limits {
-            memory_bytes: Some(64 * 1024 * 1024),
-            nano_cpus: Some(500_000_000),
-            pids: Some(64),
-        },
-        install: store.install_id().to_owned(),
-        builds: Default::default(),
-    });
-    let mut reg = Registry::new();
-    berth_flows::register(&mut reg, deps.clone()).unwrap();
-    #[derive(serde::Deserialize)]
-    struct Root {
-        workers: WorkersConfig,
-    }
-    let cfg: Root = toml::from_str(POLICIES).unwrap();
-    let policies = Policies::resolve(&cfg.workers, reg.names()).unwrap();
-    let workers = Workers::start(
-        store.clone(),
-        &reg,
-        &policies,
-        BusOptions {
-            rng: Arc::new(SeededRng::new(3)),
-            checkpoint_interval: None,
-            ..BusOptions::default()
-        },
-    )
-    .await
-    .unwrap();
     World {
-        _dir: dir,
-        store,
+        kit: Kit::new(CONFIG).runtime(runtime).start().await,
         docker,
-        deps,
-        workers: Some(workers),
     }
 }
 
@@ -118,47 +89,13 @@ fn spec(image: &str) -> InstanceSpec {
 
 impl World {
     async fn create(&self, org: &str, name: &str, image: &str) -> Instance {
-        create_instance(
-            &self.store,
-            org,
-            InstanceName::parse(name).unwrap(),
-            spec(image),
-        )
-        .await
-        .unwrap()
-        .0
+        self.kit.create(org, name, spec(image)).await.0
     }
 
-    async fn get(&self, id: &str) -> Instance {
-        let mut c = self.store.pool().acquire().await.unwrap();
-        instances::get(&mut c, id).await.unwrap().unwrap()
-    }
-
-    /// Polls until the instance's status is terminal; a stuck one fails
+    /// Waits until the instance's status is terminal; a stuck one fails
     /// with its status and its flow's attempts.
     async fn settle(&self, id: &str) -> Instance {
-        let start = Instant::now();
-        loop {
-            let i = self.get(id).await;
-            if i.status.is_terminal() {
-                return i;
-            }
-            if start.elapsed() > DEADLINE {
-                let attempts = self.store.attempts_of_flow(i.flow_id).await.unwrap();
-                let tried: Vec<String> = attempts
-                    .iter()
-                    .map(|a| format!("{} #{} {:?} {:?}", a.worker, a.attempt, a.outcome, a.error))
-                    .collect();
-                panic!(
-                    "instance {} stuck in {} ({:?}); attempts:\n{}",
-                    i.name,
-                    i.status,
-                    i.error,
-                    tried.join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        until_instance(self, id, "a terminal status", |i| i.status.is_terminal()).await
     }
 
     async fn running(&self, id: &str) -> Instance {
@@ -171,14 +108,6 @@ impl World {
             i.error
         );
         i
-    }
-
-    /// Waits until the bus has nothing queued or in flight.
-    async fn quiesce(&self) {
-        until(DEADLINE, "the bus to drain", || async {
-            (self.store.queue_depth().await.unwrap() == (0, 0)).then_some(())
-        })
-        .await;
     }
 
     /// Deletes every instance given and waits for each to be `deleted`.
@@ -208,12 +137,6 @@ impl World {
             .filter(|r| r.labels.get(label::ORG).map(String::as_str) == Some(org))
             .map(|r| (r.kind, r.name))
             .collect()
-    }
-
-    async fn stop(&mut self) {
-        if let Some(w) = self.workers.take() {
-            w.shutdown().await.unwrap();
-        }
     }
 }
 
@@ -411,28 +334,38 @@ async fn flows_complete_through_engine_failures_and_lost_replies() {
     w.stop().await;
 }
 
-/// Polls until `check` holds for the instance, or fails naming `what`.
+/// Waits (re-checking on each commit) until `check` holds for the
+/// instance, or fails naming `what` with its status and its flow's
+/// attempts.
 async fn until_instance(
     w: &World,
     id: &str,
     what: &str,
     check: impl Fn(&Instance) -> bool,
 ) -> Instance {
-    let start = Instant::now();
-    loop {
+    let found = wait_for_within(&w.store, DEADLINE, || async {
         let i = w.get(id).await;
-        if check(&i) {
-            return i;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{what}: instance is {} (exit {:?}, restarts {})",
-            i.status,
-            i.exit_code,
-            i.restarts
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        check(&i).then_some(i)
+    })
+    .await;
+    if let Ok(i) = found {
+        return i;
     }
+    let i = w.get(id).await;
+    let attempts = w.store.attempts_of_flow(i.flow_id).await.unwrap();
+    let tried: Vec<String> = attempts
+        .iter()
+        .map(|a| format!("{} #{} {:?} {:?}", a.worker, a.attempt, a.outcome, a.error))
+        .collect();
+    panic!(
+        "{what}: instance {} is {} (exit {:?}, restarts {}, error {:?}); attempts:\n{}",
+        i.name,
+        i.status,
+        i.exit_code,
+        i.restarts,
+        i.error,
+        tried.join("\n")
+    );
 }
 
 #[tokio::test]
@@ -443,25 +376,11 @@ async fn a_container_killed_from_outside_is_exited_and_on_failure_restarts_it() 
     let org = unique("k");
     let _sweep = Sweep::new(label::ORG, &[&org]);
     let mut w = world(docker.clone(), docker).await;
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let listener = tokio::spawn(berth_flows::exits::listen(
-        w.workers.as_ref().unwrap().bus(),
-        w.deps.clone(),
-        common::local(),
-        cancel.clone(),
-    ));
+    let listening = w.listen();
     let plain = w.create(&org, "plain", common::BASE).await;
     let mut restarting_spec = spec(common::BASE);
     restarting_spec.restart = berth_core::domain::RestartPolicy::OnFailure { max: Some(1) };
-    let restarting = create_instance(
-        &w.store,
-        &org,
-        InstanceName::parse("restarting").unwrap(),
-        restarting_spec,
-    )
-    .await
-    .unwrap()
-    .0;
+    let restarting = w.kit.create(&org, "restarting", restarting_spec).await.0;
     let plain = w.settle(&plain.id).await;
     let restarting = w.settle(&restarting.id).await;
     assert_eq!(plain.status, InstanceStatus::Running, "{:?}", plain.error);
@@ -503,8 +422,7 @@ async fn a_container_killed_from_outside_is_exited_and_on_failure_restarts_it() 
     )
     .await;
     assert_eq!(code, 0, "the restarted container runs");
-    cancel.cancel();
-    let _ = listener.await;
+    listening.cancel();
     w.quiesce().await;
     w.stop().await;
 }

@@ -6,34 +6,42 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use berth_core::domain::{ConditionKind, InstanceName, InstanceStatus, RestartPolicy};
-use berth_core::{Clock, Envelope, IdGen, SeededRng, SystemClock, Timestamp};
+use berth_core::{Clock, Envelope, Timestamp};
 use berth_flows::{
-    Deps, FlowError, create_instance, delete_instance, names, restart_instance, start_instance,
+    FlowError, create_instance, delete_instance, names, restart_instance, start_instance,
     stop_instance,
 };
 use berth_runtime::ContainerState;
 use berth_runtime::faulty::{FaultKind, FaultyRuntime, Op};
-use berth_runtime::hosts::LocalProvider;
-use berth_runtime::sim::{SimConfig, SimLatency, SimRuntime};
+use berth_runtime::sim::{SimLatency, SimRuntime};
 use berth_runtime::{HostId, Limits, label};
 use berth_store::instances::{self, Instance, InstanceSpec};
-use berth_store::{Store, StoreOptions};
-use berth_worker::{BusOptions, Policies, Registry, Workers, WorkersConfig};
+use berth_testkit::{Kit, TestWorld};
 
-const DEADLINE: Duration = Duration::from_secs(30);
-
+/// A kit world on the simulated host, with its engine at hand.
 struct World {
-    _dir: tempfile::TempDir,
-    store: Store,
-    deps: Arc<Deps>,
+    kit: TestWorld,
     sim: Arc<SimRuntime>,
     faulty: Arc<FaultyRuntime>,
-    workers: Option<Workers>,
     host: HostId,
+}
+
+impl Deref for World {
+    type Target = TestWorld;
+    fn deref(&self) -> &TestWorld {
+        &self.kit
+    }
+}
+
+impl DerefMut for World {
+    fn deref_mut(&mut self) -> &mut TestWorld {
+        &mut self.kit
+    }
 }
 
 /// Fast retries so failure scenarios finish in milliseconds.
@@ -48,81 +56,18 @@ async fn world() -> World {
     world_with(POLICIES).await
 }
 
-async fn world_with(policies_toml: &str) -> World {
-    world_full(policies_toml, Vec::new()).await
+async fn world_with(config: &str) -> World {
+    world_of(Kit::new(config)).await
 }
 
-async fn world_full(policies_toml: &str, hooks: Vec<berth_flows::notify::Webhook>) -> World {
-    world_on(
-        policies_toml,
-        hooks,
-        Arc::new(SystemClock),
-        SimLatency::default(),
-    )
-    .await
-}
-
-/// A world on `clock`, its engine taking `latency` per operation.
-async fn world_on(
-    policies_toml: &str,
-    hooks: Vec<berth_flows::notify::Webhook>,
-    clock: Arc<dyn Clock>,
-    latency: SimLatency,
-) -> World {
-    let dir = tempfile::tempdir().unwrap();
-    let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(5))));
-    let store = Store::open(
-        &dir.path().join("berth.db"),
-        StoreOptions::default(),
-        clock,
-        ids,
-    )
-    .await
-    .unwrap();
-    let host = HostId::new("local");
-    let sim = Arc::new(SimRuntime::new(
-        SimConfig::new(vec![host.clone()]).with_latency(latency),
-    ));
-    sim.add_base_image(&host, "busybox");
-    let faulty = Arc::new(FaultyRuntime::new(sim.clone(), 7));
-    let deps = Arc::new(Deps {
-        runtime: faulty.clone(),
-        hosts: Arc::new(LocalProvider),
-        limits: Limits::default(),
-        install: store.install_id().to_owned(),
-        builds: Default::default(),
-    });
-    let mut reg = Registry::new();
-    berth_flows::register(&mut reg, deps.clone()).unwrap();
-    for h in hooks {
-        berth_flows::notify::register(&mut reg, h).unwrap();
-    }
-    #[derive(serde::Deserialize)]
-    struct Root {
-        workers: WorkersConfig,
-    }
-    let cfg: Root = toml::from_str(policies_toml).unwrap();
-    let policies = Policies::resolve(&cfg.workers, reg.names()).unwrap();
-    let workers = Workers::start(
-        store.clone(),
-        &reg,
-        &policies,
-        BusOptions {
-            rng: Arc::new(SeededRng::new(3)),
-            checkpoint_interval: None,
-            ..BusOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+/// The kit's world, started.
+async fn world_of(kit: Kit) -> World {
+    let kit = kit.start().await;
     World {
-        _dir: dir,
-        store,
-        deps,
-        sim,
-        faulty,
-        workers: Some(workers),
-        host,
+        sim: kit.sim().clone(),
+        faulty: kit.faulty().clone(),
+        host: kit.host(),
+        kit,
     }
 }
 
@@ -144,57 +89,7 @@ fn spec_with(image: &str, restart: RestartPolicy) -> InstanceSpec {
 
 impl World {
     async fn create(&self, org: &str, name: &str, image: &str) -> (Instance, Envelope) {
-        create_instance(
-            &self.store,
-            org,
-            InstanceName::parse(name).unwrap(),
-            spec(image),
-        )
-        .await
-        .unwrap()
-    }
-
-    async fn get(&self, id: &str) -> Instance {
-        let mut c = self.store.pool().acquire().await.unwrap();
-        instances::get(&mut c, id).await.unwrap().unwrap()
-    }
-
-    async fn all(&self) -> Vec<Instance> {
-        let mut c = self.store.pool().acquire().await.unwrap();
-        instances::list(&mut c, None).await.unwrap()
-    }
-
-    /// Polls until the instance has `status`.
-    async fn until(&self, id: &str, status: InstanceStatus) -> Instance {
-        self.until_is(id, &format!("{status}"), |i| i.status == status)
-            .await
-    }
-
-    /// Polls until the instance is as `wanted` says (`what`, for the
-    /// message if it never is).
-    async fn until_is(&self, id: &str, what: &str, wanted: impl Fn(&Instance) -> bool) -> Instance {
-        let start = Instant::now();
-        loop {
-            let i = self.get(id).await;
-            if wanted(&i) {
-                return i;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "instance {id} stuck in {} (restarts {}), wanted {what}",
-                i.status,
-                i.restarts
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    /// Polls until the instance is running again after `n` restarts.
-    async fn until_restarted(&self, id: &str, n: i64) -> Instance {
-        self.until_is(id, &format!("running after {n} restarts"), |i| {
-            i.status == InstanceStatus::Running && i.restarts == n
-        })
-        .await
+        self.kit.create(org, name, spec(image)).await
     }
 
     fn container_state(&self, name: &str) -> Option<ContainerState> {
@@ -203,43 +98,6 @@ impl World {
             .into_iter()
             .find(|c| c.name == name)
             .map(|c| c.state)
-    }
-
-    /// Starts the host's engine-event listener, as the app does.
-    fn listen(&self) -> tokio_util::sync::CancellationToken {
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let bus = self.workers.as_ref().unwrap().bus();
-        tokio::spawn(berth_flows::exits::listen(
-            bus,
-            self.deps.clone(),
-            self.host.clone(),
-            cancel.clone(),
-        ));
-        cancel
-    }
-
-    /// Polls until the instance's status is terminal.
-    async fn settle(&self, id: &str) -> Instance {
-        self.until_is(id, "a terminal status", |i| i.status.is_terminal())
-            .await
-    }
-
-    /// Waits until the bus has nothing queued or in flight.
-    async fn quiesce(&self) {
-        let start = Instant::now();
-        loop {
-            if self.store.queue_depth().await.unwrap() == (0, 0) {
-                return;
-            }
-            assert!(start.elapsed() < DEADLINE, "the bus never drained");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    async fn stop(&mut self) {
-        if let Some(w) = self.workers.take() {
-            w.shutdown().await.unwrap();
-        }
     }
 
     /// DESIGN §8, on the simulated host: every flow ended; at most one
@@ -419,7 +277,12 @@ async fn the_join_acts_once_when_its_branches_commit_apart_whatever_the_clocks_s
         network: Duration::from_millis(30),
         ..SimLatency::default()
     };
-    let mut w = world_on(POLICIES, Vec::new(), Arc::new(FrozenClock), latency).await;
+    let mut w = world_of(
+        Kit::new(POLICIES)
+            .clock(Arc::new(FrozenClock))
+            .latency(latency),
+    )
+    .await;
     let mut made = Vec::new();
     for name in ["web", "db", "cache"] {
         made.push(w.create("orga", name, "busybox").await);
@@ -812,7 +675,7 @@ async fn a_death_no_listener_saw_is_recorded_by_the_reconciler() {
     w.quiesce().await;
     assert_eq!(w.get(&inst.id).await.status, InstanceStatus::Running);
 
-    let bus = w.workers.as_ref().unwrap().bus();
+    let bus = w.bus();
     let report = reconciler().pass(&bus, &w.deps).await.unwrap();
     assert_eq!(report.exited, vec![inst.id.clone()]);
     let exited = w.until(&inst.id, InstanceStatus::Exited).await;
@@ -857,7 +720,7 @@ async fn a_container_removed_outside_berth_is_recorded_and_made_again_on_start()
             .unwrap();
     }
     w.quiesce().await;
-    let bus = w.workers.as_ref().unwrap().bus();
+    let bus = w.bus();
     let mut report = reconciler().pass(&bus, &w.deps).await.unwrap();
     report.exited.sort();
     let mut both = vec![web.id.clone(), job.id.clone()];
@@ -1039,7 +902,7 @@ async fn the_reconciler_removes_orphans_after_the_grace_period_and_nothing_else(
     .await
     .unwrap();
 
-    let bus = w.workers.as_ref().unwrap().bus();
+    let bus = w.bus();
     let mut r = reconciler();
     let first = r.pass(&bus, &w.deps).await.unwrap();
     assert!(first.removed.is_empty(), "seen once: not removed yet");
@@ -1098,7 +961,7 @@ async fn a_stuck_flow_is_nudged_forward_by_the_reconciler() {
         InstanceStatus::Requested,
         "stuck: dead letter, no failure event"
     );
-    let bus = w.workers.as_ref().unwrap().bus();
+    let bus = w.bus();
     let mut r = reconciler();
     let report = r.pass(&bus, &w.deps).await.unwrap();
     assert_eq!(report.republished, vec![inst.id.clone()]);
@@ -1133,7 +996,7 @@ async fn a_flow_stuck_at_the_join_is_nudged_forward_whichever_branch_came_last()
     );
     assert!(stuck.conditions.holds(ConditionKind::NetworkReady));
     assert!(stuck.conditions.holds(ConditionKind::ImageBuilt));
-    let bus = w.workers.as_ref().unwrap().bus();
+    let bus = w.bus();
     let report = reconciler().pass(&bus, &w.deps).await.unwrap();
     assert_eq!(report.republished, vec![inst.id.clone()]);
     assert_eq!(w.settle(&inst.id).await.status, InstanceStatus::Running);
@@ -1148,7 +1011,7 @@ async fn a_flow_that_stays_stuck_fails_with_flow_timeout() {
     w.faulty.fail_next(Op::Ping, 10, FaultKind::Permanent);
     let (inst, _) = w.create("orga", "web", "busybox").await;
     w.quiesce().await;
-    let bus = w.workers.as_ref().unwrap().bus();
+    let bus = w.bus();
     let mut r = reconciler();
     assert_eq!(r.pass(&bus, &w.deps).await.unwrap().republished.len(), 1);
     w.quiesce().await;
@@ -1167,7 +1030,7 @@ async fn a_flow_that_stays_stuck_fails_with_flow_timeout() {
 #[tokio::test]
 async fn a_name_is_unique_among_an_orgs_live_instances_on_both_paths() {
     let mut w = world().await;
-    let bus = w.workers.as_ref().unwrap().bus();
+    let bus = w.bus();
     let name = || InstanceName::parse("dup").unwrap();
     create_instance(&w.store, "orga", name(), spec("busybox"))
         .await
@@ -1227,16 +1090,17 @@ async fn receiver(status: u16) -> (String, Seen) {
 async fn a_webhook_that_fails_forever_delays_no_flow_and_fails_no_instance() {
     let (good_url, good) = receiver(200).await;
     let (bad_url, bad) = receiver(500).await;
-    let hook = |name: &str, url: String| berth_flows::notify::Webhook {
-        name: name.into(),
-        url,
-        secret: "s3cret".into(),
-        timeout: Duration::from_secs(5),
+    // Configured as `berth serve` reads them: `[[webhooks]]`, a policy for
+    // the one that fails.
+    let hook = |name: &str, url: String| {
+        format!("[[webhooks]]\nname = \"{name}\"\nurl = \"{url}\"\nsecret = \"s3cret\"\n")
     };
-    let policies = format!(
-        "{POLICIES}\n[workers.\"notify.down\"]\nmax_attempts = 3\nbackoff = {{ initial = \"1ms\", max = \"2ms\" }}\n"
+    let config = format!(
+        "{}{}{POLICIES}\n[workers.\"notify.down\"]\nmax_attempts = 3\nbackoff = {{ initial = \"1ms\", max = \"2ms\" }}\n",
+        hook("up", good_url),
+        hook("down", bad_url)
     );
-    let mut w = world_full(&policies, vec![hook("up", good_url), hook("down", bad_url)]).await;
+    let mut w = world_with(&config).await;
     let mut ids = Vec::new();
     for name in ["a", "bb", "ccc"] {
         ids.push(w.create("orga", name, "busybox").await.0.id);
@@ -1282,67 +1146,16 @@ async fn a_webhook_that_fails_forever_delays_no_flow_and_fails_no_instance() {
 
 #[tokio::test]
 async fn pool_hosts_are_dedicated_per_org_and_released_with_its_last_instance() {
-    use berth_runtime::hosts::PoolProvider;
-    let dir = tempfile::tempdir().unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(9))));
-    let store = Store::open(
-        &dir.path().join("berth.db"),
-        StoreOptions::default(),
-        clock,
-        ids,
-    )
-    .await
-    .unwrap();
-    let (h1, h2) = (HostId::new("h1"), HostId::new("h2"));
-    let sim = Arc::new(SimRuntime::new(SimConfig::new(vec![
-        h1.clone(),
-        h2.clone(),
-    ])));
-    for h in [&h1, &h2] {
-        sim.add_base_image(h, "busybox");
-    }
-    let deps = Arc::new(Deps {
-        runtime: sim.clone(),
-        hosts: Arc::new(PoolProvider::new(vec![h1.clone(), h2.clone()])),
-        limits: Limits::default(),
-        install: "pool-test".to_owned(),
-        builds: Default::default(),
-    });
-    let mut reg = Registry::new();
-    berth_flows::register(&mut reg, deps).unwrap();
-    #[derive(serde::Deserialize)]
-    struct Root {
-        workers: WorkersConfig,
-    }
-    let cfg: Root = toml::from_str(POLICIES).unwrap();
-    let policies = Policies::resolve(&cfg.workers, reg.names()).unwrap();
-    let workers = Workers::start(
-        store.clone(),
-        &reg,
-        &policies,
-        BusOptions {
-            checkpoint_interval: None,
-            ..BusOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    let bus = workers.bus();
+    // A pool of two hosts, configured as `berth serve` reads it.
+    let mut w = world_with(&format!(
+        "[hosts]\nprovider = \"pool\"\npool = [\"h1\", \"h2\"]\n{POLICIES}"
+    ))
+    .await;
+    let store = w.store.clone();
+    let bus = w.bus();
     let settle = |id: String| {
-        let store = store.clone();
-        async move {
-            let start = Instant::now();
-            loop {
-                let mut c = store.pool().acquire().await.unwrap();
-                let i = instances::get(&mut c, &id).await.unwrap().unwrap();
-                if i.status.is_terminal() {
-                    return i;
-                }
-                assert!(start.elapsed() < DEADLINE, "{id} stuck in {}", i.status);
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
+        let w = &w;
+        async move { w.settle(&id).await }
     };
     let create = |org: &'static str, name: &'static str| {
         let bus = bus.clone();
@@ -1383,7 +1196,7 @@ async fn pool_hosts_are_dedicated_per_org_and_released_with_its_last_instance() 
     };
     assert_eq!(claims.len(), 2);
     assert!(claims.values().all(|orgs| orgs.len() == 1), "{claims:?}");
-    workers.shutdown().await.unwrap();
+    w.stop().await;
 }
 
 /// Regression (tenancy issue): a container that dies while its creation
@@ -1478,7 +1291,7 @@ async fn chaos_a_stop_that_failed_for_good_is_re_run_by_the_reconciler() {
         InstanceStatus::Stopping,
         "the stop is dead-lettered and nothing follows it"
     );
-    let bus = w.workers.as_ref().unwrap().bus();
+    let bus = w.bus();
     let report = reconciler().pass(&bus, &w.deps).await.unwrap();
     assert_eq!(report.republished, vec![inst.id.clone()]);
     let done = w

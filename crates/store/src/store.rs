@@ -63,6 +63,9 @@ struct Inner {
     /// Signalled by every write transaction this process commits; see
     /// [`Store::wrote`].
     wrote: Notify,
+    /// How many write transactions this process has committed; see
+    /// [`Store::commits`].
+    commits: tokio::sync::watch::Sender<u64>,
     woken: Mutex<HashSet<String>>,
     /// One writer at a time, in arrival order. SQLite allows a single writer
     /// and makes the others wait in its busy handler, which sleeps and polls
@@ -173,6 +176,7 @@ impl Store {
                 subscriptions: RwLock::new(Arc::new(Subscriptions::new())),
                 committed: Notify::new(),
                 wrote: Notify::new(),
+                commits: tokio::sync::watch::Sender::new(0),
                 woken: Mutex::new(HashSet::new()),
                 write_gate: Arc::new(tokio::sync::Mutex::new(())),
                 instances: Mutex::new(HashMap::new()),
@@ -377,6 +381,17 @@ impl Store {
     /// [`Store::wrote`].
     pub fn note_commit(&self) {
         self.inner.wrote.notify_one();
+        self.inner.commits.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The count of write transactions this process has committed (the
+    /// dispatcher's turns and every [`Tx`]), changing after each commit.
+    /// Unlike [`Store::wrote`] and [`Store::committed`], which wake one
+    /// waiter (the checkpointer, the dispatcher), any number may watch it:
+    /// a test waits for a state by re-checking it after each commit rather
+    /// than polling on a timer.
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.commits.subscribe()
     }
 
     /// Waits for a commit by this process; one made since the last wait

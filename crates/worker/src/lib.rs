@@ -9,6 +9,7 @@ mod dispatcher;
 pub mod handler;
 pub mod policy;
 pub mod registry;
+pub mod testing;
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -316,7 +316,7 @@ async fn a_duplicate_delivery_of_a_processed_event_changes_nothing() {
     let workers = start(&store, &reg, "").await;
     let bus = workers.bus();
     let env = ping(&bus, 7).await;
-    eventually("the pong", || async {
+    eventually(&store, "the pong", || async {
         count_events(&store, Pong::TYPE).await == 1
     })
     .await;
@@ -335,7 +335,7 @@ async fn a_duplicate_delivery_of_a_processed_event_changes_nothing() {
     .await
     .unwrap();
     store.notify_committed(["echo".to_owned()]);
-    eventually("the duplicate to be acknowledged", || async {
+    eventually(&store, "the duplicate to be acknowledged", || async {
         count(&store, "SELECT COUNT(*) FROM deliveries").await == 0
     })
     .await;
@@ -459,6 +459,7 @@ async fn a_handler_that_emits_and_then_fails_leaves_nothing_visible() {
     let workers = start(&store, &reg, "").await;
     ping(&workers.bus(), 1).await;
     eventually(
+        &store,
         "both failures dead-lettered and the control done",
         || async {
             count(&store, "SELECT COUNT(*) FROM dead_letters").await == 2
@@ -644,7 +645,7 @@ async fn a_redriven_dead_letter_starts_a_new_round_and_keeps_history() {
         1,
         "count reset"
     );
-    eventually("the re-driven delivery to finish", || async {
+    eventually(&store, "the re-driven delivery to finish", || async {
         count(&store, "SELECT COUNT(*) FROM deliveries").await == 0
     })
     .await;
@@ -915,7 +916,7 @@ async fn an_attempt_whose_writes_the_database_always_refuses_does_not_stop_the_b
     // Other work goes on: a publish refused while a turn fails is retried,
     // as any publisher would.
     let flow = store.ids().flow_id();
-    eventually("a publish to go through", || {
+    eventually(&store, "a publish to go through", || {
         let bus = bus.clone();
         async move {
             bus.publish(

@@ -1,12 +1,12 @@
 //! What the API tests share: booting the real application on port 0 with
-//! the simulated runtime and a temporary SQLite directory, a real HTTP
-//! client and a real WebSocket client, and helpers that wait on events or
-//! poll with a deadline (never a bare sleep).
+//! the simulated runtime and a temporary SQLite directory (through the test
+//! kit, as `berth serve` boots), a real HTTP client and a real WebSocket
+//! client, and helpers that wait on events or on the store's commits.
 #![allow(dead_code)]
 
 use std::time::Duration;
 
-use berth::{App, Config};
+use berth::App;
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -70,13 +70,10 @@ pub async fn spawn_with(config: &str, env: Vec<(String, String)>) -> TestApp {
             .with_test_writer()
             .try_init();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("berth.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut config = Config::load(Some(&path), env).unwrap();
-    config.data_dir = dir.path().join("data");
-    config.admin_token = Some(berth::config::Secret(ADMIN.to_owned()));
-    let app = App::build(config, "test config").await.unwrap();
+    let (app, dir) = berth_testkit::app(config, env, |c| {
+        c.admin_token = Some(berth::config::Secret(ADMIN.to_owned()));
+    })
+    .await;
     let addr = app.api_addr();
     TestApp {
         app,
@@ -275,8 +272,24 @@ pub async fn messages_until(ws: &mut Ws, done: impl Fn(&Value) -> bool) -> Vec<V
     }
 }
 
-/// Polls `f` until it returns `Some`, failing at the deadline.
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+impl TestApp {
+    /// Re-runs `f` after each commit of the app's store until it returns
+    /// `Some`, failing at the deadline: for what the database decides
+    /// (statuses, attempts and what is read from them).
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        berth_testkit::wait_for(&self.app.store, what, f).await
+    }
+}
+
+/// Tries `f` until it returns `Some`, failing at the deadline: only for
+/// state no commit marks (a slot the server gives back when a client
+/// leaves), which nothing signals to a test; a short pause between tries
+/// keeps it from spinning on a shared machine.
+pub async fn poll_until<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -290,7 +303,6 @@ where
             tokio::time::Instant::now() < end,
             "timed out waiting for {what}"
         );
-        tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

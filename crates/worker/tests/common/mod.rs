@@ -1,20 +1,20 @@
 //! Shared set-up for the worker framework's tests: a real SQLite file per
-//! test, policies from TOML text, and waiting helpers with real-time
-//! deadlines (safe under tokio's paused clock, which would otherwise jump a
-//! tokio timeout forward while SQLite works on its own thread).
+//! test, policies from TOML text, and the test kit's waits (on the store's
+//! commits, with real-time deadlines: safe under tokio's paused clock,
+//! which would otherwise jump a tokio timeout forward while SQLite works on
+//! its own thread).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use berth_core::{Clock, EventPayload, IdGen, NewEvent, SeededRng, SystemClock};
 use berth_store::{Cause, Store, StoreOptions};
 use berth_worker::clock::TokioClock;
 use berth_worker::{Bus, BusOptions, Policies, Registry, Workers, WorkersConfig};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -113,41 +113,20 @@ pub async fn ping(bus: &Bus, n: u64) -> berth_core::Envelope {
     .unwrap()
 }
 
-/// Resolves after `d` of *real* time, whatever tokio's clock does.
-pub fn real_deadline(d: Duration) -> tokio::sync::oneshot::Receiver<()> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        std::thread::sleep(d);
-        let _ = tx.send(());
-    });
-    rx
-}
+pub use berth_testkit::recv;
 
-/// The next message, or a panic naming `what` after the real-time deadline.
-pub async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
-    tokio::select! {
-        v = rx.recv() => v.unwrap_or_else(|| panic!("channel closed while waiting for {what}")),
-        _ = real_deadline(DEADLINE) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
-    }
-}
-
-/// Polls `check` until it holds, or panics naming `what` at the deadline.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+/// Waits until `check` holds, re-checking after each commit of `store`;
+/// panics naming `what` at the deadline.
+pub async fn eventually<F, Fut>(store: &Store, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    berth_testkit::wait_for(store, what, || {
+        let holds = check();
+        async move { holds.await.then_some(()) }
+    })
+    .await
 }
 
 pub async fn count(store: &Store, sql: &str) -> i64 {
