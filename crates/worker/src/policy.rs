@@ -554,8 +554,10 @@ mod tests {
         assert_eq!(p.clamp_retry_after(Duration::from_secs(999)), p.backoff.max);
     }
 
-    /// Found by the `config` fuzz target: `timeout = "18446744073709551615s"`
-    /// loads, and `berth policies` then panicked adding durations.
+    /// Found with the `config` fuzz target (its checks, run on an input
+    /// with the longest duration; now a seed): `timeout =
+    /// "18446744073709551615s"` loads, and `berth policies` then panicked
+    /// adding durations.
     #[test]
     fn fuzz_worst_case_of_the_largest_durations_saturates_instead_of_overflowing() {
         let mut p = Policy::builtin("w");
