@@ -457,18 +457,30 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let (mut table, source) = match file {
+        match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     ConfigError(format!("cannot read config file {}: {e}", path.display()))
                 })?;
-                let table: toml::Table = text
-                    .parse()
-                    .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-                (table, path.display().to_string())
+                Config::from_toml_str(&text, &path.display().to_string(), env)
             }
-            None => (toml::Table::new(), "defaults".to_owned()),
-        };
+            // No file reads like an empty one.
+            None => Config::from_toml_str("", "defaults", env),
+        }
+    }
+
+    /// [`Config::load`] of a file whose text is `text`; `source` names it
+    /// in errors. Separate from the reading so that the parsing can be
+    /// exercised without files (the `config` fuzz target).
+    pub fn from_toml_str(
+        text: &str,
+        source: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e| ConfigError(format!("{source}: {e}")))?;
+        let source = source.to_owned();
         let mut from_env: BTreeMap<String, String> = BTreeMap::new();
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("BERTH_") else {

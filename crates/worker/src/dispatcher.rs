@@ -498,7 +498,8 @@ impl Dispatcher {
         let lease = |timeout: Duration| Lease {
             owner: owner.clone(),
             leased_at: now,
-            until: now.plus(timeout + grace),
+            // Saturating: a configured timeout may be as long as `Duration::MAX`.
+            until: now.plus(timeout.saturating_add(grace)),
         };
         // One writer at a time in this process, for the whole turn.
         let gate = self.store.write_gate().await;

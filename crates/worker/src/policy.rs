@@ -109,16 +109,29 @@ impl Policy {
     }
 
     /// Upper bound of the total back-off between the first and last attempt.
+    /// Saturates at `Duration::MAX`: configured durations go up to it.
     pub fn worst_case_delay(&self) -> Duration {
-        (1..self.max_attempts)
-            .map(|n| self.backoff.ceiling(n))
-            .sum()
+        let mut total = Duration::ZERO;
+        for n in 1..self.max_attempts {
+            let d = self.backoff.ceiling(n);
+            if d >= self.backoff.max {
+                // Every later delay is capped too (the multiplier is at
+                // least 1): added at once, so that a `max_attempts` in the
+                // billions costs no billions of steps.
+                return total
+                    .saturating_add(self.backoff.max.saturating_mul(self.max_attempts - n));
+            }
+            total = total.saturating_add(d);
+        }
+        total
     }
 
     /// Upper bound of the time from first attempt to dead letter: every
-    /// attempt timing out plus every delay at its ceiling.
+    /// attempt timing out plus every delay at its ceiling; saturating.
     pub fn worst_case_total(&self) -> Duration {
-        self.timeout.saturating_mul(self.max_attempts) + self.worst_case_delay()
+        self.timeout
+            .saturating_mul(self.max_attempts)
+            .saturating_add(self.worst_case_delay())
     }
 
     /// The delay a handler asked for with `retry_after`, kept within the
@@ -539,5 +552,41 @@ mod tests {
         assert_eq!(p.worst_case_delay(), Duration::from_millis(700));
         assert_eq!(p.worst_case_total(), Duration::from_millis(4700));
         assert_eq!(p.clamp_retry_after(Duration::from_secs(999)), p.backoff.max);
+    }
+
+    /// Found with the `config` fuzz target (its checks, run on an input
+    /// with the longest duration; now a seed): `timeout =
+    /// "18446744073709551615s"` loads, and `berth policies` then panicked
+    /// adding durations.
+    #[test]
+    fn fuzz_worst_case_of_the_largest_durations_saturates_instead_of_overflowing() {
+        let mut p = Policy::builtin("w");
+        p.timeout = Duration::MAX;
+        assert_eq!(p.worst_case_total(), Duration::MAX);
+        p.timeout = Duration::from_secs(1);
+        p.backoff.initial = Duration::MAX;
+        p.backoff.max = Duration::MAX;
+        assert_eq!(p.worst_case_delay(), Duration::MAX);
+        assert_eq!(p.worst_case_total(), Duration::MAX);
+    }
+
+    /// Seen while fixing the above (same input family, not yet a fuzzer
+    /// crash): `max_attempts = 4294967295` made the worst case a loop of
+    /// four billion steps; the capped delays are now one product.
+    #[test]
+    fn fuzz_worst_case_of_the_most_attempts_is_immediate_and_exact() {
+        let mut p = Policy::builtin("w");
+        p.max_attempts = u32::MAX;
+        p.timeout = Duration::from_secs(1);
+        let started = std::time::Instant::now();
+        // 100ms … 25.6s (attempts 1 to 9), then 30s after each later one.
+        let rising: Duration = (1..10).map(|n| p.backoff.ceiling(n)).sum();
+        let capped = p.backoff.max.saturating_mul(u32::MAX - 10);
+        assert_eq!(p.worst_case_delay(), rising + capped);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let mut q = Policy::builtin("w");
+        q.max_attempts = 12;
+        let stepwise: Duration = (1..12).map(|n| q.backoff.ceiling(n)).sum();
+        assert_eq!(q.worst_case_delay(), stepwise);
     }
 }

@@ -942,3 +942,31 @@ async fn an_attempt_whose_writes_the_database_always_refuses_does_not_stop_the_b
     );
     workers.shutdown().await.unwrap();
 }
+
+/// Follows from what the `config` fuzz target found (the policies'
+/// overflow): `timeout = "18446744073709551615s"` loads, and the lease of
+/// the first delivery, the timeout plus the grace, panicked the dispatcher.
+#[tokio::test]
+async fn fuzz_the_longest_configured_timeout_leases_without_overflowing() {
+    let db = TestDb::new();
+    let store = open_store(&db.path, false).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut reg = Registry::new();
+    reg.register("w", &["test.ping"], move |ctx: Ctx| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(ctx.payload::<Ping>()?.n);
+            Ok(ctx.done())
+        }
+    })
+    .unwrap();
+    let workers = start(
+        &store,
+        &reg,
+        "[workers.w]\ntimeout = \"18446744073709551615s\"\n",
+    )
+    .await;
+    ping(&workers.bus(), 7).await;
+    assert_eq!(recv(&mut rx, "the delivery").await, 7);
+    workers.shutdown().await.unwrap();
+}
