@@ -1305,3 +1305,51 @@ async fn chaos_a_stop_that_failed_for_good_is_re_run_by_the_reconciler() {
     w.check_invariants().await;
     w.stop().await;
 }
+
+/// Regression (found by `berth-bench chaos`, seed 8 of 300 actions at fault
+/// rate 0.3): a stop of an instance whose container had been removed
+/// outside Berth failed `not_found` on every attempt, and every nudge of
+/// the reconciler failed the same way: the instance stayed `stopping` for
+/// good. Nothing runs, which is what a stop asks for: it ends `stopped`, and
+/// a start makes the container again.
+#[tokio::test]
+async fn chaos_a_stop_whose_container_was_removed_outside_berth_ends_stopped() {
+    use berth_runtime::ContainerRuntime;
+    let mut w = world().await;
+    let (inst, _) = w.create("orga", "web", "busybox").await;
+    let running = w.settle(&inst.id).await;
+    assert_eq!(running.status, InstanceStatus::Running);
+    let container = running.container.clone().unwrap();
+    w.sim.remove_container(&w.host, &container).await.unwrap();
+    // Stop before the listener's news of the removal is handled.
+    stop_instance(&w.store, "orga", &inst.id)
+        .await
+        .unwrap()
+        .unwrap();
+    let done = w
+        .until_is(&inst.id, "stopped", |i| {
+            matches!(i.status, InstanceStatus::Stopped | InstanceStatus::Exited)
+        })
+        .await;
+    assert_ne!(done.status, InstanceStatus::Stopping);
+    w.quiesce().await;
+    assert_eq!(
+        w.store.dead_letters(None, true, 10).await.unwrap().len(),
+        0,
+        "the stop succeeded"
+    );
+    start_instance(&w.store, "orga", &inst.id)
+        .await
+        .unwrap()
+        .unwrap();
+    let again = w
+        .until_is(&inst.id, "running", |i| i.status == InstanceStatus::Running)
+        .await;
+    assert!(matches!(
+        w.container_state(again.container.as_deref().unwrap()),
+        Some(ContainerState::Running)
+    ));
+    w.quiesce().await;
+    w.check_invariants().await;
+    w.stop().await;
+}
