@@ -841,14 +841,13 @@ async fn check(
     // No event lost: every delivery left was handled or dead-lettered …
     /// worker, event type, attempt, due, lease owner, subject
     type Left = (String, String, i64, i64, Option<String>, Option<String>);
-    let left: Vec<Left> =
-        berth_store::sqlx::query_as(
-            "SELECT d.worker, e.type, d.attempt, d.not_before, d.lease_owner, e.subject
+    let left: Vec<Left> = berth_store::sqlx::query_as(
+        "SELECT d.worker, e.type, d.attempt, d.not_before, d.lease_owner, e.subject
                FROM deliveries d JOIN events e ON e.id = d.event_id
               ORDER BY e.id, d.worker",
-        )
-        .fetch_all(store.pool())
-        .await?;
+    )
+    .fetch_all(store.pool())
+    .await?;
     let now = store.now().as_micros();
     for (worker, event_type, attempt, not_before, lease, subject) in left {
         says(
