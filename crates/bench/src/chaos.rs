@@ -20,7 +20,6 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -35,6 +34,7 @@ use berth_runtime::sim::{SimConfig, SimLatency, SimRuntime};
 use berth_runtime::{ContainerRuntime, ContainerState, HostId, Limits, label};
 use berth_store::instances::{self, Instance, InstanceSpec};
 use berth_store::{Store, StoreOptions, Synchronous};
+use berth_worker::clock::TokioClock;
 use berth_worker::policy::BackoffConfig;
 use berth_worker::{BusOptions, Policies, PolicyConfig, Registry, Workers, WorkersConfig};
 use tokio_util::sync::CancellationToken;
@@ -233,20 +233,9 @@ impl Watchdog {
     }
 }
 
-/// Simulated time: moved by the driver only.
-#[derive(Debug)]
-struct SimClock(AtomicI64);
-
-impl Clock for SimClock {
-    fn now(&self) -> Timestamp {
-        Timestamp::from_micros(EPOCH_MICROS + self.0.load(Ordering::SeqCst))
-    }
-}
-
 /// The driver's hold on time.
 struct Time {
     sched: Arc<Sched>,
-    clock: Arc<SimClock>,
     elapsed: Duration,
 }
 
@@ -256,20 +245,13 @@ impl Time {
     /// Lets everything due now run, then moves time one tick.
     async fn tick(&mut self) {
         let sched = self.sched.clone();
-        let clock = self.clock.clone();
-        let next = self.elapsed + Self::TICK;
         sched::idle(async move {
             sched.settle().await;
-            // The clock first: whoever wakes reads the new time.
-            clock.0.store(
-                i64::try_from(next.as_micros()).unwrap_or(i64::MAX),
-                Ordering::SeqCst,
-            );
             tokio::time::advance(Self::TICK).await;
             sched.settle().await;
         })
         .await;
-        self.elapsed = next;
+        self.elapsed += Self::TICK;
     }
 
     async fn run_for(&mut self, d: Duration) {
@@ -406,10 +388,10 @@ async fn run_seed(seed: u64, args: &Args, sched: Arc<Sched>) -> anyhow::Result<S
     let inhibitor = tokio::task::spawn_blocking(move || {
         let _ = hold.recv();
     });
-    let clock = Arc::new(SimClock(AtomicI64::new(0)));
+    // On the paused clock, from a fixed instant: timestamps and ids repeat.
+    let clock: Arc<dyn Clock> = Arc::new(TokioClock::at(Timestamp::from_micros(EPOCH_MICROS)));
     let mut time = Time {
         sched,
-        clock: clock.clone(),
         elapsed: Duration::ZERO,
     };
     let out = drive(seed, args, &mut time, clock).await;
@@ -422,7 +404,7 @@ async fn drive(
     seed: u64,
     args: &Args,
     time: &mut Time,
-    clock: Arc<SimClock>,
+    clock: Arc<dyn Clock>,
 ) -> anyhow::Result<SeedRun> {
     let dir = tempfile::tempdir().context("cannot create the run's directory")?;
     let path = dir.path().join("chaos.db");

@@ -20,6 +20,15 @@ impl TokioClock {
             start: Instant::now(),
         }
     }
+
+    /// Anchored at `origin`: a simulation that must repeat to the
+    /// microsecond starts from the same instant on every run.
+    pub fn at(origin: Timestamp) -> Self {
+        TokioClock {
+            origin,
+            start: Instant::now(),
+        }
+    }
 }
 
 impl Default for TokioClock {
