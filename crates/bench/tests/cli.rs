@@ -53,3 +53,49 @@ fn bad_arguments_are_refused_with_a_reason() {
         "{stderr}"
     );
 }
+
+/// A seed is a reproduction: the same seed and arguments give the same run,
+/// to the event log's digest — which is what makes a failing seed worth
+/// printing.
+#[test]
+fn chaos_rerun_of_one_seed_gives_the_same_run() {
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_berth-bench"))
+            .args([
+                "chaos",
+                "--seed",
+                "7",
+                "--flows",
+                "80",
+                "--fault-rate",
+                "0.3",
+                "--crash-every",
+                "60",
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "berth-bench chaos failed: {stderr}");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let last = stdout
+            .lines()
+            .last()
+            .expect("a last line on stdout")
+            .to_owned();
+        serde_json::from_str::<serde_json::Value>(&last).unwrap()
+    };
+    let (a, b) = (run(), run());
+    for key in [
+        "violations",
+        "faults_injected",
+        "crashes",
+        "simulated_s",
+        "digest",
+    ] {
+        assert_eq!(a[key], b[key], "{key} differs between two runs: {a} vs {b}");
+    }
+    // The run did something worth repeating: faults, and a crash or more.
+    assert!(a["faults_injected"].as_u64().unwrap() > 0, "{a}");
+    assert!(a["crashes"].as_u64().unwrap() > 0, "{a}");
+    assert_eq!(a["seeds"], 1);
+}
