@@ -3,41 +3,89 @@
 //! The simulator (`berth-bench chaos`) runs the real dispatcher, handlers,
 //! reconciler and engine-event listener on one thread with tokio's clock
 //! paused. That alone is not deterministic: SQLite answers from threads of
-//! its own, so two tasks that both wait on the database resume in whatever
-//! order the answers arrive, and from there their writes, ids and engine
-//! calls interleave differently on every run. Here the tasks take turns
-//! instead: a task holds the *baton* while it runs and gives it up only
-//! where it waits on another task or on time ([`idle`]). The baton is a fair
-//! (FIFO) lock, and every wake-up that decides who queues for it next comes
-//! from a task holding it or from a timer the simulator fired, so the order
-//! of turns — and with it everything the run does — follows from the seed.
+//! its own, so the executor polls the tasks a database answer has not held
+//! up in an order that depends on when the answer came, and from there their
+//! writes, ids and engine calls interleave differently on every run.
+//!
+//! Here the tasks take turns instead. A task holds the *baton* while it runs
+//! and gives it up only where it waits on another task or on time
+//! ([`idle`]). Who gets the baton next is not left to the executor:
+//!
+//! - every wake-up of a task that gave up the baton is seen (its waker is
+//!   wrapped) and numbered when it happens. Wake-ups come only from the task
+//!   holding the baton or from timers the simulator fired while no one held
+//!   it, so their numbers follow from the seed, whatever SQLite's timing;
+//! - the baton is handed over only once every woken task has been polled
+//!   and has either asked for it again or gone back to waiting, so the
+//!   queue is complete when the choice is made;
+//! - the next holder is the queued task with the earliest wake-up: first
+//!   come, first served, in an order that does not depend on the executor.
 //!
 //! Nothing happens unless the simulator [`install`]s a [`Sched`] on its
 //! thread: on every other thread each function here is the future it wraps,
 //! at the cost of a thread-local read.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
 
-use tokio::sync::{Mutex, OwnedMutexGuard};
-
-/// The baton, and a count of hand-overs so the simulator can tell when
-/// nothing is left to run.
+/// The baton and the queue for it.
 #[derive(Debug, Default)]
 pub struct Sched {
-    baton: Arc<Mutex<()>>,
+    state: Mutex<State>,
     turns: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    holder: Option<u64>,
+    /// Tasks woken (or spawned) and not yet polled since: until it is 0 the
+    /// queue may still be missing someone, and the baton is not handed on.
+    pending: usize,
+    /// The number the next wake-up gets.
+    seq: u64,
+    next_id: u64,
+    /// The tasks waiting for the baton, by the number of the wake-up that
+    /// made them ask.
+    queue: BTreeMap<u64, u64>,
+    tasks: HashMap<u64, Slot>,
+    /// [`Sched::settle`]s waiting for nothing to be left to run.
+    settlers: Vec<Waker>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    mode: Mode,
+    /// A wake-up that found the task without the baton and that no poll
+    /// has answered yet.
+    woken: Option<u64>,
+    /// The wake-up the poll under way answers: the task's place in the
+    /// queue if it asks for the baton in this poll.
+    answering: Option<u64>,
+    /// Whether the poll under way answers a wake-up (it is counted in
+    /// `pending` until the poll ends).
+    consumed: bool,
+    /// Where to tell a queued task that the baton is its.
+    waker: Option<Waker>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Waiting on something else, or running without the baton between a
+    /// dropped [`idle`] and its [`hold`].
+    Idle,
+    Queued,
+    Holder,
 }
 
 thread_local! {
     static CURRENT: RefCell<Option<Arc<Sched>>> = const { RefCell::new(None) };
-}
-
-tokio::task_local! {
-    /// The baton, while the task holds it.
-    static HELD: RefCell<Option<OwnedMutexGuard<()>>>;
+    /// The id of the task being polled on this thread.
+    static POLLING: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
 /// Makes `sched` the scheduler of tasks on this thread (the simulator's
@@ -60,55 +108,306 @@ impl Sched {
         self.turns.load(Ordering::SeqCst)
     }
 
-    async fn take(&self) -> OwnedMutexGuard<()> {
-        // First let every task already woken run up to the baton. Whether
-        // they have yet depends on SQLite's timing: a database answer that
-        // arrives before the holder looks for it means the holder never gave
-        // the executor a chance to poll them. After the yield, the queue for
-        // the baton is in the order the tasks were woken, whatever the timing.
-        tokio::task::yield_now().await;
-        let g = self.baton.clone().lock_owned().await;
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held left nothing half-done that a
+        // later reader could trip on: every change is a few assignments.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands the baton to the first in the queue if no one holds it and no
+    /// woken task is still to be heard from; if no one is queued either,
+    /// wakes the settlers. Returns whom to wake, to be woken unlocked.
+    fn hand_on(&self, st: &mut State) -> Vec<Waker> {
+        if st.holder.is_some() || st.pending > 0 {
+            return Vec::new();
+        }
+        let Some((_, id)) = st.queue.pop_first() else {
+            return std::mem::take(&mut st.settlers);
+        };
+        st.holder = Some(id);
         self.turns.fetch_add(1, Ordering::SeqCst);
-        g
+        let slot = st.tasks.get_mut(&id);
+        match slot {
+            Some(slot) => {
+                slot.mode = Mode::Holder;
+                slot.waker.take().into_iter().collect()
+            }
+            None => Vec::new(),
+        }
     }
 
     /// Returns once no task holds the baton, none is waiting for it, and
-    /// none became ready to: everything is blocked on time or on events
-    /// that only the simulator can cause. Call without holding the baton
-    /// (inside [`idle`]).
+    /// none was woken: everything is blocked on time or on events that only
+    /// the simulator can cause. Call without holding the baton (inside
+    /// [`idle`]).
     pub async fn settle(&self) {
-        loop {
-            let before = self.turns();
-            // A yield lets every task already woken run up to the baton.
-            for _ in 0..3 {
-                tokio::task::yield_now().await;
+        std::future::poll_fn(|cx| {
+            let mut st = self.lock();
+            // The caller's own wake-up, which this very poll answers, is
+            // not someone still to run.
+            let own = POLLING
+                .get()
+                .and_then(|id| st.tasks.get(&id))
+                .is_some_and(|s| s.consumed) as usize;
+            if st.holder.is_none() && st.queue.is_empty() && st.pending <= own {
+                Poll::Ready(())
+            } else {
+                st.settlers.push(cx.waker().clone());
+                Poll::Pending
             }
-            if self.turns() == before && self.baton.try_lock().is_ok() {
+        })
+        .await
+    }
+
+    fn register(self: &Arc<Self>) -> u64 {
+        let mut st = self.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        // Being spawned counts as a wake-up: numbered here, in the
+        // spawner's turn.
+        let seq = st.seq;
+        st.seq += 1;
+        st.pending += 1;
+        st.tasks.insert(
+            id,
+            Slot {
+                mode: Mode::Idle,
+                woken: Some(seq),
+                answering: None,
+                consumed: false,
+                waker: None,
+            },
+        );
+        id
+    }
+
+    /// Forgets a task that ended or was dropped, giving up what it held.
+    fn forget(&self, id: u64) {
+        let wake = {
+            let mut st = self.lock();
+            if st
+                .tasks
+                .remove(&id)
+                .is_some_and(|slot| slot.woken.is_some())
+            {
+                st.pending -= 1;
+            }
+            st.queue.retain(|_, t| *t != id);
+            if st.holder == Some(id) {
+                st.holder = None;
+            }
+            self.hand_on(&mut st)
+        };
+        wake.into_iter().for_each(Waker::wake);
+    }
+
+    fn release(&self, id: u64) {
+        let wake = {
+            let mut st = self.lock();
+            if st.holder != Some(id) {
                 return;
             }
-            // Someone is running: wait for the baton to come free (behind
-            // whoever is queued) and look again.
-            drop(self.baton.clone().lock_owned().await);
+            st.holder = None;
+            if let Some(slot) = st.tasks.get_mut(&id) {
+                slot.mode = Mode::Idle;
+            }
+            self.hand_on(&mut st)
+        };
+        wake.into_iter().for_each(Waker::wake);
+    }
+
+    fn holds(&self, id: u64) -> bool {
+        self.lock().holder == Some(id)
+    }
+
+    /// Waits for the baton, in the place of the wake-up that brought the
+    /// task here (or, if none did, of now).
+    async fn take(&self, id: u64) {
+        let mut queued = false;
+        std::future::poll_fn(|cx| {
+            let mut st = self.lock();
+            let Some(slot) = st.tasks.get_mut(&id) else {
+                return Poll::Ready(());
+            };
+            if slot.mode == Mode::Holder {
+                return Poll::Ready(());
+            }
+            slot.waker = Some(cx.waker().clone());
+            if queued {
+                return Poll::Pending;
+            }
+            queued = true;
+            slot.mode = Mode::Queued;
+            let key = match slot.answering.take() {
+                Some(k) => k,
+                None => {
+                    let k = st.seq;
+                    st.seq += 1;
+                    k
+                }
+            };
+            st.queue.insert(key, id);
+            let wake = self.hand_on(&mut st);
+            let mine = st.holder == Some(id);
+            drop(st);
+            wake.into_iter().for_each(Waker::wake);
+            if mine { Poll::Ready(()) } else { Poll::Pending }
+        })
+        .await
+    }
+}
+
+/// A task's waker, wrapped so that the scheduler sees the wake-up.
+struct Track {
+    sched: Arc<Sched>,
+    id: u64,
+    inner: Waker,
+}
+
+impl Wake for Track {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        {
+            let mut st = self.sched.lock();
+            let seq = st.seq;
+            if let Some(slot) = st.tasks.get_mut(&self.id) {
+                // A holder is woken by SQLite's threads at any time, and a
+                // queued task only by the hand-over: neither is counted.
+                if slot.mode == Mode::Idle && slot.woken.is_none() {
+                    slot.woken = Some(seq);
+                    st.seq += 1;
+                    st.pending += 1;
+                }
+            }
+        }
+        self.inner.wake_by_ref();
+    }
+}
+
+/// A future run as a task of the scheduler.
+struct Task<F> {
+    body: Pin<Box<F>>,
+    /// The scheduler and the task's id; `None` outside the simulator, or
+    /// for a task awaited inside another one (it is part of that one).
+    reg: Option<(Arc<Sched>, u64)>,
+    started: bool,
+    /// The last waker made, and the one it wraps, to reuse while the
+    /// executor's waker stays the same.
+    waker: Option<(Waker, Waker)>,
+}
+
+impl<F: Future> Future for Task<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        if !this.started {
+            this.started = true;
+            if let Some((s, id)) = this.reg.take_if(|_| POLLING.get().is_some()) {
+                s.forget(id);
+            }
+        }
+        let Some((sched, id)) = this.reg.clone() else {
+            return this.body.as_mut().poll(cx);
+        };
+        let consumed = {
+            let mut st = sched.lock();
+            let answered = st.tasks.get_mut(&id).and_then(|slot| {
+                let w = slot.woken.take();
+                slot.answering = w;
+                slot.consumed = w.is_some();
+                w
+            });
+            answered.is_some()
+        };
+        let waker = match &this.waker {
+            Some((inner, tracked)) if inner.will_wake(cx.waker()) => tracked.clone(),
+            _ => {
+                let tracked = Waker::from(Arc::new(Track {
+                    sched: sched.clone(),
+                    id,
+                    inner: cx.waker().clone(),
+                }));
+                this.waker = Some((cx.waker().clone(), tracked.clone()));
+                tracked
+            }
+        };
+        let outer = POLLING.replace(Some(id));
+        let out = this.body.as_mut().poll(&mut Context::from_waker(&waker));
+        POLLING.set(outer);
+        if out.is_ready() {
+            this.reg = None;
+            if consumed {
+                sched.lock().pending -= 1;
+            }
+            // Gives the baton up and answers any wake-up since.
+            sched.forget(id);
+            return out;
+        }
+        let wake = {
+            let mut st = sched.lock();
+            if let Some(slot) = st.tasks.get_mut(&id) {
+                slot.answering = None;
+                slot.consumed = false;
+            }
+            if consumed {
+                st.pending -= 1;
+                sched.hand_on(&mut st)
+            } else {
+                Vec::new()
+            }
+        };
+        wake.into_iter().for_each(Waker::wake);
+        out
+    }
+}
+
+impl<F> Drop for Task<F> {
+    fn drop(&mut self) {
+        if let Some((s, id)) = self.reg.take() {
+            s.forget(id);
         }
     }
 }
 
 /// Runs a task's body holding the baton (taken first, given back when the
-/// body ends or is dropped). Wrap every task the simulator must order.
-pub async fn task<F: Future>(body: F) -> F::Output {
-    let Some(s) = current() else {
-        return body.await;
-    };
+/// body ends or is dropped). Wrap every task the simulator must order; the
+/// task is queued from the moment this is called, so call it where the task
+/// is spawned.
+pub fn task<F: Future>(body: F) -> impl Future<Output = F::Output> {
+    let reg = current().map(|s| {
+        let id = s.register();
+        (s, id)
+    });
+    let inner = reg.clone();
     // Out of tokio's co-operative budget: a budget that runs out forces a
     // yield at a point that depends on how many of the task's awaits were
-    // ready at once — on SQLite's timing — and would reorder the queue for
-    // the baton. The baton already keeps any one task from hogging the rest.
-    tokio::task::unconstrained(HELD.scope(RefCell::new(None), async move {
-        let g = s.take().await;
-        let _ = HELD.try_with(|h| *h.borrow_mut() = Some(g));
+    // ready at once — on SQLite's timing. The baton already keeps any one
+    // task from hogging the rest.
+    let body = tokio::task::unconstrained(async move {
+        if let Some((s, id)) = inner {
+            s.take(id).await;
+        }
         body.await
-    }))
-    .await
+    });
+    Task {
+        body: Box::pin(body),
+        reg,
+        started: false,
+        waker: None,
+    }
+}
+
+/// The scheduler and the id of the task being polled, if it is one of the
+/// simulator's.
+fn me() -> Option<(Arc<Sched>, u64)> {
+    let s = current()?;
+    let id = POLLING.get()?;
+    let known = s.lock().tasks.contains_key(&id);
+    known.then_some((s, id))
 }
 
 /// Runs `wait` without the baton: for a wait on another task, on time, or
@@ -116,30 +415,26 @@ pub async fn task<F: Future>(body: F) -> F::Output {
 /// If `wait` is dropped unfinished, the task goes on without the baton until
 /// it calls [`hold`].
 pub async fn idle<F: Future>(wait: F) -> F::Output {
-    let Some(s) = current() else {
+    let Some((s, id)) = me() else {
         return wait.await;
     };
-    let held = HELD.try_with(|h| h.borrow_mut().take()).ok().flatten();
-    let Some(g) = held else {
+    if !s.holds(id) {
         return wait.await;
-    };
-    drop(g);
+    }
+    s.release(id);
     let out = wait.await;
-    let g = s.take().await;
-    let _ = HELD.try_with(|h| *h.borrow_mut() = Some(g));
+    s.take(id).await;
     out
 }
 
 /// Takes the baton back if this task gave it up in an [`idle`] that was
 /// dropped (a timeout around an engine call, a `select!`).
 pub async fn hold() {
-    let Some(s) = current() else {
+    let Some((s, id)) = me() else {
         return;
     };
-    let missing = HELD.try_with(|h| h.borrow().is_none()).unwrap_or(false);
-    if missing {
-        let g = s.take().await;
-        let _ = HELD.try_with(|h| *h.borrow_mut() = Some(g));
+    if !s.holds(id) {
+        s.take(id).await;
     }
 }
 
@@ -167,8 +462,8 @@ mod tests {
             .build()
             .expect("runtime");
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        install(Some(Sched::new()));
         rt.block_on(async {
-            install(Some(Sched::new()));
             let mut hs = Vec::new();
             for who in ["a", "b"] {
                 let log = log.clone();
@@ -189,12 +484,64 @@ mod tests {
             for h in hs {
                 h.await.expect("task");
             }
-            install(None);
         });
+        install(None);
         let log = log.lock().expect("log").clone();
         // Each task's steps come whole: a0 a0. a1 a1. … then b's.
         for pair in log.chunks(2) {
             assert_eq!(format!("{}.", pair[0]), pair[1], "interleaved: {log:?}");
         }
+    }
+
+    /// Tasks woken in one turn run in the order they were woken, though
+    /// the executor polls them in an order a thread's timing decides.
+    #[test]
+    fn woken_tasks_take_turns_in_the_order_they_were_woken() {
+        let run = |jitter: [u64; 4]| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("runtime");
+            let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+            install(Some(Sched::new()));
+            rt.block_on(task(async {
+                let mut gates: Vec<Option<tokio::sync::oneshot::Sender<()>>> = Vec::new();
+                let mut hs = Vec::new();
+                for (i, j) in jitter.into_iter().enumerate() {
+                    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                    gates.push(Some(tx));
+                    let log = log.clone();
+                    hs.push(tokio::spawn(task(async move {
+                        let _ = idle(rx).await;
+                        // Held up by another thread for a while that
+                        // differs from run to run: the next in line must
+                        // wait for it all the same.
+                        let (tx, done) = tokio::sync::oneshot::channel();
+                        std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_millis(j));
+                            let _ = tx.send(());
+                        });
+                        let _ = done.await;
+                        log.lock().expect("log").push(i);
+                    })));
+                }
+                // Let every task reach its gate, then open the gates in an
+                // order of our choosing, all in this one turn.
+                idle(tokio::task::yield_now()).await;
+                for i in [2, 0, 3, 1] {
+                    if let Some(g) = gates[i].take() {
+                        let _ = g.send(());
+                    }
+                }
+                drop(gates);
+                for h in hs {
+                    let _ = idle(h).await;
+                }
+            }));
+            install(None);
+            log.lock().expect("log").clone()
+        };
+        assert_eq!(run([3, 0, 2, 1]), vec![2, 0, 3, 1]);
+        assert_eq!(run([0, 3, 1, 2]), vec![2, 0, 3, 1]);
     }
 }
