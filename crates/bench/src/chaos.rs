@@ -62,6 +62,11 @@ pub struct Args {
     /// line each: two runs of a seed give the same files.
     #[arg(long, value_name = "FILE")]
     log: Option<std::path::PathBuf>,
+    /// Do not look for the shortest run of a failing seed (by default each
+    /// failing seed is re-run with fewer actions, a bisection, to find the
+    /// fewest that still break an invariant).
+    #[arg(long)]
+    no_shrink: bool,
 }
 
 const KINDS: [FaultKind; 5] = [
@@ -121,23 +126,41 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         simulated += r.simulated.as_secs_f64();
         violations += r.violations.len();
         r.digest.hash(&mut digest);
-        let mut shown: HashSet<&str> = HashSet::new();
         for v in &r.violations {
             eprintln!(
                 "seed {seed}: {} (re-run: berth-bench chaos --seed {seed} --flows {} --fault-rate {} --crash-every {})",
                 v.what, args.flows, args.fault_rate, args.crash_every
             );
+            if samples.len() < 5 {
+                samples.push(format!("seed {seed}: {}", v.what));
+            }
+        }
+        if r.violations.is_empty() {
+            continue;
+        }
+        // The shortest run that still shows a violation, and its traces:
+        // the actions of a seed are drawn one after another, so a run of
+        // fewer actions is the start of the longer one.
+        let (flows, short) = if args.no_shrink {
+            (args.flows, r)
+        } else {
+            shrink(seed, &args, r).await?
+        };
+        eprintln!(
+            "seed {seed}: shortest failing run: {flows} of {} actions (re-run: berth-bench chaos --seed {seed} --flows {flows} --fault-rate {} --crash-every {})",
+            args.flows, args.fault_rate, args.crash_every
+        );
+        let mut shown: HashSet<&str> = HashSet::new();
+        for v in &short.violations {
+            eprintln!("  {}", v.what);
             if let Some(i) = &v.instance
                 && shown.insert(i)
-                && let Some(t) = r.traces.get(i)
+                && let Some(t) = short.traces.get(i)
             {
                 eprintln!("  trace of instance {i}:");
                 for line in t {
                     eprintln!("    {line}");
                 }
-            }
-            if samples.len() < 5 {
-                samples.push(format!("seed {seed}: {}", v.what));
             }
         }
     }
@@ -175,6 +198,32 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         "digest": format!("{:016x}", digest.finish()),
     })
     .to_string())
+}
+
+/// Bisects the number of actions for the fewest with which `seed` still
+/// breaks an invariant; returns that number and its run. Whether a shorter
+/// run fails is not monotone in general, so this finds *a* short failing
+/// run, not always the shortest; every run it returns did fail.
+async fn shrink(seed: u64, args: &Args, full: SeedRun) -> anyhow::Result<(usize, SeedRun)> {
+    let (mut lo, mut hi) = (1usize, args.flows);
+    let mut best = full;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let mut a = args.clone();
+        a.flows = mid;
+        a.log = None;
+        let r = tokio::task::spawn_blocking(move || run_isolated(seed, &a))
+            .await
+            .context("a seed's thread failed")?
+            .with_context(|| format!("seed {seed} with {mid} actions"))?;
+        if r.violations.is_empty() {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+            best = r;
+        }
+    }
+    Ok((hi, best))
 }
 
 /// Runs one seed on a runtime of its own: one thread, the clock paused, the
@@ -362,6 +411,7 @@ fn reconciler_config() -> ReconcilerConfig {
         grace: Duration::from_millis(400),
         flow_deadline: Duration::from_secs(2),
         max_republish: 3,
+        call_timeout: Duration::from_millis(300),
     }
 }
 

@@ -31,6 +31,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Quiet by default (the table and the JSON line are the output); with
+    // BERTH_LOG, the workers' and reconciler's logs go to stderr.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -352,6 +352,7 @@ impl World {
             grace: r.grace,
             flow_deadline: r.flow_deadline,
             max_republish: r.max_republish,
+            call_timeout: r.call_timeout,
         })
     }
 

@@ -122,6 +122,25 @@ pub struct ReconcilerSection {
     pub flow_deadline: std::time::Duration,
     /// Nudges before the flow fails with `flow_timeout`.
     pub max_republish: u32,
+    /// How long one engine call of a pass may take before the pass treats
+    /// the engine as unavailable and goes on.
+    #[serde(with = "berth_core::duration::human")]
+    pub call_timeout: std::time::Duration,
+}
+
+impl ReconcilerSection {
+    /// The first rule broken, as (key, rule).
+    fn check(&self) -> Option<(&'static str, String)> {
+        // Zero would time every engine call out: the passes would see
+        // nothing and remove nothing, silently.
+        if self.call_timeout.is_zero() {
+            return Some((
+                "reconciler.call_timeout",
+                "must be more than 0 (got 0s)".to_owned(),
+            ));
+        }
+        None
+    }
 }
 
 impl Default for ReconcilerSection {
@@ -132,6 +151,7 @@ impl Default for ReconcilerSection {
             grace: d.grace,
             flow_deadline: d.flow_deadline,
             max_republish: d.max_republish,
+            call_timeout: d.call_timeout,
         }
     }
 }
@@ -507,7 +527,7 @@ impl Config {
                     .unwrap_or(source.clone());
                 ConfigError(format!("{origin}: {key}: {}", e.into_inner()))
             })?;
-        if let Some((key, rule)) = config.api.check() {
+        if let Some((key, rule)) = config.api.check().or_else(|| config.reconciler.check()) {
             let origin = from_env
                 .get(key)
                 .map(|var| format!("environment variable {var}"))

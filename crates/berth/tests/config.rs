@@ -153,3 +153,13 @@ fn the_effective_configuration_round_trips() {
     let (_d2, again) = write(&c.to_toml());
     assert_eq!(Config::load(Some(&again), no_env()).unwrap(), c);
 }
+
+#[test]
+fn a_zero_reconciler_call_timeout_is_refused_with_its_key() {
+    let (_d, path) = write("[reconciler]\ncall_timeout = \"0s\"\n");
+    let err = Config::load(Some(&path), no_env()).unwrap_err().to_string();
+    assert!(err.contains("reconciler.call_timeout"), "{err}");
+    assert!(err.contains("more than 0"), "{err}");
+    let ok = Config::load(None, no_env()).unwrap();
+    assert_eq!(ok.reconciler.call_timeout, Duration::from_secs(30));
+}

@@ -41,6 +41,9 @@ pub struct ReconcilerConfig {
     pub flow_deadline: Duration,
     /// Copies of a stuck flow's last event before the flow is failed.
     pub max_republish: u32,
+    /// How long one engine call of a pass may take: past it, the pass goes
+    /// on as if the engine had answered "unavailable".
+    pub call_timeout: Duration,
 }
 
 impl Default for ReconcilerConfig {
@@ -50,6 +53,7 @@ impl Default for ReconcilerConfig {
             grace: Duration::from_secs(120),
             flow_deadline: Duration::from_secs(600),
             max_republish: 3,
+            call_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -118,7 +122,8 @@ impl Reconciler {
         let mut report = PassReport::default();
         let running = self.sweep(store, deps, &all, &mut report).await?;
         self.unstick(bus, &all, &mut report).await?;
-        observe(bus, deps, &all, &running, &mut report).await?;
+        let limit = self.config.call_timeout;
+        observe(bus, deps, limit, &all, &running, &mut report).await?;
         Ok(report)
     }
 
@@ -151,7 +156,9 @@ impl Reconciler {
             .collect();
         let mut still = HashMap::new();
         for host in deps.hosts.hosts() {
-            let resources = match deps.runtime.list_labelled(&host, label::MANAGED).await {
+            let limit = self.config.call_timeout;
+            let listing = deps.runtime.list_labelled(&host, label::MANAGED);
+            let resources = match bounded(limit, &host, "list_labelled", listing).await {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(%host, error = %e, "cannot list Berth's resources; skipping the host");
@@ -205,12 +212,20 @@ impl Reconciler {
                 let key = (host.clone(), r.kind, r.name.clone());
                 let first = self.first_seen.get(&key).copied().unwrap_or(now);
                 if now.since(first) >= self.config.grace && self.first_seen.contains_key(&key) {
+                    let rt = &deps.runtime;
                     let done = match r.kind {
                         ResourceKind::Container => {
-                            deps.runtime.remove_container(&host, &r.name).await
+                            let call = rt.remove_container(&host, &r.name);
+                            bounded(limit, &host, "remove_container", call).await
                         }
-                        ResourceKind::Image => deps.runtime.remove_image(&host, &r.name).await,
-                        ResourceKind::Network => deps.runtime.remove_network(&host, &r.name).await,
+                        ResourceKind::Image => {
+                            let call = rt.remove_image(&host, &r.name);
+                            bounded(limit, &host, "remove_image", call).await
+                        }
+                        ResourceKind::Network => {
+                            let call = rt.remove_network(&host, &r.name);
+                            bounded(limit, &host, "remove_network", call).await
+                        }
                     };
                     match done {
                         Ok(()) => {
@@ -343,6 +358,7 @@ type Running = HashSet<(HostId, String)>;
 async fn observe(
     bus: &Bus,
     deps: &Deps,
+    limit: Duration,
     all: &[Instance],
     running: &Running,
     report: &mut PassReport,
@@ -359,7 +375,8 @@ async fn observe(
         if running.contains(&(host.clone(), container.clone())) {
             continue;
         }
-        let info = match deps.runtime.find_container(&host, &container).await {
+        let call = deps.runtime.find_container(&host, &container);
+        let info = match bounded(limit, &host, "find_container", call).await {
             Ok(info) => info,
             Err(e) => {
                 warn!(%host, error = %e, "cannot look at a running instance's container");
@@ -403,4 +420,25 @@ async fn observe(
         report.exited.push(i.id.clone());
     }
     Ok(())
+}
+
+/// An engine call of a pass, bounded by `limit`. A hung engine costs one
+/// pass a timeout; unbounded, one hung call stopped every later pass and
+/// with them every nudge of a stuck flow (found by `berth-bench chaos`,
+/// seed 60 at 1000 actions: 19 flows never ended).
+async fn bounded<T>(
+    limit: Duration,
+    host: &HostId,
+    op: &str,
+    call: impl std::future::Future<Output = Result<T, RuntimeError>>,
+) -> Result<T, RuntimeError> {
+    let out = tokio::time::timeout(limit, call).await;
+    // In the simulator the dropped call may have given up the baton.
+    berth_core::sched::hold().await;
+    out.unwrap_or_else(|_| {
+        Err(RuntimeError::Timeout {
+            host: host.clone(),
+            op: op.into(),
+        })
+    })
 }

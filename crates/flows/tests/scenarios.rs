@@ -811,13 +811,18 @@ async fn on_failure_restarts_up_to_its_limit() {
     w.stop().await;
 }
 
-fn reconciler() -> berth_flows::reconciler::Reconciler {
-    berth_flows::reconciler::Reconciler::new(berth_flows::reconciler::ReconcilerConfig {
+fn reconciler_config() -> berth_flows::reconciler::ReconcilerConfig {
+    berth_flows::reconciler::ReconcilerConfig {
         period: Duration::from_secs(3600),
         grace: Duration::ZERO,
         flow_deadline: Duration::ZERO,
         max_republish: 1,
-    })
+        call_timeout: Duration::from_secs(5),
+    }
+}
+
+fn reconciler() -> berth_flows::reconciler::Reconciler {
+    berth_flows::reconciler::Reconciler::new(reconciler_config())
 }
 
 #[tokio::test]
@@ -964,6 +969,35 @@ async fn a_stuck_flow_is_nudged_forward_by_the_reconciler() {
     let bus = w.bus();
     let mut r = reconciler();
     let report = r.pass(&bus, &w.deps).await.unwrap();
+    assert_eq!(report.republished, vec![inst.id.clone()]);
+    assert_eq!(w.settle(&inst.id).await.status, InstanceStatus::Running);
+    w.quiesce().await;
+    w.check_invariants().await;
+    w.stop().await;
+}
+
+/// Found by `berth-bench chaos` (seed 60 at 1000 actions): an engine call
+/// of the reconciler that never answered stopped every later pass, and no
+/// stuck flow was nudged again. A pass now bounds each call.
+#[tokio::test]
+async fn chaos_a_hung_engine_call_does_not_stop_the_reconcilers_passes() {
+    let mut w = world_with(NO_FAILURE_EVENT).await;
+    w.faulty.fail_next(Op::Ping, 1, FaultKind::Permanent);
+    let (inst, _) = w.create("orga", "web", "busybox").await;
+    w.quiesce().await;
+    assert_eq!(w.get(&inst.id).await.status, InstanceStatus::Requested);
+    // The sweep's listing hangs, for good.
+    w.faulty.fail_next(Op::ListLabelled, 1, FaultKind::Hang);
+    let bus = w.bus();
+    let mut r =
+        berth_flows::reconciler::Reconciler::new(berth_flows::reconciler::ReconcilerConfig {
+            call_timeout: Duration::from_millis(100),
+            ..reconciler_config()
+        });
+    let report = tokio::time::timeout(Duration::from_secs(20), r.pass(&bus, &w.deps))
+        .await
+        .expect("the pass ended though the engine hung")
+        .unwrap();
     assert_eq!(report.republished, vec![inst.id.clone()]);
     assert_eq!(w.settle(&inst.id).await.status, InstanceStatus::Running);
     w.quiesce().await;
