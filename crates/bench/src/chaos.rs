@@ -67,6 +67,11 @@ pub struct Args {
     /// fewest that still break an invariant).
     #[arg(long)]
     no_shrink: bool,
+    /// A planted bug, to test the checks and the shrinking: after action
+    /// AT, the record that a worker handled an event is erased, so the
+    /// event is lost from the bus's point of view.
+    #[arg(long, value_name = "AT", hide = true)]
+    plant_lost_event: Option<usize>,
 }
 
 const KINDS: [FaultKind; 5] = [
@@ -581,6 +586,16 @@ async fn drive(
         }
         // A little time between actions, so that flows overlap them.
         time.run_for(Duration::from_millis(rng.between(0, 2))).await;
+        if args.plant_lost_event == Some(n) {
+            let mut tx = store.begin().await?;
+            berth_store::sqlx::query(
+                "DELETE FROM inbox WHERE (worker, event_id) =
+                   (SELECT worker, event_id FROM inbox ORDER BY event_id, worker LIMIT 1)",
+            )
+            .execute(tx.conn())
+            .await?;
+            tx.commit().await?;
+        }
         let handled = handled_before
             + proc
                 .workers
