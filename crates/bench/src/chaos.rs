@@ -72,6 +72,10 @@ pub struct Args {
     /// event is lost from the bus's point of view.
     #[arg(long, value_name = "AT", hide = true)]
     plant_lost_event: Option<usize>,
+    /// A planted bug: after action AT, a `failed` instance is written back
+    /// to `starting` in the same generation, a move out of a final state.
+    #[arg(long, value_name = "AT", hide = true)]
+    plant_revived: Option<usize>,
 }
 
 const KINDS: [FaultKind; 5] = [
@@ -498,6 +502,7 @@ async fn drive(
     let mut handled_before = 0u64;
     let mut next_crash = jittered(&rng, args.crash_every);
     let orgs = ["orga", "orgb", "orgc"];
+    let mut moves = Moves::default();
     let mut known: Vec<(String, String)> = Vec::new();
     for n in 0..args.flows {
         let roll = rng.between(0, 99);
@@ -596,6 +601,17 @@ async fn drive(
             .await?;
             tx.commit().await?;
         }
+        if args.plant_revived == Some(n) {
+            let mut tx = store.begin().await?;
+            berth_store::sqlx::query(
+                "UPDATE instances SET status = 'starting' WHERE id =
+                   (SELECT id FROM instances WHERE status = 'failed' ORDER BY id LIMIT 1)",
+            )
+            .execute(tx.conn())
+            .await?;
+            tx.commit().await?;
+        }
+        moves.look(&proc.store).await?;
         let handled = handled_before
             + proc
                 .workers
@@ -617,13 +633,14 @@ async fn drive(
     set_rates(false);
     faulty.set_fault_all(None);
     let limit = Duration::from_secs(120);
-    let converged = quiesce(&proc.store, time, limit).await?;
+    let converged = quiesce(&proc.store, time, limit, &mut moves).await?;
     // Orphans go after the grace period: let it pass, passes included.
     let r = reconciler_config();
     time.run_for(r.grace + 2 * r.period + Duration::from_millis(50))
         .await;
-    let converged = converged && quiesce(&proc.store, time, limit).await?;
-    let violations = check(&proc.store, &sim, &deps, &proc.registry).await?;
+    let converged = converged && quiesce(&proc.store, time, limit, &mut moves).await?;
+    let mut violations = check(&proc.store, &sim, &deps, &proc.registry).await?;
+    violations.append(&mut moves.found);
     let mut traces = HashMap::new();
     for v in &violations {
         if let Some(i) = &v.instance
@@ -694,9 +711,15 @@ async fn redeliver(store: &Store, rng: &SeededRng) -> anyhow::Result<()> {
 
 /// Runs simulated time on until no delivery is left and every instance is
 /// in a terminal status, for at most `limit`; whether it got there.
-async fn quiesce(store: &Store, time: &mut Time, limit: Duration) -> anyhow::Result<bool> {
+async fn quiesce(
+    store: &Store,
+    time: &mut Time,
+    limit: Duration,
+    moves: &mut Moves,
+) -> anyhow::Result<bool> {
     let end = time.elapsed + limit;
     loop {
+        moves.look(store).await?;
         let pending: i64 = berth_store::sqlx::query_scalar("SELECT COUNT(*) FROM deliveries")
             .fetch_one(store.pool())
             .await?;
@@ -712,6 +735,61 @@ async fn quiesce(store: &Store, time: &mut Time, limit: Duration) -> anyhow::Res
         }
         time.run_for(Duration::from_millis(10)).await;
     }
+}
+
+/// Each instance's status and generation when last looked at (after every
+/// action, and through quiescence), to check that every move between two
+/// looks is one the state machine allows: in particular that nothing leaves
+/// `failed` or `deleted` within a generation.
+#[derive(Default)]
+struct Moves {
+    last: HashMap<String, (InstanceStatus, i64)>,
+    found: Vec<Violation>,
+}
+
+impl Moves {
+    async fn look(&mut self, store: &Store) -> anyhow::Result<()> {
+        let all = {
+            let mut c = store.pool().acquire().await?;
+            instances::list(&mut c, None).await?
+        };
+        for i in all {
+            let Some((was, generation)) = self.last.insert(i.id.clone(), (i.status, i.generation))
+            else {
+                continue;
+            };
+            // Looks are apart, so a move may pass through states between
+            // them: the check is that the state machine can get there.
+            if generation == i.generation && !reachable(was, i.status) && self.found.len() < 100 {
+                self.found.push(Violation {
+                    instance: Some(i.id.clone()),
+                    what: format!(
+                        "instance {} ({}) moved {was} → {} within generation {}, which the state machine does not allow",
+                        i.name, i.id, i.status, i.generation
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `to` is `from` or can follow it through legal moves.
+fn reachable(from: InstanceStatus, to: InstanceStatus) -> bool {
+    let mut seen = vec![from];
+    let mut next = vec![from];
+    while let Some(s) = next.pop() {
+        if s == to {
+            return true;
+        }
+        for t in InstanceStatus::ALL {
+            if s.can_become(t) && !seen.contains(&t) {
+                seen.push(t);
+                next.push(t);
+            }
+        }
+    }
+    false
 }
 
 /// The instance's events, in log order, each with its attempts.

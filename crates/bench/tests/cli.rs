@@ -145,3 +145,27 @@ fn chaos_a_failing_seed_is_shrunk_to_its_shortest_run() {
     ]);
     assert!(short["violations"].as_u64().unwrap() >= 1, "{short}");
 }
+
+/// The state machine is checked on the run, not only at its end: a planted
+/// move of a `failed` instance back to `starting` is reported.
+#[test]
+fn chaos_a_move_out_of_failed_is_a_violation() {
+    let (stderr, v) = chaos(&[
+        "--seed",
+        "3",
+        "--flows",
+        "60",
+        "--fault-rate",
+        "0.3",
+        "--crash-every",
+        "60",
+        "--plant-revived",
+        "40",
+        "--no-shrink",
+    ]);
+    assert!(v["violations"].as_u64().unwrap() >= 1, "{v}");
+    assert!(
+        stderr.contains("moved failed → starting within generation"),
+        "{stderr}"
+    );
+}
