@@ -94,49 +94,173 @@ pub struct Instance {
 #[error("an instance named '{0}' already exists in this org")]
 pub struct NameTaken(pub String);
 
-pub(crate) const COLUMNS: &str = "id, org_id, name, spec, status, version, generation, host, network, \
-     image_tag, container, ip, conditions, error, exit_code, oom_killed, restarts, flow_id, \
-     created_at, updated_at";
+/// The instance row, column by column in table order: the one description
+/// that the column list, an insert's arguments, the flow's state arguments,
+/// positions in SQL and decoding all come from (a column added here is
+/// added everywhere, or fails to compile where a `match` must name it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Col {
+    Id,
+    OrgId,
+    Name,
+    Spec,
+    Status,
+    Version,
+    Generation,
+    Host,
+    Network,
+    ImageTag,
+    Container,
+    Ip,
+    Conditions,
+    Error,
+    ExitCode,
+    OomKilled,
+    Restarts,
+    FlowId,
+    CreatedAt,
+    UpdatedAt,
+}
+
+impl Col {
+    pub(crate) const ALL: [Col; 20] = [
+        Col::Id,
+        Col::OrgId,
+        Col::Name,
+        Col::Spec,
+        Col::Status,
+        Col::Version,
+        Col::Generation,
+        Col::Host,
+        Col::Network,
+        Col::ImageTag,
+        Col::Container,
+        Col::Ip,
+        Col::Conditions,
+        Col::Error,
+        Col::ExitCode,
+        Col::OomKilled,
+        Col::Restarts,
+        Col::FlowId,
+        Col::CreatedAt,
+        Col::UpdatedAt,
+    ];
+
+    /// The columns a flow changes, from `host` to `flow_id`.
+    pub(crate) const STATE: std::ops::RangeInclusive<usize> =
+        Col::Host as usize..=Col::FlowId as usize;
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Col::Id => "id",
+            Col::OrgId => "org_id",
+            Col::Name => "name",
+            Col::Spec => "spec",
+            Col::Status => "status",
+            Col::Version => "version",
+            Col::Generation => "generation",
+            Col::Host => "host",
+            Col::Network => "network",
+            Col::ImageTag => "image_tag",
+            Col::Container => "container",
+            Col::Ip => "ip",
+            Col::Conditions => "conditions",
+            Col::Error => "error",
+            Col::ExitCode => "exit_code",
+            Col::OomKilled => "oom_killed",
+            Col::Restarts => "restarts",
+            Col::FlowId => "flow_id",
+            Col::CreatedAt => "created_at",
+            Col::UpdatedAt => "updated_at",
+        }
+    }
+
+    /// The column's place among the row's, from 0.
+    pub(crate) fn at(self) -> usize {
+        self as usize
+    }
+
+    /// The name SQLite gives the column in a `VALUES` list of whole rows
+    /// (`column1` is the first).
+    pub(crate) fn in_values(self) -> String {
+        format!("column{}", self.at() + 1)
+    }
+
+    /// The column's value for `i`.
+    fn arg(self, i: &Instance) -> anyhow::Result<crate::ops::Arg> {
+        use crate::ops::Arg;
+        Ok(match self {
+            Col::Id => Arg::from(i.id.as_str()),
+            Col::OrgId => Arg::from(i.org_id.as_str()),
+            Col::Name => Arg::from(i.name.as_str()),
+            Col::Spec => Arg::Text(serde_json::to_string(&i.spec)?),
+            Col::Status => Arg::from(i.status.as_str()),
+            Col::Version => Arg::Int(i.version),
+            Col::Generation => Arg::Int(i.generation),
+            Col::Host => Arg::from(i.host.as_deref()),
+            Col::Network => Arg::from(i.network.as_deref()),
+            Col::ImageTag => Arg::from(i.image_tag.as_deref()),
+            Col::Container => Arg::from(i.container.as_deref()),
+            Col::Ip => Arg::from(i.ip.as_deref()),
+            Col::Conditions => Arg::Text(serde_json::to_string(&i.conditions)?),
+            Col::Error => Arg::from(i.error.as_ref().map(serde_json::to_string).transpose()?),
+            Col::ExitCode => Arg::from(i.exit_code),
+            Col::OomKilled => Arg::Int(i64::from(i.oom_killed)),
+            Col::Restarts => Arg::Int(i.restarts),
+            Col::FlowId => Arg::Text(i.flow_id.to_string()),
+            Col::CreatedAt => Arg::Int(i.created_at.as_micros()),
+            Col::UpdatedAt => Arg::Int(i.updated_at.as_micros()),
+        })
+    }
+}
+
+/// Every column, in table order, comma-separated.
+pub(crate) fn columns() -> &'static str {
+    static COLUMNS: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| Col::ALL.map(Col::name).join(", "));
+    &COLUMNS
+}
 
 fn from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Instance> {
     from_columns(r, 0)
 }
 
-/// The instance in [`COLUMNS`] order from column `at` of `r` on.
+/// The instance in [`Col`] order from column `at` of `r` on.
 pub(crate) fn from_columns<R: RowRead>(r: &R, at: usize) -> anyhow::Result<Instance> {
-    let name = r.text(at + 2)?;
-    let spec = r.text(at + 3)?;
-    let status = r.text(at + 4)?;
-    let conditions = r.text(at + 12)?;
-    let error = r.opt_text(at + 13)?;
-    let flow = r.text(at + 17)?;
+    let col = |c: Col| at + c.at();
+    let name = r.text(col(Col::Name))?;
+    let spec = r.text(col(Col::Spec))?;
+    let status = r.text(col(Col::Status))?;
+    let conditions = r.text(col(Col::Conditions))?;
+    let error = r.opt_text(col(Col::Error))?;
+    let flow = r.text(col(Col::FlowId))?;
     Ok(Instance {
-        id: r.text(at)?,
-        org_id: r.text(at + 1)?,
+        id: r.text(col(Col::Id))?,
+        org_id: r.text(col(Col::OrgId))?,
         name: InstanceName::parse(&name).context("corrupt instance name in the store")?,
         spec: serde_json::from_str(&spec).context("corrupt instance spec in the store")?,
         status: status
             .parse()
             .context("corrupt instance status in the store")?,
-        version: r.int(at + 5)?,
-        generation: r.int(at + 6)?,
-        host: r.opt_text(at + 7)?,
-        network: r.opt_text(at + 8)?,
-        image_tag: r.opt_text(at + 9)?,
-        container: r.opt_text(at + 10)?,
-        ip: r.opt_text(at + 11)?,
+        version: r.int(col(Col::Version))?,
+        generation: r.int(col(Col::Generation))?,
+        host: r.opt_text(col(Col::Host))?,
+        network: r.opt_text(col(Col::Network))?,
+        image_tag: r.opt_text(col(Col::ImageTag))?,
+        container: r.opt_text(col(Col::Container))?,
+        ip: r.opt_text(col(Col::Ip))?,
         conditions: serde_json::from_str(&conditions)
             .context("corrupt instance conditions in the store")?,
         error: error
             .map(|e| serde_json::from_str(&e))
             .transpose()
             .context("corrupt instance error in the store")?,
-        exit_code: r.opt_int(at + 14)?,
-        oom_killed: r.int(at + 15)? != 0,
-        restarts: r.int(at + 16)?,
+        exit_code: r.opt_int(col(Col::ExitCode))?,
+        oom_killed: r.int(col(Col::OomKilled))? != 0,
+        restarts: r.int(col(Col::Restarts))?,
         flow_id: flow.parse().context("corrupt flow id in the store")?,
-        created_at: Timestamp::from_micros(r.int(at + 18)?),
-        updated_at: Timestamp::from_micros(r.int(at + 19)?),
+        created_at: Timestamp::from_micros(r.int(col(Col::CreatedAt))?),
+        updated_at: Timestamp::from_micros(r.int(col(Col::UpdatedAt))?),
     })
 }
 
@@ -156,52 +280,22 @@ pub async fn insert_org(
     Ok(())
 }
 
-/// The values of [`COLUMNS`] for `i`, in order.
+/// The values of every column for `i`, in order.
 pub(crate) fn insert_args(i: &Instance) -> anyhow::Result<Vec<crate::ops::Arg>> {
-    use crate::ops::Arg;
-    Ok([
-        Arg::from(i.id.as_str()),
-        Arg::from(i.org_id.as_str()),
-        Arg::from(i.name.as_str()),
-        Arg::Text(serde_json::to_string(&i.spec)?),
-        Arg::from(i.status.as_str()),
-        Arg::Int(i.version),
-        Arg::Int(i.generation),
-    ]
-    .into_iter()
-    .chain(state_args(i)?)
-    .chain([
-        Arg::Int(i.created_at.as_micros()),
-        Arg::Int(i.updated_at.as_micros()),
-    ])
-    .collect())
+    Col::ALL.iter().map(|c| c.arg(i)).collect()
 }
 
-/// The columns the flow changes, from `host` to `flow_id`, in table order.
-pub(crate) fn state_args(i: &Instance) -> anyhow::Result<[crate::ops::Arg; 11]> {
-    use crate::ops::Arg;
-    Ok([
-        Arg::from(i.host.as_deref()),
-        Arg::from(i.network.as_deref()),
-        Arg::from(i.image_tag.as_deref()),
-        Arg::from(i.container.as_deref()),
-        Arg::from(i.ip.as_deref()),
-        Arg::Text(serde_json::to_string(&i.conditions)?),
-        Arg::from(i.error.as_ref().map(serde_json::to_string).transpose()?),
-        Arg::from(i.exit_code),
-        Arg::Int(i64::from(i.oom_killed)),
-        Arg::Int(i.restarts),
-        Arg::Text(i.flow_id.to_string()),
-    ])
+/// The columns the flow changes ([`Col::STATE`]), in table order.
+pub(crate) fn state_args(i: &Instance) -> anyhow::Result<Vec<crate::ops::Arg>> {
+    Col::ALL[Col::STATE].iter().map(|c| c.arg(i)).collect()
 }
 
 /// Inserts a new instance; [`NameTaken`] if its org has a live one so named.
 pub async fn insert(conn: &mut SqliteConnection, i: &Instance) -> anyhow::Result<()> {
     let mut script = crate::ops::Script::new();
+    let marks = vec!["?"; Col::ALL.len()].join(",");
     script.push(
-        &format!(
-            "INSERT INTO instances ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-        ),
+        &format!("INSERT INTO instances ({}) VALUES ({marks})", columns()),
         insert_args(i)?,
     );
     match script.run(conn).await {
@@ -217,18 +311,22 @@ pub async fn insert(conn: &mut SqliteConnection, i: &Instance) -> anyhow::Result
 }
 
 pub async fn get(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Option<Instance>> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM instances WHERE id = ?1"))
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await
-        .context("failed to read the instance")?;
+    let row = sqlx::query(&format!(
+        "SELECT {} FROM instances WHERE id = ?1",
+        columns()
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+    .context("failed to read the instance")?;
     row.as_ref().map(from_row).transpose()
 }
 
 /// Every instance of an org (all of them when `org` is `None`), oldest first.
 pub async fn list(conn: &mut SqliteConnection, org: Option<&str>) -> anyhow::Result<Vec<Instance>> {
     let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM instances WHERE (?1 IS NULL OR org_id = ?1) ORDER BY created_at, id"
+        "SELECT {} FROM instances WHERE (?1 IS NULL OR org_id = ?1) ORDER BY created_at, id",
+        columns()
     ))
     .bind(org)
     .fetch_all(&mut *conn)
@@ -254,8 +352,9 @@ pub async fn list_page(
     deleted: bool,
     limit: u32,
 ) -> anyhow::Result<Vec<Instance>> {
+    let cols = columns();
     let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM instances
+        "SELECT {cols} FROM instances
           WHERE org_id = ?1 AND (?2 OR status != 'deleted')
             AND (?3 IS NULL OR (created_at, id) >
                  (SELECT created_at, id FROM instances WHERE id = ?3 AND org_id = ?1))

@@ -7,7 +7,7 @@
 
 use berth_core::domain::{Condition, InstanceStatus};
 
-use crate::instances::Instance;
+use crate::instances::{Col, Instance};
 use crate::ops::{Arg, Script};
 use crate::writer::RowRead;
 
@@ -72,10 +72,27 @@ impl Write {
     }
 }
 
-const INSTANCE_SET: &str = "status = v.column3, version = v.column2 + 1, generation = v.column4, \
-     host = v.column5, network = v.column6, image_tag = v.column7, container = v.column8, \
-     ip = v.column9, conditions = v.column10, error = v.column11, exit_code = v.column12, \
-     oom_killed = v.column13, restarts = v.column14, flow_id = v.column15, updated_at = v.column16";
+/// The SET of the whole-row update, over [`instance_row`]'s values: id,
+/// version, status, generation, the state columns, the time.
+fn instance_set() -> &'static str {
+    static SET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let state = Col::ALL[Col::STATE]
+            .iter()
+            .enumerate()
+            .map(|(n, c)| format!("{} = v.column{}", c.name(), n + 5));
+        [
+            "status = v.column3".to_owned(),
+            "version = v.column2 + 1".to_owned(),
+            "generation = v.column4".to_owned(),
+        ]
+        .into_iter()
+        .chain(state)
+        .chain([format!("updated_at = v.column{INSTANCE_ROW}")])
+        .collect::<Vec<_>>()
+        .join(", ")
+    });
+    &SET
+}
 
 impl Script {
     /// Appends guarded writes, for [`passed_guards`] to say which passed,
@@ -125,8 +142,9 @@ impl Script {
                 &rows,
                 INSTANCE_ROW,
                 |t| {
+                    let set = instance_set();
                     format!(
-                        "UPDATE instances SET {INSTANCE_SET}
+                        "UPDATE instances SET {set}
                            FROM (VALUES {t}) AS v
                           WHERE instances.id = v.column1 AND instances.version = v.column2
                          {ret}"
@@ -152,9 +170,9 @@ impl Script {
             // keeps it in the instance cache instead of reading it again).
             let ret = format!(
                 "RETURNING 'guard_patch', instances.id, instances.version, {}",
-                crate::instances::COLUMNS
-                    .split(", ")
-                    .map(|c| format!("instances.{}", c.trim()))
+                Col::ALL
+                    .iter()
+                    .map(|c| format!("instances.{}", c.name()))
                     .collect::<Vec<_>>()
                     .join(", ")
             );
@@ -195,30 +213,32 @@ impl Script {
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 let ret = returning("'guard_insert', id, 0");
-                let cols = crate::instances::COLUMNS;
-                let free = "NOT EXISTS (SELECT 1 FROM instances
-                                WHERE org_id = v.column2 AND name = v.column3
-                                  AND status != 'deleted')";
+                let cols = crate::instances::columns();
+                let (org, name) = (Col::OrgId.in_values(), Col::Name.in_values());
+                let free = format!(
+                    "NOT EXISTS (SELECT 1 FROM instances
+                        WHERE org_id = v.{org} AND name = v.{name}
+                          AND status != 'deleted')"
+                );
                 if with_quota {
-                    let vals = (1..=20)
-                        .map(|n| format!("v.column{n}"))
-                        .collect::<Vec<_>>()
-                        .join(", ");
+                    let vals = Col::ALL.map(|c| format!("v.{}", c.in_values())).join(", ");
+                    // The quota rides after the row's columns.
+                    let quota = format!("column{}", INSERT_ROW + 1);
                     self.push_rows_counted(
                         &rows,
                         INSERT_ROW + 1,
                         |t| {
                             format!(
                                 "WITH v AS (SELECT * FROM (VALUES {t})),
-                                      fresh AS (SELECT v.*, ROW_NUMBER() OVER (PARTITION BY v.column2) AS rn
+                                      fresh AS (SELECT v.*, ROW_NUMBER() OVER (PARTITION BY v.{org}) AS rn
                                                   FROM v WHERE {free}),
                                       live AS (SELECT org_id, COUNT(*) AS n FROM instances
                                                 WHERE status != 'deleted'
-                                                  AND org_id IN (SELECT column2 FROM v)
+                                                  AND org_id IN (SELECT {org} FROM v)
                                                 GROUP BY org_id)
                                  INSERT INTO instances ({cols})
-                                 SELECT {vals} FROM fresh AS v LEFT JOIN live ON live.org_id = v.column2
-                                  WHERE COALESCE(live.n, 0) + v.rn <= v.column21
+                                 SELECT {vals} FROM fresh AS v LEFT JOIN live ON live.org_id = v.{org}
+                                  WHERE COALESCE(live.n, 0) + v.rn <= v.{quota}
                                  {ret}"
                             )
                         },
@@ -335,12 +355,13 @@ impl Script {
     }
 }
 
-/// Arguments per row of an instance insert (every column).
-/// The instance's 20 columns (and, for a row with a quota, one more).
-const INSERT_ROW: usize = 20;
+/// Arguments per row of an instance insert: every column (and, for a row
+/// with a quota, one more).
+const INSERT_ROW: usize = Col::ALL.len();
 
-/// Arguments per row of the instance update.
-const INSTANCE_ROW: usize = 16;
+/// Arguments per row of the instance update: id, version, status and
+/// generation, the state columns, the time.
+const INSTANCE_ROW: usize = 4 + (Col::FlowId as usize - Col::Host as usize + 1) + 1;
 
 fn instance_row(i: &Instance, at: berth_core::Timestamp) -> anyhow::Result<Vec<Arg>> {
     Ok([
@@ -562,6 +583,29 @@ mod tests {
     use crate::instances::{self, InstanceSpec};
 
     use crate::store::tests::store;
+
+    /// The SQL made from the one description of the row is the SQL the
+    /// schema expects: the table's columns in its order, and the update's
+    /// SET over `instance_row`'s values.
+    #[test]
+    fn the_row_description_makes_the_tables_columns_and_the_update() {
+        assert_eq!(
+            instances::columns(),
+            "id, org_id, name, spec, status, version, generation, host, network, \
+             image_tag, container, ip, conditions, error, exit_code, oom_killed, restarts, \
+             flow_id, created_at, updated_at"
+        );
+        assert_eq!(
+            instance_set(),
+            "status = v.column3, version = v.column2 + 1, generation = v.column4, \
+             host = v.column5, network = v.column6, image_tag = v.column7, container = v.column8, \
+             ip = v.column9, conditions = v.column10, error = v.column11, exit_code = v.column12, \
+             oom_killed = v.column13, restarts = v.column14, flow_id = v.column15, updated_at = v.column16"
+        );
+        assert_eq!(INSERT_ROW, 20);
+        assert_eq!(INSTANCE_ROW, 16);
+        assert_eq!(Col::OrgId.in_values(), "column2");
+    }
 
     fn instance(s: &Store) -> Instance {
         Instance {
