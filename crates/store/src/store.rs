@@ -10,13 +10,37 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_core::{Clock, Envelope, EventId, FlowId, IdGen, NewEvent, Timestamp};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::Notify;
 
 use crate::instances::Instance;
 use crate::model::*;
 use crate::ops;
+
+/// The settings of every connection to the database, the pool's and the
+/// dispatcher's writer's alike: one list, so that a commit on either is as
+/// durable as on the other.
+pub(crate) fn pragmas(options: &StoreOptions) -> [(&'static str, &'static str); 6] {
+    [
+        ("journal_mode", "WAL"),
+        (
+            "synchronous",
+            match options.synchronous {
+                Synchronous::Full => "FULL",
+                Synchronous::Normal => "NORMAL",
+            },
+        ),
+        ("foreign_keys", "ON"),
+        ("temp_store", "memory"),
+        // Checkpoints copy the WAL into the database and sync it: tens of
+        // milliseconds that would land on whichever commit crosses the
+        // threshold. `Store::checkpoint` runs them in the background
+        // instead; this high threshold is only a backstop.
+        ("wal_autocheckpoint", "16384"),
+        ("cache_size", "-65536"),
+    ]
+}
 
 /// SQLite's `synchronous` setting for the WAL. `full` syncs the WAL on every
 /// commit (survives power loss); `normal` syncs only at checkpoints (survives
@@ -117,22 +141,10 @@ impl Store {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("failed to create data directory {}", dir.display()))?;
         }
-        let connect = SqliteConnectOptions::from_str("sqlite:")?
+        let mut connect = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(match options.synchronous {
-                Synchronous::Full => SqliteSynchronous::Full,
-                Synchronous::Normal => SqliteSynchronous::Normal,
-            })
             .busy_timeout(options.busy_timeout)
-            .pragma("temp_store", "memory")
-            // Checkpoints copy the WAL into the database and sync it: tens of
-            // milliseconds that would land on whichever commit crosses the
-            // threshold. `Store::checkpoint` runs them in the background
-            // instead; this high threshold is only a backstop.
-            .pragma("wal_autocheckpoint", "16384")
-            .pragma("cache_size", "-65536")
             // Bulk statements come in power-of-two sizes per kind: several
             // hundred distinct texts, each worth keeping prepared (preparing
             // them again every turn was half of a busy dispatcher's time).
@@ -140,6 +152,9 @@ impl Store {
             // sqlx logs every statement at DEBUG by default; with bulk
             // statements that drowns the delivery spans we care about.
             .disable_statement_logging();
+        for (key, value) in pragmas(&options) {
+            connect = connect.pragma(key, value);
+        }
         let mut conn = connect
             .connect()
             .await
@@ -633,5 +648,34 @@ pub(crate) mod tests {
         .await
         .unwrap();
         (dir, s)
+    }
+
+    /// The pool's connections and the dispatcher's writer are configured
+    /// from one list: each reads back every setting the same.
+    #[tokio::test]
+    async fn the_pool_and_the_writer_run_with_the_same_settings() {
+        use crate::writer::RowRead;
+        let (_d, s) = store().await;
+        let w = s.open_writer().await.unwrap();
+        for (key, _) in super::pragmas(&StoreOptions::default()) {
+            let q = format!("PRAGMA {key}");
+            let pool: String = match sqlx::query_scalar::<_, i64>(&q).fetch_one(s.pool()).await {
+                Ok(n) => n.to_string(),
+                Err(_) => sqlx::query_scalar::<_, String>(&q)
+                    .fetch_one(s.pool())
+                    .await
+                    .unwrap(),
+            };
+            let mut script = crate::ops::Script::new();
+            script.push(&q, []);
+            let rows = w.run(script).await.unwrap();
+            let row = rows.first().unwrap();
+            let writer = row
+                .int(0)
+                .map(|n| n.to_string())
+                .or_else(|_| row.text(0))
+                .unwrap();
+            assert_eq!(pool, writer, "PRAGMA {key}");
+        }
     }
 }

@@ -22,7 +22,7 @@ use anyhow::Context;
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 
 use crate::ops::{Arg, Script};
-use crate::store::{StoreOptions, Synchronous};
+use crate::store::StoreOptions;
 
 type Job = Box<dyn FnOnce(&mut rusqlite::Connection) + Send>;
 
@@ -156,21 +156,13 @@ fn connect(path: &Path, options: &StoreOptions) -> anyhow::Result<rusqlite::Conn
     )
     .with_context(|| format!("failed to open the database {}", path.display()))?;
     conn.busy_timeout(options.busy_timeout)?;
-    let synchronous = match options.synchronous {
-        Synchronous::Full => "FULL",
-        Synchronous::Normal => "NORMAL",
-    };
-    // The pool's settings (see `Store::open`), so that a commit here is as
-    // durable as one there.
-    conn.execute_batch(&format!(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = {synchronous};
-         PRAGMA foreign_keys = ON;
-         PRAGMA temp_store = memory;
-         PRAGMA wal_autocheckpoint = 16384;
-         PRAGMA cache_size = -65536;"
-    ))
-    .with_context(|| format!("failed to configure the database {}", path.display()))?;
+    // The pool's settings, so that a commit here is as durable as one there.
+    let batch: String = crate::store::pragmas(options)
+        .iter()
+        .map(|(k, v)| format!("PRAGMA {k} = {v};\n"))
+        .collect();
+    conn.execute_batch(&batch)
+        .with_context(|| format!("failed to configure the database {}", path.display()))?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
