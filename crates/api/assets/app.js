@@ -460,7 +460,7 @@
           h('th', { scope: 'col', class: 'opt' }, 'Image'),
           h('th', { scope: 'col', class: 'opt' }, 'IP'))),
         tbody));
-    replace(main(), h('h1', { id: 'instances-title' }, 'Instances'), createForm(), table, empty);
+    replace(main(), h('h1', { id: 'instances-title' }, 'Instances'), table, empty, createForm());
 
     const row = (inst) => {
       if (!inst || !inst.id) return;
@@ -547,15 +547,6 @@
     replace(main(),
       h('p', null, h('a', { href: '#/' }, '← Instances')),
       title, statusLine, errorBox, actions, actionMsg,
-      h('section', { class: 'panel', 'aria-labelledby': 'facts-title' }, h('h2', { id: 'facts-title' }, 'Details'), facts),
-      h('section', { class: 'panel', 'aria-labelledby': 'cond-title' },
-        h('h2', { id: 'cond-title' }, 'Conditions'),
-        h('div', { class: 'table-wrap' }, h('table', null,
-          h('thead', null, h('tr', null,
-            h('th', { scope: 'col' }, 'Condition'), h('th', { scope: 'col' }, 'Holds'),
-            h('th', { scope: 'col', class: 'opt' }, 'Reason'), h('th', { scope: 'col' }, 'Message'),
-            h('th', { scope: 'col', class: 'opt' }, 'Since'))),
-          conditions))),
       h('section', { class: 'panel', 'aria-labelledby': 'flow-title' },
         h('h2', { id: 'flow-title' }, 'Flow'),
         flowSummary,
@@ -566,6 +557,15 @@
           h('span', { class: 'l-comp' }, 'compensation'),
           h('span', { class: 'l-event' }, 'event')),
         flowBox),
+      h('section', { class: 'panel', 'aria-labelledby': 'facts-title' }, h('h2', { id: 'facts-title' }, 'Details'), facts),
+      h('section', { class: 'panel', 'aria-labelledby': 'cond-title' },
+        h('h2', { id: 'cond-title' }, 'Conditions'),
+        h('div', { class: 'table-wrap' }, h('table', null,
+          h('thead', null, h('tr', null,
+            h('th', { scope: 'col' }, 'Condition'), h('th', { scope: 'col' }, 'Holds'),
+            h('th', { scope: 'col', class: 'opt' }, 'Reason'), h('th', { scope: 'col' }, 'Message'),
+            h('th', { scope: 'col', class: 'opt' }, 'Since'))),
+          conditions))),
       h('section', { class: 'panel', 'aria-labelledby': 'logs-title' },
         h('h2', { id: 'logs-title' }, 'Logs'),
         h('div', { class: 'actions' }, h('button', { type: 'button', class: 'secondary', id: 'logs-refresh', onclick: () => loadLogs() }, 'Refresh logs')),
@@ -589,7 +589,7 @@
       } else {
         errorBox.hidden = true;
       }
-      const fact = (k, v) => (v === null || v === undefined || v === '' ? null : [h('dt', null, k), h('dd', { class: 'mono' }, str(v))]);
+      const fact = (k, v) => (v === null || v === undefined || v === '' ? null : [h('dt', null, k), h('dd', { class: k === 'Env' ? 'mono env' : 'mono' }, str(v))]);
       const env = inst.env && typeof inst.env === 'object' ? Object.entries(inst.env).map(([k, v]) => `${k}=${str(v)}`).join('\n') : '';
       replace(facts,
         fact('Id', inst.id), fact('Image', inst.image), fact('Build', inst.build), fact('Image id', inst.image_id),
@@ -740,12 +740,14 @@
     root.appendChild(svg('title', { id: 'wf-title' }, 'Flow waterfall'));
     root.appendChild(svg('desc', { id: 'wf-desc' }, rows.map(describe).join('; ')));
 
-    // Time axis: five ticks over the flow's span.
-    for (let i = 0; i <= 4; i++) {
-      const tx = barX + (barW * i) / 4;
+    // Time axis: ticks over the flow's span (fewer on a phone, so their
+    // labels do not run into each other).
+    const ticks = narrow ? 2 : 4;
+    for (let i = 0; i <= ticks; i++) {
+      const tx = barX + (barW * i) / ticks;
       root.appendChild(svg('line', { class: 'grid-line', x1: tx, x2: tx, y1: axisH - 4, y2: height }));
-      root.appendChild(svg('text', { class: 'axis', x: Math.min(tx, width - 40), y: 13, 'text-anchor': i === 0 ? 'start' : 'middle' },
-        `+${fmtDur((span * i) / 4)}`));
+      root.appendChild(svg('text', { class: 'axis', x: tx, y: 13, 'text-anchor': i === 0 ? 'start' : i === ticks ? 'end' : 'middle' },
+        `+${fmtDur((span * i) / ticks)}`));
     }
 
     let y = axisH;
@@ -781,7 +783,7 @@
         const durText = r.open ? 'no end recorded' : fmtDur(r.end - r.start);
         const tx = Math.max(ex + 4, sx + 4);
         const fits = tx + 60 < width;
-        g.appendChild(svg('text', { class: 'axis', x: fits ? tx : Math.max(barX, sx - 4), y: by + 10, 'text-anchor': fits ? 'start' : 'end' }, durText));
+        g.appendChild(svg('text', { class: 'axis', x: fits ? tx : Math.max(barX + 40, wx - 4), y: by + 10, 'text-anchor': fits ? 'start' : 'end' }, durText));
         if (r.failed && r.error) {
           g.appendChild(svg('text', { class: 'err', x: narrow ? 6 : barX, y: by + bh + 12 },
             clip(`${str(r.error.code)}: ${str(r.error.message)}`, Math.floor((narrow ? width : barW) / 6.2))));

@@ -10,6 +10,7 @@
 //!
 //! Without `chromium` and `chromedriver` on PATH the test says so and
 //! passes, except under `CI=true`, where it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api_support;
 
@@ -148,6 +149,33 @@ async fn screenshot(c: &Client, name: &str) -> PathBuf {
     path
 }
 
+/// Scrolls the instance page's flow panel to the top of the window (for
+/// its screenshot).
+async fn show_flow(c: &Client) {
+    c.execute(
+        "document.getElementById('flow-title').scrollIntoView(); return null",
+        vec![],
+    )
+    .await
+    .unwrap();
+}
+
+/// Sizes the window so that the page's viewport is `width`×`height` (the
+/// window's own frame, if any, added on).
+async fn viewport(c: &Client, width: u32, height: u32) {
+    c.set_window_size(width, height).await.unwrap();
+    let v = c
+        .execute("return [window.innerWidth, window.innerHeight]", vec![])
+        .await
+        .unwrap();
+    let (w, h) = (v[0].as_u64().unwrap(), v[1].as_u64().unwrap());
+    let grow =
+        |want: u32, got: u64| want + u32::try_from(u64::from(want).saturating_sub(got)).unwrap();
+    c.set_window_size(grow(width, w), grow(height, h))
+        .await
+        .unwrap();
+}
+
 /// The viewport's width and whether the page fits in it (no sideways
 /// scrolling), at the window size last set.
 async fn fits(c: &Client) -> (i64, bool) {
@@ -248,11 +276,12 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
         .connect(&driver_url)
         .await
         .unwrap();
-    c.set_window_size(1280, 800).await.unwrap();
+
+    c.goto(&format!("{base}/")).await.unwrap();
+    viewport(&c, 1280, 800).await;
 
     // Log in: a wrong token is refused with the API's words; the right one
     // is kept in the tab's session storage, never in the URL.
-    c.goto(&format!("{base}/")).await.unwrap();
     until(
         &c,
         "the login form",
@@ -455,6 +484,7 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
         "const t = document.getElementById('logs').textContent; return t.length > 0 && t",
     )
     .await;
+    show_flow(&c).await;
     let waterfall_desktop = screenshot(&c, "dashboard-waterfall-desktop.png").await;
 
     // The failed instance: its error, a failed attempt in red with its
@@ -502,6 +532,8 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
         error.contains("image_not_found") && error.contains("image.build"),
         "{error}"
     );
+    show_flow(&c).await;
+    let failed_desktop = screenshot(&c, "dashboard-failed-desktop.png").await;
 
     // Dead letters: the failed step, re-driven from the page.
     c.find(Locator::Css("#nav-dead"))
@@ -551,7 +583,7 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
 
     // A phone's width: the list and the waterfall fit without scrolling
     // sideways.
-    c.set_window_size(390, 844).await.unwrap();
+    viewport(&c, 390, 844).await;
     c.goto(&format!("{base}/#/")).await.unwrap();
     until(
         &c,
@@ -577,9 +609,16 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
     .await;
     let (_, ok) = fits(&c).await;
     assert!(ok, "the instance page scrolls sideways at 390 px");
+    show_flow(&c).await;
     let waterfall_phone = screenshot(&c, "dashboard-waterfall-phone.png").await;
 
-    for p in [desktop, waterfall_desktop, phone, waterfall_phone] {
+    for p in [
+        desktop,
+        waterfall_desktop,
+        failed_desktop,
+        phone,
+        waterfall_phone,
+    ] {
         assert!(
             std::fs::metadata(&p).unwrap().len() > 1000,
             "{}",
