@@ -526,10 +526,21 @@
     const flowBox = h('div', { id: 'waterfall-box' });
     const flowSummary = h('p', { id: 'flow-summary', class: 'muted' });
 
-    const action = (label, method, path, cls) => h('button', {
+    const action = (label, method, path, cls, confirm) => h('button', {
       type: 'button', class: cls || 'secondary', 'data-action': label.toLowerCase(),
       onclick: async (ev) => {
         const b = ev.currentTarget;
+        // Deleting asks twice (a second click within 5 s), without a modal
+        // dialog that would trap keyboard and screen-reader users.
+        if (confirm && b.dataset.armed !== 'true') {
+          b.dataset.armed = 'true';
+          b.textContent = `Confirm ${label.toLowerCase()}`;
+          actionMsg.textContent = `Click again to ${label.toLowerCase()} this instance.`;
+          setTimeout(() => { b.dataset.armed = 'false'; b.textContent = label; }, 5000);
+          return;
+        }
+        b.dataset.armed = 'false';
+        b.textContent = label;
         b.disabled = true;
         const r = await api(method, path);
         b.disabled = false;
@@ -542,7 +553,7 @@
       action('Stop', 'POST', `${base}/stop`),
       action('Start', 'POST', `${base}/start`),
       action('Restart', 'POST', `${base}/restart`),
-      action('Delete', 'DELETE', base, 'danger'));
+      action('Delete', 'DELETE', base, 'danger', true));
 
     replace(main(),
       h('p', null, h('a', { href: '#/' }, '← Instances')),

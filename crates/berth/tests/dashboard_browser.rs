@@ -612,6 +612,38 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
     show_flow(&c).await;
     let waterfall_phone = screenshot(&c, "dashboard-waterfall-phone.png").await;
 
+    // The actions, by keyboard-reachable buttons; the status follows live.
+    c.find(Locator::Css("button[data-action=stop]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        &c,
+        "web-1 to stop",
+        "const b = document.querySelector('#instance-status .badge'); return b && b.textContent === 'stopped'",
+    )
+    .await;
+    let delete = c
+        .find(Locator::Css("button[data-action=delete]"))
+        .await
+        .unwrap();
+    delete.click().await.unwrap();
+    assert_eq!(delete.text().await.unwrap(), "Confirm delete");
+    delete.click().await.unwrap();
+    until(
+        &c,
+        "web-1 to be deleted",
+        "const b = document.querySelector('#instance-status .badge'); return b && b.textContent === 'deleted'",
+    )
+    .await;
+    let same_page = c
+        .execute("return window.__berthNoReload", vec![])
+        .await
+        .unwrap();
+    assert_eq!(same_page, json!(42), "the page was reloaded");
+
     for p in [
         desktop,
         waterfall_desktop,
