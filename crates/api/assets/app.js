@@ -452,7 +452,7 @@
     const tbody = h('tbody', { id: 'instance-rows' });
     const empty = h('p', { id: 'no-instances', class: 'muted', hidden: true }, 'No instances yet.');
     const table = h('div', { class: 'table-wrap' },
-      h('table', { id: 'instances', 'aria-describedby': 'instances-title' },
+      h('table', { id: 'instances', 'aria-labelledby': 'instances-title' },
         h('thead', null, h('tr', null,
           h('th', { scope: 'col' }, 'Name'),
           h('th', { scope: 'col' }, 'Status'),
@@ -834,7 +834,7 @@
         h('label', { for: 'dl-all', class: 'inline' }, all, ' Include re-driven ones'),
         h('button', { type: 'button', class: 'secondary', id: 'dl-refresh', onclick: () => refresh() }, 'Refresh')),
       msg,
-      h('div', { class: 'table-wrap' }, h('table', { id: 'dead-letters', 'aria-describedby': 'dl-title' },
+      h('div', { class: 'table-wrap' }, h('table', { id: 'dead-letters', 'aria-labelledby': 'dl-title' },
         h('thead', null, h('tr', null,
           h('th', { scope: 'col' }, 'Worker'),
           h('th', { scope: 'col', class: 'opt' }, 'Event'),
