@@ -698,6 +698,9 @@
         if (!byWorker.has(w)) byWorker.set(w, []);
         byWorker.get(w).push(a);
       }
+      const kids = Array.isArray(ev.children) ? ev.children.slice() : [];
+      kids.sort((x, y) => micros(x.created_at) - micros(y.created_at));
+      const walked = new Set();
       for (const [worker, list] of byWorker) {
         list.sort((x, y) => (x.round - y.round) || (x.attempt - y.attempt));
         let prevEnd = created;
@@ -715,10 +718,13 @@
           });
           prevEnd = Number.isFinite(dur) ? startAt + dur : startAt;
         }
+        // The worker's failure event (and the compensation handling it)
+        // right under the worker's failed attempt, not after its siblings.
+        for (const k of kids) {
+          if (str(k.type) === `${worker}.failed` && !walked.has(k)) { walked.add(k); walk(k, depth + 1, isComp); }
+        }
       }
-      const kids = Array.isArray(ev.children) ? ev.children.slice() : [];
-      kids.sort((x, y) => micros(x.created_at) - micros(y.created_at));
-      for (const k of kids) walk(k, depth + 1, isComp);
+      for (const k of kids) if (!walked.has(k)) walk(k, depth + 1, isComp);
     };
     for (const root of Array.isArray(flow.events) ? flow.events : []) walk(root, 0, false);
     return rows;
@@ -925,7 +931,7 @@
     clearTimeout(resizeTimer);
     resizeTimer = setTimeout(() => { if (state.view && state.view.redraw) state.view.redraw(); }, 150);
   });
-  window.addEventListener('hashchange', () => { route(); main().focus(); });
+  window.addEventListener('hashchange', () => { route(); window.scrollTo(0, 0); main().focus({ preventScroll: true }); });
   document.getElementById('logout').addEventListener('click', () => logout());
   if (state.token) start(); else renderLogin();
 })();

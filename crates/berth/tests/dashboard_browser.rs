@@ -521,6 +521,23 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
         .await
         .unwrap();
     assert!(comp.as_u64().unwrap() >= 1, "no compensation row");
+    // Nested under the failure that caused it: the row right after it.
+    let nested = c
+        .execute(
+            "const rows = [...document.querySelectorAll('svg#waterfall g.wf-row')]; \
+             const f = rows.findIndex(r => r.dataset.outcome === 'fatal'); \
+             const k = rows.findIndex(r => r.dataset.compensation === 'true'); \
+             return [f, k, rows[k].dataset.step]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        nested[1].as_i64().unwrap(),
+        nested[0].as_i64().unwrap() + 1,
+        "{nested}"
+    );
+    assert_eq!(nested[2], "compensate.image", "{nested}");
     let error = c
         .find(Locator::Css("#instance-error"))
         .await
@@ -580,6 +597,39 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
             .any(|d| d["worker"] == "image.build" && !d["redriven_at"].is_null()),
         "{all}"
     );
+
+    // The re-driven step's new round is a row of its own in the failed
+    // instance's waterfall, its long wait (until the re-drive) drawn apart
+    // from its run. (It finds its instance failed and does nothing, so it
+    // succeeds.)
+    let list: Value = http
+        .get(format!("{base}/v1/instances"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let broken = list["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "broken")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.goto(&format!("{base}/#/instances/{broken}"))
+        .await
+        .unwrap();
+    until(
+        &c,
+        "the re-driven round in the waterfall",
+        "const r = document.querySelector('svg#waterfall g.wf-row[data-step=\"image.build\"][data-round=\"1\"]'); \
+         return r && !!r.querySelector('rect.bar-wait') && !!r.querySelector('rect.bar-run')",
+    )
+    .await;
 
     // A phone's width: the list and the waterfall fit without scrolling
     // sideways.
