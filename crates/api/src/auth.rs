@@ -34,8 +34,8 @@ pub fn hash(token: &str) -> String {
 }
 
 /// The bearer token of a request: `Authorization: Bearer <token>`, or, for
-/// the event stream only (browsers cannot set headers on a WebSocket),
-/// `?access_token=<token>`.
+/// the event stream only (browsers cannot set headers on a WebSocket), a
+/// `berth.token.<token>` subprotocol or `?access_token=<token>`.
 fn bearer(parts: &Parts) -> Result<String, ApiError> {
     let raw = match parts.headers.get(header::AUTHORIZATION) {
         Some(v) => v
@@ -44,7 +44,9 @@ fn bearer(parts: &Parts) -> Result<String, ApiError> {
             .to_owned(),
         None => {
             let from_query = (parts.uri.path() == "/v1/events")
-                .then(|| query_token(parts.uri.query().unwrap_or("")))
+                .then(|| {
+                    protocol_token(parts).or_else(|| query_token(parts.uri.query().unwrap_or("")))
+                })
                 .flatten();
             match from_query {
                 Some(t) => format!("Bearer {t}"),
@@ -72,6 +74,26 @@ fn bearer(parts: &Parts) -> Result<String, ApiError> {
         return Err(malformed("a token is 1 to 512 visible ASCII characters"));
     }
     Ok(token.to_owned())
+}
+
+/// The subprotocol that carries a token: a browser offers
+/// `new WebSocket(url, ["berth.v1", "berth.token.<token>"])`, which keeps the
+/// token out of the URL (and so out of proxies' and servers' access logs);
+/// the server selects `berth.v1`, never echoing the token.
+pub const WS_TOKEN_PROTOCOL: &str = "berth.token.";
+
+/// The subprotocol the event stream selects.
+pub const WS_PROTOCOL: &str = "berth.v1";
+
+fn protocol_token(parts: &Parts) -> Option<String> {
+    parts
+        .headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(WS_TOKEN_PROTOCOL))
+        .map(str::to_owned)
 }
 
 fn query_token(q: &str) -> Option<String> {

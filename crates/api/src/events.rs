@@ -121,6 +121,8 @@ pub async fn events(
     let hard = state.inner.hard.clone();
     let org = auth.org_id;
     Ok(ws
+        // Selected when offered (the dashboard offers it with its token).
+        .protocols([crate::auth::WS_PROTOCOL])
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket| {

@@ -14,6 +14,7 @@
 
 pub mod auth;
 mod builds;
+pub mod dashboard;
 pub mod error;
 mod events;
 mod extract;
@@ -319,6 +320,8 @@ impl Server {
                 .instrument(info_span!("event_feed")),
         );
         let app = router
+            // The dashboard at `/` and `/ui/…`: no state, not in the document.
+            .merge(dashboard::router())
             .fallback(system::no_route)
             .method_not_allowed_fallback(system::bad_method)
             .layer(axum::middleware::from_fn(system::log_request))
