@@ -443,7 +443,15 @@ impl ApiSection {
 pub struct ConfigError(pub String);
 
 /// Environment variables that are not configuration keys.
-const ENV_NOT_KEYS: &[&str] = &["BERTH_LOG", "BERTH_LOG_FORMAT", "BERTH_CONFIG"];
+/// `BERTH_URL` and `BERTH_TOKEN` are the CLI's (the server a client talks
+/// to, and as whom): a shell that has them set can still run `berth serve`.
+const ENV_NOT_KEYS: &[&str] = &[
+    "BERTH_LOG",
+    "BERTH_LOG_FORMAT",
+    "BERTH_CONFIG",
+    "BERTH_URL",
+    "BERTH_TOKEN",
+];
 
 /// Variables whose value is always a string, whatever it looks like (a
 /// token of digits must not become an integer).
