@@ -224,6 +224,9 @@ async fn run_ends_running_and_every_read_command_works_by_name_and_id() {
         .await
         .json();
     sh.berth(tok, &["logs", "web", "--tail", "10"]).await.ok();
+    let logs = sh.berth(tok, &["logs", &id, "-o", "json"]).await.json();
+    assert_eq!(logs["name"], "web");
+    assert!(logs["lines"].is_array(), "{logs}");
     let evs = sh.berth(tok, &["events", "-o", "json"]).await.json();
     let evs = evs["events"].as_array().unwrap();
     assert!(
@@ -478,4 +481,79 @@ async fn on_docker_run_of_a_missing_image_exits_1_with_image_not_found() {
     let install = format!("berth.install={}", t.app.store.install_id());
     t.shutdown().await;
     api_support::sweep_label(&docker, &install).await;
+}
+
+/// `host.ensure` backs off for long after a failure: a `run` stays on it.
+const SLOW_HOST: &str = r#"
+listen = "127.0.0.1:0"
+
+[runtime]
+kind = "sim"
+
+[bus]
+shutdown_grace = "2s"
+
+[workers.default]
+max_attempts = 3
+timeout = "5s"
+backoff = { initial = "1ms", max = "4ms" }
+
+[workers."host.ensure"]
+max_attempts = 20
+backoff = { initial = "30s", max = "30s", jitter = "none" }
+"#;
+
+#[tokio::test]
+async fn ctrl_c_detaches_run_and_the_flow_goes_on() {
+    use tokio::io::AsyncBufReadExt;
+    let (t, faulty) = spawn_faulty(SLOW_HOST).await;
+    let sh = Shell::new(&t);
+    let tok = org(&sh, "acme").await;
+    faulty.fail_next(Op::Ping, 1, FaultKind::Transient);
+    let mut c = sh.command(Some(&tok), &["run", "busybox", "--name", "slow"]);
+    c.stdin(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // Read until the retry is shown: the run is then waiting on the
+    // back-off.
+    let mut seen = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            let retry = l.contains("host.ensure: ") && l.contains("retry 2/20 in ");
+            seen.push(l);
+            if retry {
+                return;
+            }
+        }
+        panic!("stdout ended without a retry line: {seen:#?}");
+    })
+    .await
+    .expect("no retry line before the deadline");
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let out = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("berth wait slow --state running"),
+        "{stderr}"
+    );
+    // Not cancelled: still in its flow, backing off, and listed so.
+    let inst = sh
+        .berth(Some(&tok), &["inspect", "slow", "-o", "json"])
+        .await
+        .json();
+    assert_eq!(inst["status"], "requested", "{inst}");
+    assert_eq!(inst["progress"]["step"], "host.ensure", "{inst}");
+    let ps = sh.berth(Some(&tok), &["ps", "--status", "retrying"]).await;
+    let ps = ps.ok();
+    assert!(
+        ps.contains("slow") && ps.contains("host.ensure") && ps.contains("2/20"),
+        "{ps}"
+    );
+    assert!(ps.contains("engine_unavailable"), "{ps}");
+    t.shutdown().await;
 }

@@ -246,7 +246,7 @@ pub async fn main(cmd: Client, out: Out) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Client::Logs { x, follow, tail } => logs(&api, &x, follow, tail).await,
+        Client::Logs { x, follow, tail } => logs(&api, out, &x, follow, tail).await,
         Client::Rm { xs } => {
             let mut failed = None;
             let mut done = Vec::new();
@@ -672,20 +672,55 @@ fn print_inspect(v: &Value, out: &Out) {
     }
 }
 
-async fn logs(api: &Api, x: &str, follow: bool, tail: Option<u32>) -> Result<(), Failure> {
+/// The output, as it comes; with `--output json`, one document with the
+/// lines (or, following, one JSON string per line).
+async fn logs(
+    api: &Api,
+    out: Out,
+    x: &str,
+    follow: bool,
+    tail: Option<u32>,
+) -> Result<(), Failure> {
     let inst = resolve(api, x).await?;
     let mut path = format!("/v1/instances/{}/logs?follow={follow}", enc(s(&inst, "id")));
     if let Some(n) = tail {
         path.push_str(&format!("&tail={n}"));
     }
     let resp = api.stream(&path).await?;
+    if out.json && !follow {
+        let text = resp.text().await.map_err(|e| {
+            Failure::local("stream_closed", format!("the logs were cut short: {e}"))
+        })?;
+        out.print_json(&json!({
+            "id": s(&inst, "id"),
+            "name": s(&inst, "name"),
+            "lines": text.lines().collect::<Vec<_>>(),
+        }));
+        return Ok(());
+    }
     let mut body = resp.bytes_stream();
+    // Following as JSON: whole lines only, each a JSON string.
+    let mut partial: Vec<u8> = Vec::new();
     let mut stdout = std::io::stdout();
     loop {
         tokio::select! {
             chunk = body.next() => match chunk {
                 Some(Ok(b)) => {
-                    if stdout.write_all(&b).and_then(|()| stdout.flush()).is_err() {
+                    let bytes: Vec<u8> = if out.json {
+                        partial.extend_from_slice(&b);
+                        let Some(end) = partial.iter().rposition(|c| *c == b'\n') else {
+                            continue;
+                        };
+                        let whole: Vec<u8> = partial.drain(..=end).collect();
+                        String::from_utf8_lossy(&whole)
+                            .lines()
+                            .map(|l| format!("{}\n", Value::String(l.to_owned())))
+                            .collect::<String>()
+                            .into_bytes()
+                    } else {
+                        b.to_vec()
+                    };
+                    if stdout.write_all(&bytes).and_then(|()| stdout.flush()).is_err() {
                         // The reader went away (a closed pipe): done.
                         return Ok(());
                     }

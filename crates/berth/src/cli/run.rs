@@ -141,6 +141,10 @@ impl Shown {
 
 /// Runs `berth run`.
 pub async fn run(api: &Api, out: Out, args: RunArgs) -> Result<(), Failure> {
+    // Installed first: from here on Ctrl-C detaches instead of killing the
+    // process mid-line.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| Failure::local("client_error", format!("cannot listen for Ctrl-C: {e}")))?;
     // Opened before the create, so that no retry of the new flow can pass
     // before we listen. A stream refused (too many open) only costs the
     // live lines: the outcome is still waited for.
@@ -198,18 +202,24 @@ pub async fn run(api: &Api, out: Out, args: RunArgs) -> Result<(), Failure> {
     };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     loop {
         let spin = out.tty && !out.json && socket.is_some();
+        // The trace first, then the instance: the spinner's step (from the
+        // instance) is then never one the trace already showed finished.
+        let trace = api.get(&format!("/v1/flows/{}", enc(&flow))).await?;
+        if !out.json {
+            print_attempts(&trace, &out, &mut shown);
+        }
         let inst = api.get(&format!("/v1/instances/{}", enc(&id))).await?;
         if let Some(p) = inst.get("progress").filter(|p| !p.is_null())
             && let Some(m) = p.get("max_attempts").and_then(Value::as_u64)
         {
             shown.max.insert(s(p, "step").to_owned(), m);
         }
-        let trace = api.get(&format!("/v1/flows/{}", enc(&flow))).await?;
-        if !out.json {
+        let status = s(&inst, "status");
+        if !out.json && matches!(status, "running" | "failed") {
+            // What finished between the two reads.
+            let trace = api.get(&format!("/v1/flows/{}", enc(&flow))).await?;
             print_attempts(&trace, &out, &mut shown);
         }
         shown.current = inst
@@ -268,7 +278,7 @@ pub async fn run(api: &Api, out: Out, args: RunArgs) -> Result<(), Failure> {
         // Until something happens to the instance.
         loop {
             tokio::select! {
-                _ = &mut ctrl_c => {
+                _ = sigint.recv() => {
                     if shown.spinning {
                         shown.line("");
                     }
