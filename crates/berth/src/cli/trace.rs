@@ -231,3 +231,92 @@ pub fn attempts(flow: &Value) -> Vec<(String, Value)> {
     out.sort_by(|a, b| s(&a.1, "started_at").cmp(s(&b.1, "started_at")));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn at(ms: u64) -> String {
+        let t =
+            std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000) + Duration::from_millis(ms);
+        humantime::format_rfc3339_micros(t).to_string()
+    }
+
+    /// A chain of `n` events, each caused by the one before and handled by
+    /// one attempt; the second event's first attempt failed and was retried.
+    fn chain(n: u64) -> Value {
+        let mut child = Value::Null;
+        for i in (0..n).rev() {
+            let mut attempts = vec![json!({
+                "worker": format!("step{i}"), "round": 0, "attempt": 1,
+                "started_at": at(i * 10 + 1), "duration_us": 2000, "outcome": "ok",
+                "error": null, "next_delay_us": null, "max_attempts": 3,
+            })];
+            if i == 1 {
+                attempts[0]["outcome"] = json!("retry");
+                attempts[0]["error"] = json!({"code": "timeout", "message": "timed out after 10s"});
+                attempts[0]["next_delay_us"] = json!(4000);
+                attempts.push(json!({
+                    "worker": "step1", "round": 0, "attempt": 2,
+                    "started_at": at(i * 10 + 7), "duration_us": 1000, "outcome": "ok",
+                    "error": null, "next_delay_us": null, "max_attempts": 3,
+                }));
+            }
+            let children = if child.is_null() { vec![] } else { vec![child] };
+            child = json!({
+                "id": format!("e{i}"), "type": format!("event.{i}"), "subject": "i",
+                "causation_id": null, "created_at": at(i * 10), "payload": {},
+                "attempts": attempts, "children": children,
+            });
+        }
+        json!({
+            "flow_id": "F", "started_at": at(0), "last_activity_at": at(n * 10),
+            "events": [child],
+        })
+    }
+
+    #[test]
+    fn one_row_per_event_and_per_attempt_with_waits_apart_and_failures_in_red() {
+        let flow = chain(50);
+        let plain = Out {
+            json: false,
+            color: false,
+            tty: false,
+        };
+        let lines = render(&flow, &plain);
+        assert_eq!(lines.len(), 2 + 50 + 51, "{lines:#?}");
+        assert!(!lines.iter().any(|l| l.contains('\x1b')));
+        let failed = lines
+            .iter()
+            .find(|l| l.contains("retry timeout: timed out"))
+            .unwrap();
+        assert!(failed.trim_start().starts_with("step1 "), "{failed}");
+        // The second attempt waited for the back-off: dots before its bar
+        // (on a short flow's scale, where 4 ms is several columns).
+        let short_flow = render(&chain(3), &plain);
+        let second = short_flow
+            .iter()
+            .find(|l| l.contains("step1") && l.contains("#2"))
+            .unwrap();
+        assert!(second.contains("·█"), "{second}");
+        // Nesting: each event one level deeper than its cause.
+        let e3 = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with("event.3 "))
+            .unwrap();
+        assert!(e3.starts_with(&" ".repeat(6)), "{e3}");
+
+        let coloured = Out {
+            json: false,
+            color: true,
+            tty: true,
+        };
+        let lines = render(&flow, &coloured);
+        let failed = lines.iter().find(|l| l.contains("timed out")).unwrap();
+        assert!(failed.contains("\x1b[31m"), "{failed}");
+    }
+}
