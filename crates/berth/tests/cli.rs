@@ -234,7 +234,20 @@ async fn run_ends_running_and_every_read_command_works_by_name_and_id() {
             .any(|m| m["status"] == "running" && m["instance_id"] == id.as_str()),
         "{evs:#?}"
     );
-    sh.berth(tok, &["token", "ls", "-o", "json"]).await.json();
+    let made = sh
+        .berth(tok, &["token", "create", "-o", "json"])
+        .await
+        .json();
+    let second = made["token"].as_str().unwrap();
+    let listed = sh.berth(tok, &["token", "ls", "-o", "json"]).await.json();
+    assert_eq!(listed["tokens"].as_array().unwrap().len(), 2, "{listed}");
+    sh.berth(Some(second), &["ps"]).await.ok();
+    sh.berth(tok, &["token", "rm", made["id"].as_str().unwrap()])
+        .await
+        .ok();
+    sh.berth(Some(second), &["ps"])
+        .await
+        .failed("invalid_token");
     let dl = sh
         .berth(tok, &["dead-letters", "ls", "-o", "json"])
         .await
@@ -320,6 +333,27 @@ async fn a_retry_shows_as_a_line_and_a_failure_prints_its_code_and_step() {
         ran.failed("image_not_found").contains("(step image.build)"),
         "{ran:#?}"
     );
+
+    // Its failed step is a dead letter of the org, re-drivable once.
+    let dl = sh
+        .berth(tok, &["dead-letters", "ls", "-o", "json"])
+        .await
+        .json();
+    let dead = dl["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["worker"] == "image.build")
+        .unwrap_or_else(|| panic!("no dead letter of image.build: {dl}"))
+        .clone();
+    let listed = sh.berth(tok, &["dead-letters", "ls"]).await;
+    assert!(listed.ok().contains("image_not_found"), "{listed:#?}");
+    let dead_id = dead["id"].as_str().unwrap();
+    let again = sh.berth(tok, &["dead-letters", "redrive", dead_id]).await;
+    assert!(again.ok().starts_with("re-driven: "), "{again:#?}");
+    sh.berth(tok, &["dead-letters", "redrive", dead_id])
+        .await
+        .failed("already_redriven");
 
     // --detach prints the id at once.
     let ran = sh
@@ -452,8 +486,60 @@ async fn login_saves_the_token_owner_only_and_usage_errors_exit_2() {
     // The server's own commands still parse.
     let help = sh.berth(None, &["admin", "--help"]).await;
     assert!(help.ok().contains("database directly"), "{help:#?}");
-    let comp = sh.berth(None, &["completion", "bash"]).await;
-    assert!(comp.ok().contains("berth"), "{comp:#?}");
+    for shell in ["bash", "zsh", "fish"] {
+        let comp = sh.berth(None, &["completion", shell]).await;
+        assert!(comp.ok().contains("dead-letters"), "{shell}: {comp:#?}");
+    }
+    // The server's configuration, read here without a server.
+    let file = sh.home.path().join("berth.toml");
+    std::fs::write(&file, "[workers.\"image.build\"]\nmax_attempts = 7\n").unwrap();
+    let file = file.to_str().unwrap();
+    let check = sh.berth(None, &["config", "check", "--config", file]).await;
+    assert!(check.ok().contains(": ok"), "{check:#?}");
+    let dump = sh
+        .berth(None, &["config", "dump", "--config", file, "-o", "json"])
+        .await
+        .json();
+    assert!(dump.get("workers").is_some(), "{dump}");
+    let policies = sh
+        .berth(
+            None,
+            &["config", "policies", "--config", file, "-o", "json"],
+        )
+        .await
+        .json();
+    let build = policies
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["worker"] == "image.build")
+        .unwrap();
+    assert_eq!(build["worst_case_attempts"], 7);
+    let bad = sh.home.path().join("bad.toml");
+    std::fs::write(&bad, "[workers.default]\nmax_attempts = \"many\"\n").unwrap();
+    let ran = sh
+        .berth(
+            None,
+            &["config", "check", "--config", bad.to_str().unwrap()],
+        )
+        .await;
+    assert_eq!(ran.code, 1, "{ran:#?}");
+    assert!(ran.stderr.contains("max_attempts"), "{ran:#?}");
+    // The offline commands need the server's database, and say so.
+    let empty = sh.home.path().join("no-data");
+    let ran = sh
+        .berth(
+            None,
+            &[
+                "admin",
+                "dead-letters",
+                "--data-dir",
+                empty.to_str().unwrap(),
+            ],
+        )
+        .await;
+    assert_eq!(ran.code, 1, "{ran:#?}");
+    assert!(ran.stderr.contains("no database at"), "{ran:#?}");
     // A bad name is the API's to refuse, with its code and field rule.
     let ran = sh
         .berth(Some(&tok), &["run", "busybox", "--name", "Not_Valid"])
