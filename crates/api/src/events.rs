@@ -70,7 +70,8 @@ pub struct StreamMessage {
     /// sent live and are not replayed on a resume with `after`.
     #[schema(pattern = "^(status|error|retry)$")]
     pub kind: String,
-    /// The event type, e.g. `image.built`, `instance.failed`, `image.build.failed`.
+    /// The event type, e.g. `image.built`, `instance.failed`,
+    /// `image.build.failed`; `attempt.retry` for `retry` messages.
     #[serde(rename = "type")]
     pub event_type: String,
     pub instance_id: Option<String>,
