@@ -643,3 +643,80 @@ async fn ctrl_c_detaches_run_and_the_flow_goes_on() {
     assert!(ps.contains("engine_unavailable"), "{ps}");
     t.shutdown().await;
 }
+
+/// Lines of a running `berth events -f -o json` until one satisfies `done`.
+async fn follow_until(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    done: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            let v: Value = serde_json::from_str(&l)
+                .unwrap_or_else(|e| panic!("not one JSON document per line ({e}): {l}"));
+            let stop = done(&v);
+            seen.push(v);
+            if stop {
+                return;
+            }
+        }
+        panic!("the stream ended: {seen:#?}");
+    })
+    .await
+    .expect("nothing matched before the deadline");
+    seen
+}
+
+#[tokio::test]
+async fn events_follow_shows_the_orgs_own_events_only() {
+    use tokio::io::AsyncBufReadExt;
+    let (t, faulty) = spawn_faulty(CONFIG).await;
+    let sh = Shell::new(&t);
+    let a = org(&sh, "acme").await;
+    let b = org(&sh, "other").await;
+    let follow = |tok: &str| {
+        let mut c = sh.command(Some(tok), &["events", "-f", "-o", "json"]);
+        c.stdin(Stdio::null());
+        let mut child = c.spawn().unwrap();
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        (child, lines)
+    };
+    let (mut child_a, mut lines_a) = follow(&a);
+    let (mut child_b, mut lines_b) = follow(&b);
+    faulty.fail_next(Op::ConnectNetwork, 1, FaultKind::Transient);
+    sh.berth(Some(&a), &["run", "busybox", "--name", "web"])
+        .await
+        .ok();
+    let ours = sh
+        .berth(Some(&a), &["inspect", "web", "-o", "json"])
+        .await
+        .json();
+    let id = ours["id"].as_str().unwrap().to_owned();
+    let seen = follow_until(&mut lines_a, |m| {
+        m["instance_id"] == id.as_str() && m["status"] == "running"
+    })
+    .await;
+    assert!(
+        seen.iter()
+            .any(|m| m["kind"] == "retry" && m["step"] == "network.attach"),
+        "{seen:#?}"
+    );
+    sh.berth(Some(&b), &["run", "busybox", "--name", "web"])
+        .await
+        .ok();
+    let theirs = sh
+        .berth(Some(&b), &["inspect", "web", "-o", "json"])
+        .await
+        .json();
+    let bid = theirs["id"].as_str().unwrap().to_owned();
+    let seen = follow_until(&mut lines_b, |m| {
+        m["instance_id"] == bid.as_str() && m["status"] == "running"
+    })
+    .await;
+    for m in &seen {
+        assert_eq!(m["instance_id"], bid.as_str(), "org B saw {m}");
+    }
+    child_a.kill().await.unwrap();
+    child_b.kill().await.unwrap();
+    t.shutdown().await;
+}
