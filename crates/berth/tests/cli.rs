@@ -720,3 +720,27 @@ async fn events_follow_shows_the_orgs_own_events_only() {
     child_b.kill().await.unwrap();
     t.shutdown().await;
 }
+
+#[tokio::test]
+async fn run_without_a_stream_still_ends_running() {
+    let config = format!("{CONFIG}\n[api]\nmax_streams_per_org = 1\n");
+    let (t, _faulty) = spawn_faulty(&config).await;
+    let sh = Shell::new(&t);
+    let tok = org(&sh, "acme").await;
+    // The org's one stream is taken: `run` cannot open its own.
+    let _held = t.ws(&tok, "").await;
+    let ran = sh
+        .berth(Some(&tok), &["run", "busybox", "--name", "web"])
+        .await;
+    let out = ran.ok();
+    assert!(
+        ran.stderr.contains("no live progress (too_many_requests"),
+        "{ran:#?}"
+    );
+    assert!(
+        out.lines().last().unwrap().starts_with("running web  ip "),
+        "{out}"
+    );
+    assert!(out.contains("✓ network.attach"), "{out}");
+    t.shutdown().await;
+}
