@@ -96,6 +96,15 @@ impl Shown {
         println!("{text}");
     }
 
+    /// Removes the spinner's line, if one is drawn.
+    fn clear(&mut self) {
+        if self.spinning {
+            print!("\r\x1b[2K");
+            let _ = std::io::stdout().flush();
+            self.spinning = false;
+        }
+    }
+
     fn spin(&mut self, out: &Out) {
         if !out.tty || out.json {
             return;
@@ -249,9 +258,7 @@ pub async fn run(api: &Api, out: Out, args: RunArgs) -> Result<(), Failure> {
             }
             "failed" => {
                 shown.current = None;
-                if shown.spinning {
-                    shown.line("");
-                }
+                shown.clear();
                 if out.json {
                     out.print_json(&inst);
                 }
@@ -264,7 +271,10 @@ pub async fn run(api: &Api, out: Out, args: RunArgs) -> Result<(), Failure> {
                     exit: 1,
                 });
             }
+            // An exited instance with a restart policy comes back by itself.
+            "exited" if s(&inst, "restart") != "no" => {}
             st @ ("stopped" | "exited" | "deleting" | "deleted") => {
+                shown.clear();
                 return Err(Failure::local(
                     "state_unreachable",
                     format!(
@@ -279,9 +289,7 @@ pub async fn run(api: &Api, out: Out, args: RunArgs) -> Result<(), Failure> {
         loop {
             tokio::select! {
                 _ = sigint.recv() => {
-                    if shown.spinning {
-                        shown.line("");
-                    }
+                    shown.clear();
                     eprintln!(
                         "detached: the flow goes on without this command. Follow it with\n    berth wait {} --state running\nor see it with `berth trace {}`.",
                         args.name, args.name
