@@ -472,6 +472,14 @@ async fn login_saves_the_token_owner_only_and_usage_errors_exit_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), saved);
+    // A damaged file is named; the environment alone still works.
+    std::fs::write(&file, "url = [").unwrap();
+    let ran = sh.berth(None, &["ps"]).await;
+    assert!(
+        ran.failed("config_unreadable").contains("berth login"),
+        "{ran:#?}"
+    );
+    sh.berth(Some(&tok), &["ps"]).await.ok();
 
     for args in [
         vec!["run", "busybox"],

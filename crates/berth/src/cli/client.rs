@@ -45,16 +45,19 @@ impl Api {
     /// The server and token from `BERTH_URL`/`BERTH_TOKEN`, else the login
     /// file, else the default URL and no token.
     pub fn from_env() -> Result<Api, Failure> {
-        let saved = Credentials::load()?;
-        let url = std::env::var("BERTH_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let (url, token) = (env("BERTH_URL"), env("BERTH_TOKEN"));
+        // The file is read only for what the environment does not say, so
+        // that a damaged one cannot stop a shell that sets both.
+        let saved = if url.is_none() || token.is_none() {
+            Credentials::load()?
+        } else {
+            None
+        };
+        let url = url
             .or_else(|| saved.as_ref().map(|c| c.url.clone()))
             .unwrap_or_else(|| DEFAULT_URL.to_owned());
-        let token = std::env::var("BERTH_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty())
-            .or_else(|| saved.and_then(|c| c.token));
+        let token = token.or_else(|| saved.and_then(|c| c.token));
         Api::new(&url, token)
     }
 
