@@ -1,6 +1,6 @@
 //! Fuzz target: the configuration as `berth` loads it — TOML text, then
-//! `BERTH_…` variables — and what start-up and `berth config` /
-//! `berth policies` do with a configuration that loaded. Errors are fine;
+//! `BERTH_…` variables — and what start-up and `berth config dump` /
+//! `berth config policies` do with a configuration that loaded. Errors are fine;
 //! a panic is not, nor a printed configuration that does not load back.
 //!
 //! Input: the TOML text, then optionally a NUL byte and `NAME=value`
@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
     let mut names: Vec<String> = workers().to_vec();
     names.extend(config.webhooks.iter().map(|w| format!("notify.{}", w.name)));
     if let Ok(policies) = config.policies(names.iter().map(String::as_str), "fuzz.toml") {
-        // `berth policies` prints these; the dispatcher computes delays.
+        // `berth config policies` prints these; the dispatcher computes delays.
         let rng = SeededRng::new(7);
         for (_, p) in policies.iter() {
             let _ = p.worst_case_delay();
@@ -58,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = p.clamp_retry_after(std::time::Duration::MAX);
         }
     }
-    // `berth config` prints the effective configuration: it must load back
+    // `berth config dump` prints the effective configuration: it must load back
     // as the same (but the admin token, which is never printed).
     let printed = config.to_toml();
     let back = match Config::from_toml_str(&printed, "printed", Vec::new()) {

@@ -5,6 +5,7 @@
 //! `api.max_streams_per_org` streams at once; a client's messages (it only
 //! sends control frames) are capped at 64 KiB.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -14,8 +15,10 @@ use axum::response::Response;
 use berth_core::events::WorkerFailed;
 use berth_core::{Envelope, EventId};
 use berth_store::instances;
+use berth_worker::Retried;
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::ApiState;
@@ -42,8 +45,13 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 #[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Resume after this event id (the `id` of the last message received);
-    /// without it the stream starts with what happens from now on.
+    /// without it (and without `from`) the stream starts with what happens
+    /// from now on.
     after: Option<String>,
+    /// `start`: begin with the org's first event instead of now (not with
+    /// `after`).
+    #[param(pattern = "^start$")]
+    from: Option<String>,
     /// The org token, for clients that cannot set the Authorization header
     /// on a WebSocket (browsers).
     #[allow(dead_code)] // Read by the auth extractor; declared for the document.
@@ -55,10 +63,15 @@ pub struct EventsQuery {
 pub struct StreamMessage {
     /// The event's id: the cursor to resume after.
     pub id: String,
-    /// `status` (the instance changed status) or `error` (a step failed for
-    /// good; the instance's own `status` message with `failed` follows).
+    /// `status` (the instance changed status), `error` (a step failed for
+    /// good; the instance's own `status` message with `failed` follows) or
+    /// `retry` (a step's attempt failed and will be retried). For `retry`,
+    /// `id` is that of the event whose handling is retried: retries are
+    /// sent live and are not replayed on a resume with `after`.
+    #[schema(pattern = "^(status|error|retry)$")]
     pub kind: String,
-    /// The event type, e.g. `image.built`, `instance.failed`, `image.build.failed`.
+    /// The event type, e.g. `image.built`, `instance.failed`,
+    /// `image.build.failed`; `attempt.retry` for `retry` messages.
     #[serde(rename = "type")]
     pub event_type: String,
     pub instance_id: Option<String>,
@@ -69,6 +82,18 @@ pub struct StreamMessage {
     /// What failed: code, message, step and attempts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<InstanceErrorView>,
+    /// For `retry`: the step whose attempt failed, e.g. `network.attach`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// For `retry`: the attempt that failed (from 1); the next is one more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// For `retry`: the most attempts the step's retry policy allows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// For `retry`: RFC 3339, when the next attempt is due.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
     /// RFC 3339.
     pub at: String,
 }
@@ -80,9 +105,10 @@ pub struct StreamMessage {
     security(("bearer" = [])),
     responses(
         (status = 101, description = "Switching to a WebSocket; each text frame is one message", body = StreamMessage),
-        (status = 400, description = "`websocket_required` (not an upgrade request), `invalid_parameter`", body = ErrorBody),
+        (status = 400, description = "`websocket_required` (not an upgrade request), `invalid_parameter` (e.g. both `after` and `from`)", body = ErrorBody),
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
         (status = 404, description = "`not_found`: `after` names no event of this org", body = ErrorBody),
+        (status = 422, description = "`invalid_value`: `from` is not `start`", body = ErrorBody),
         (status = 429, description = "`too_many_requests`: the org has `api.max_streams_per_org` streams open; `Retry-After` says when to try again", body = ErrorBody,
             headers(("retry-after" = u32, description = "Seconds to wait"))),
     )
@@ -95,9 +121,25 @@ pub async fn events(
 ) -> ApiResult<Response> {
     let cursor = {
         let mut conn = state.conn().await?;
-        match q.after.as_deref() {
-            None => berth_store::tenancy::last_seq(&mut conn).await?,
-            Some(after) => {
+        match (q.after.as_deref(), q.from.as_deref()) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_param(
+                    "from",
+                    "from and after cannot be given together: after already says where to start",
+                ));
+            }
+            (None, Some("start")) => 0,
+            (None, Some(other)) => {
+                return Err(ApiError::invalid(
+                    "from",
+                    format!(
+                        "from must be start (got {:?})",
+                        other.chars().take(80).collect::<String>()
+                    ),
+                ));
+            }
+            (None, None) => berth_store::tenancy::last_seq(&mut conn).await?,
+            (Some(after), None) => {
                 let not_found = || ApiError::not_found("event", "after", after);
                 let id: EventId = after.parse().map_err(|_| not_found())?;
                 berth_store::tenancy::event_seq_in_org(&mut conn, &auth.org_id, id)
@@ -117,6 +159,9 @@ pub async fn events(
     // Taken before the upgrade and moved into the session: given back when
     // the session ends, or with the callback if the upgrade never happens.
     let slot = state.hold(&auth.org_id, Hold::Stream)?;
+    // Subscribed before the upgrade is answered: a client that opens the
+    // stream and then creates an instance sees its very first retry.
+    let retried = state.inner.bus.retried();
     let tracker = state.inner.tracker.clone();
     let hard = state.inner.hard.clone();
     let org = auth.org_id;
@@ -128,7 +173,7 @@ pub async fn events(
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
                 tokio::select! {
-                    () = session(state, org, cursor, socket, slot) => {}
+                    () = session(state, org, cursor, socket, slot, retried) => {}
                     // Past the shutdown grace (a client not reading its
                     // close frame).
                     () = hard.cancelled() => {}
@@ -139,7 +184,15 @@ pub async fn events(
 
 /// Sends the org's messages after `cursor`, then live ones, until the
 /// client leaves or the server shuts down.
-async fn session(state: ApiState, org: String, mut cursor: i64, socket: WebSocket, _slot: Slot) {
+async fn session(
+    state: ApiState,
+    org: String,
+    mut cursor: i64,
+    socket: WebSocket,
+    _slot: Slot,
+    retried: broadcast::Receiver<Arc<Retried>>,
+) {
+    let mut retried = Some(retried);
     let (mut tx, mut rx) = socket.split();
     let mut feed = state.inner.feed.subscribe();
     let cancel = state.inner.cancel.clone();
@@ -203,6 +256,28 @@ async fn session(state: ApiState, org: String, mut cursor: i64, socket: WebSocke
                     return;
                 }
             }
+            r = next_retry(&mut retried) => match r {
+                // Only the org's own: the one check that keeps another
+                // org's retries (and their error messages) out.
+                Ok(r) if r.org_id.as_deref() == Some(org.as_str()) => {
+                    let msg = retry_message(&r, state.store().now());
+                    let Ok(text) = serde_json::to_string(&msg) else {
+                        continue;
+                    };
+                    match tokio::time::timeout(SEND_TIMEOUT, tx.send(Message::Text(text.into()))).await {
+                        Ok(Ok(())) => {}
+                        _ => return,
+                    }
+                }
+                Ok(_) => {}
+                // Retries are advice, not state: a lagging client misses
+                // some; the instance's `progress` still tells where it is.
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!(%org, missed = n, "event stream fell behind the retries");
+                }
+                // The workers stopped: no more retries; the log goes on.
+                Err(broadcast::error::RecvError::Closed) => retried = None,
+            },
             m = rx.next() => match m {
                 None | Some(Ok(Message::Close(_))) => return,
                 Some(Err(e)) => {
@@ -220,6 +295,40 @@ async fn session(state: ApiState, org: String, mut cursor: i64, socket: WebSocke
                 Some(Ok(_)) => {}
             },
         }
+    }
+}
+
+/// The next retry of the bus, or never once the bus is gone.
+async fn next_retry(
+    rx: &mut Option<broadcast::Receiver<Arc<Retried>>>,
+) -> Result<Arc<Retried>, broadcast::error::RecvError> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The message for a failed attempt that will be retried.
+fn retry_message(r: &Retried, at: berth_core::Timestamp) -> StreamMessage {
+    StreamMessage {
+        id: r.event_id.to_string(),
+        kind: "retry".to_owned(),
+        event_type: "attempt.retry".to_owned(),
+        instance_id: r.subject.clone(),
+        flow_id: r.flow_id.to_string(),
+        status: None,
+        error: Some(InstanceErrorView {
+            code: r.error.code.clone(),
+            message: r.error.message.clone(),
+            step: r.worker.clone(),
+            attempts: r.attempt,
+            cause: (!r.error.chain.is_empty()).then(|| r.error.chain.join(": ")),
+        }),
+        step: Some(r.worker.clone()),
+        attempt: Some(r.attempt),
+        max_attempts: Some(r.max_attempts),
+        next_attempt_at: Some(r.next_attempt_at.to_string()),
+        at: at.to_string(),
     }
 }
 
@@ -272,6 +381,10 @@ async fn message(state: &ApiState, env: &Envelope) -> Option<StreamMessage> {
         flow_id: env.flow_id.to_string(),
         status: None,
         error: None,
+        step: None,
+        attempt: None,
+        max_attempts: None,
+        next_attempt_at: None,
         at: env.created_at.to_string(),
     };
     if let Some(status) = status_of(env) {

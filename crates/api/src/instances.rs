@@ -17,7 +17,7 @@ use berth_runtime::HostId;
 use berth_store::instances::{self, BuildRef, Instance, NameTaken};
 use futures::StreamExt;
 use serde::Deserialize;
-use utoipa::IntoParams;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::OrgAuth;
 use crate::error::{ApiError, ApiResult, ErrorBody};
@@ -113,6 +113,40 @@ pub struct ListQuery {
     limit: Option<String>,
     /// The `next` of the previous page: this page starts after it.
     after: Option<String>,
+    /// Only instances in this status, or `retrying`: those whose current
+    /// step failed and is backing off before its next attempt.
+    #[param(value_type = Option<StatusFilter>)]
+    status: Option<String>,
+    /// Only the instance with this name (with `all=true`, deleted ones of
+    /// that name too).
+    #[param(pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")]
+    name: Option<String>,
+}
+
+/// What `status` of the list accepts.
+#[derive(Debug, Clone, Copy, ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // The document's enum; parsed from the string.
+pub enum StatusFilter {
+    Requested,
+    Provisioning,
+    Building,
+    Starting,
+    Running,
+    Failed,
+    Stopping,
+    Stopped,
+    Exited,
+    Deleting,
+    Deleted,
+    Retrying,
+}
+
+/// The values `status` of the list accepts, as the error lists them.
+fn status_values() -> String {
+    let mut v: Vec<&str> = InstanceStatus::ALL.iter().map(|s| s.as_str()).collect();
+    v.push("retrying");
+    v.join(", ")
 }
 
 /// Query of `/wait`.
@@ -280,7 +314,7 @@ fn wait_slot(state: &ApiState, org: &str, wait: bool) -> Result<Option<Slot>, Ap
         (status = 200, description = "A page of the org's instances (deleted ones with `all=true`); `next` is the cursor of the next page, `null` on the last", body = InstanceList),
         (status = 400, description = "`invalid_parameter`: `limit` is not a number, or `after` names no instance of this org", body = ErrorBody),
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
-        (status = 422, description = "`invalid_value`: `limit` is not from 1 to 1000", body = ErrorBody),
+        (status = 422, description = "`invalid_value`: `limit` is not from 1 to 1000, `status` is not a status nor `retrying`, or `name` is not an instance name", body = ErrorBody),
     )
 )]
 pub async fn list(
@@ -313,28 +347,62 @@ pub async fn list(
                 })?
         }
     };
+    let mut filter = instances::ListFilter {
+        deleted: all,
+        name: q.name.as_deref(),
+        ..Default::default()
+    };
+    match q.status.as_deref() {
+        None => {}
+        Some("retrying") => filter.retrying = true,
+        Some(s) => {
+            filter.status = Some(s.parse::<InstanceStatus>().map_err(|_| {
+                ApiError::invalid(
+                    "status",
+                    format!("status {:?} is not one of {}", trunc(s), status_values()),
+                )
+            })?);
+        }
+    }
+    if let Some(n) = &q.name
+        && let Err(e) = berth_core::domain::InstanceName::parse(n)
+    {
+        return Err(ApiError::invalid("name", e.to_string()));
+    }
     let mut conn = state.conn().await?;
     // One more than asked: whether it comes says if there is a next page.
-    let mut page =
-        match instances::list_page(&mut conn, &auth.org_id, q.after.as_deref(), all, limit + 1)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) if e.downcast_ref::<instances::UnknownCursor>().is_some() => {
-                // Another org's instance id answers exactly like one that
-                // does not exist.
-                return Err(ApiError::bad_param(
-                    "after",
-                    "after is not a cursor of this list; pass the `next` of a previous page",
-                ));
-            }
-            Err(e) => return Err(e.into()),
-        };
+    let mut page = match instances::list_page(
+        &mut conn,
+        &auth.org_id,
+        q.after.as_deref(),
+        filter,
+        limit + 1,
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(e) if e.downcast_ref::<instances::UnknownCursor>().is_some() => {
+            // Another org's instance id answers exactly like one that
+            // does not exist.
+            return Err(ApiError::bad_param(
+                "after",
+                "after is not a cursor of this list; pass the `next` of a previous page",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    drop(conn);
     let more = page.len() > limit as usize;
     page.truncate(limit as usize);
+    let mut views = Vec::with_capacity(page.len());
+    for i in &page {
+        let mut v = InstanceView::new(i, reveal);
+        v.progress = state.progress(i).await?;
+        views.push(v);
+    }
     Ok(Json(InstanceList {
         next: more.then(|| page.last().map(|i| i.id.clone())).flatten(),
-        instances: page.iter().map(|i| InstanceView::new(i, reveal)).collect(),
+        instances: views,
     }))
 }
 
@@ -358,7 +426,9 @@ pub async fn get(
 ) -> ApiResult<Json<InstanceView>> {
     let reveal = flag("reveal", q.reveal.as_deref())?;
     let inst = load(&state, &auth.org_id, &id).await?;
-    Ok(Json(InstanceView::new(&inst, reveal)))
+    let mut v = InstanceView::new(&inst, reveal);
+    v.progress = state.progress(&inst).await?;
+    Ok(Json(v))
 }
 
 /// Answers an action: 202 with the new flow, or 200 when there was nothing

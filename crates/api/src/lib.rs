@@ -64,6 +64,9 @@ pub struct ApiDeps {
     pub runtime: Arc<dyn ContainerRuntime>,
     /// Container limits and org quotas (`[limits]`).
     pub quotas: validate::Quotas,
+    /// Each worker's most attempts (its retry policy's), for the progress
+    /// of flows.
+    pub max_attempts: std::collections::HashMap<String, u32>,
 }
 
 impl std::fmt::Debug for ApiDeps {
@@ -83,6 +86,7 @@ struct Inner {
     bus: Bus,
     runtime: Arc<dyn ContainerRuntime>,
     quotas: validate::Quotas,
+    max_attempts: std::collections::HashMap<String, u32>,
     /// SHA-256 of the admin token.
     admin_hash: String,
     feed: Arc<feed::Feed>,
@@ -118,6 +122,29 @@ impl ApiState {
         self.inner.caps.take(org, hold)
     }
 
+    /// The most attempts `worker`'s policy allows, if this server runs it.
+    pub(crate) fn max_attempts(&self, worker: &str) -> Option<u32> {
+        self.inner.max_attempts.get(worker).copied()
+    }
+
+    /// Where the instance's flow is, while it is in progress.
+    pub(crate) async fn progress(
+        &self,
+        inst: &berth_store::instances::Instance,
+    ) -> Result<Option<views::ProgressView>, ApiError> {
+        // A settled instance may still have deliveries of its flow pending
+        // (notifications): those are not the flow's progress.
+        if inst.status.is_terminal() {
+            return Ok(None);
+        }
+        let mut conn = self.conn().await?;
+        let p = berth_store::instances::flow_progress(&mut conn, inst.flow_id).await?;
+        Ok(p.map(|p| {
+            let max = self.max_attempts(&p.worker).unwrap_or(0);
+            views::ProgressView::new(&p, max)
+        }))
+    }
+
     pub(crate) async fn conn(
         &self,
     ) -> Result<berth_store::sqlx::pool::PoolConnection<berth_store::sqlx::Sqlite>, ApiError> {
@@ -145,6 +172,8 @@ impl ApiState {
         views::FlowEvent,
         views::AttemptView,
         views::ErrorInfoView,
+        // Named by the list's `status` parameter only.
+        instances::StatusFilter,
     )),
     tags(
         (name = "orgs", description = "Orgs and tokens"),
@@ -302,6 +331,7 @@ impl Server {
                 bus: deps.bus,
                 runtime: deps.runtime,
                 quotas: deps.quotas,
+                max_attempts: deps.max_attempts,
                 admin_hash,
                 feed: feed.clone(),
                 metrics: metrics::Metrics::new(cursor),

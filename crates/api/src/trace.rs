@@ -90,7 +90,15 @@ pub async fn flow(
                 payload: views::payload(e),
                 attempts: by_event
                     .get(&e.id)
-                    .map(|v| v.iter().map(|a| AttemptView::from(*a)).collect())
+                    .map(|v| {
+                        v.iter()
+                            .map(|a| {
+                                let mut view = AttemptView::from(*a);
+                                view.max_attempts = state.max_attempts(&a.worker);
+                                view
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 children: kids,
             },

@@ -130,9 +130,46 @@ pub struct InstanceView {
     pub generation: i64,
     /// The flow of the latest action on the instance.
     pub flow_id: String,
+    /// Where that flow is, while it is in progress (`null` once it ended, and
+    /// in the answers of actions and of `wait`).
+    pub progress: Option<ProgressView>,
     /// RFC 3339.
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// The step a flow in progress is at.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ProgressView {
+    /// The step (worker), e.g. `network.attach`.
+    pub step: String,
+    /// The attempt running now or, while backing off, the next one (from 1).
+    pub attempt: u32,
+    /// The most attempts the step's retry policy allows.
+    pub max_attempts: u32,
+    /// The error of the step's latest failed attempt, if one failed.
+    pub last_error: Option<ErrorInfoView>,
+    /// RFC 3339: when the next attempt is due, while the step backs off
+    /// after a failure (`null` while an attempt runs or before the first).
+    pub next_attempt_at: Option<String>,
+}
+
+impl ProgressView {
+    /// The view of `p`; `max_attempts` is the step's policy's.
+    pub fn new(p: &berth_store::instances::FlowProgress, max_attempts: u32) -> Self {
+        let backing_off = !p.running && p.attempts_started > 0;
+        ProgressView {
+            step: p.worker.clone(),
+            attempt: if p.running {
+                p.attempts_started.max(1)
+            } else {
+                p.attempts_started + 1
+            },
+            max_attempts,
+            last_error: p.last_error.as_ref().map(ErrorInfoView::from),
+            next_attempt_at: backing_off.then(|| p.not_before.to_string()),
+        }
+    }
 }
 
 impl InstanceView {
@@ -185,6 +222,7 @@ impl InstanceView {
             restarts: i.restarts,
             generation: i.generation,
             flow_id: i.flow_id.to_string(),
+            progress: None,
             created_at: i.created_at.to_string(),
             updated_at: i.updated_at.to_string(),
         }
@@ -247,6 +285,9 @@ pub struct AttemptView {
     pub error: Option<ErrorInfoView>,
     /// The back-off chosen before the next attempt, in microseconds.
     pub next_delay_us: Option<u64>,
+    /// The most attempts the worker's retry policy allows (as configured
+    /// now); `null` for a worker this server does not run.
+    pub max_attempts: Option<u32>,
 }
 
 impl From<&AttemptRecord> for AttemptView {
@@ -261,6 +302,7 @@ impl From<&AttemptRecord> for AttemptView {
             outcome: a.outcome.as_str().to_owned(),
             error: a.error.as_ref().map(ErrorInfoView::from),
             next_delay_us: a.next_delay.map(us),
+            max_attempts: None,
         }
     }
 }

@@ -422,6 +422,11 @@ impl App {
                         .limits
                         .quotas()
                         .map_err(|rule| anyhow::anyhow!("{rule}"))?,
+                    max_attempts: world
+                        .policies
+                        .iter()
+                        .map(|(name, p)| (name.to_owned(), p.max_attempts))
+                        .collect(),
                 },
                 admin.hash,
                 config.api.options(),

@@ -12,7 +12,7 @@ use berth_store::Synchronous;
 use berth_worker::{Policies, WorkersConfig};
 use serde::{Deserialize, Serialize};
 
-/// The whole configuration. `berth config` prints the effective one.
+/// The whole configuration. `berth config dump` prints the effective one.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -23,7 +23,7 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The admin token (`BERTH_ADMIN_TOKEN`), which creates orgs. Unset: one
     /// is generated at first start, printed once, and kept hashed. Never
-    /// printed by `berth config`.
+    /// printed by `berth config dump`.
     #[serde(skip_serializing)]
     pub admin_token: Option<Secret>,
     pub api: ApiSection,
@@ -354,7 +354,7 @@ pub struct BusConfig {
     /// Most events and finished attempts in one group commit.
     pub max_batch: usize,
     /// How often an idle dispatcher looks for work committed by another
-    /// process (a `berth redrive`); work from this process wakes it at once.
+    /// process (a `berth admin redrive`); work from this process wakes it at once.
     #[serde(with = "berth_core::duration::human")]
     pub poll_interval: Duration,
     /// How often the WAL is checkpointed in the background while Berth
@@ -463,7 +463,15 @@ impl ApiSection {
 pub struct ConfigError(pub String);
 
 /// Environment variables that are not configuration keys.
-const ENV_NOT_KEYS: &[&str] = &["BERTH_LOG", "BERTH_LOG_FORMAT", "BERTH_CONFIG"];
+/// `BERTH_URL` and `BERTH_TOKEN` are the CLI's (the server a client talks
+/// to, and as whom): a shell that has them set can still run `berth serve`.
+const ENV_NOT_KEYS: &[&str] = &[
+    "BERTH_LOG",
+    "BERTH_LOG_FORMAT",
+    "BERTH_CONFIG",
+    "BERTH_URL",
+    "BERTH_TOKEN",
+];
 
 /// Variables whose value is always a string, whatever it looks like (a
 /// token of digits must not become an integer).

@@ -1,5 +1,7 @@
 //! The `berth` command: run the platform and inspect it.
 
+mod cli;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -7,21 +9,31 @@ use anyhow::Context;
 use berth::{App, Config};
 use berth_core::FlowId;
 use berth_store::Redrive;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+use cli::output::{Format, Out};
 
 #[derive(Parser)]
 #[command(
     name = "berth",
     version,
-    about = "Berth: a self-hosted container platform"
+    about = "Berth: a self-hosted container platform",
+    after_help = "The client commands talk to a server at BERTH_URL (default http://127.0.0.1:7077) \
+                  with BERTH_TOKEN, or with what `berth login` saved. Exit codes: 0 done, 1 the \
+                  operation failed (the API's code and message are printed), 2 a usage error."
 )]
 struct Cli {
-    /// Configuration file (TOML); see berth.example.toml for every key.
+    /// Server configuration file (TOML; for serve, config and admin); see
+    /// berth.example.toml for every key.
     #[arg(long, global = true, env = "BERTH_CONFIG")]
     config: Option<PathBuf>,
-    /// Directory of Berth's state (overrides `data_dir`).
+    /// Directory of the server's state (overrides `data_dir`; for serve and
+    /// admin).
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
+    /// `json`: one JSON document on stdout instead of text.
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "text")]
+    output: Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,33 +51,60 @@ enum Command {
         #[arg(long, value_name = "docker|sim")]
         runtime: Option<berth::config::RuntimeKind>,
     },
+    #[command(flatten)]
+    Client(cli::Client),
+    /// The server's configuration (defaults, file, environment, flags),
+    /// read here without a server.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Offline commands for the operator: they read the server's database
+    /// directly (on this machine, with its data dir), not the API.
+    #[command(subcommand)]
+    Admin(AdminCmd),
+    /// Print a shell completion script: `berth completion bash > /etc/bash_completion.d/berth`.
+    Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Load the configuration and resolve every worker's policy; say what
+    /// is wrong, if anything (exit 1).
+    Check,
+    /// Print the effective configuration as TOML.
+    Dump,
     /// Print each worker's effective retry policy with its worst cases.
-    Policies {
-        /// One JSON object per worker instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Print the effective configuration (defaults, file, environment, flags).
-    Config,
-    /// List dead letters, newest first.
+    Policies,
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// List dead letters of every org, newest first (reads the database).
     DeadLetters {
         /// Include those already re-driven.
         #[arg(long)]
         all: bool,
         #[arg(long, default_value_t = 50)]
         limit: u32,
-        #[arg(long)]
-        json: bool,
     },
-    /// Re-drive a dead letter: a new round of attempts for the same worker.
+    /// Re-drive a dead letter of any org: a new round of attempts for the
+    /// same worker (writes the database).
     Redrive { id: String },
-    /// Print a flow: its events by causation, with every attempt.
+    /// Print a flow: its events by causation, with every attempt (reads the
+    /// database).
     Flow { flow_id: String },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    berth::telemetry::init();
+    let out = Out::new(cli.output);
+    if let Command::Completion { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "berth", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    let client = matches!(cli.command, Command::Client(_));
+    if !client {
+        berth::telemetry::init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -76,7 +115,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    if let Command::Client(cmd) = cli.command {
+        return match runtime.block_on(cli::main(cmd, out)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(f) => {
+                f.report(out.color && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+                ExitCode::from(f.exit)
+            }
+        };
+    }
+    match runtime.block_on(run(cli, out)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -106,7 +154,7 @@ fn load(cli: &Cli) -> anyhow::Result<(Config, String)> {
     Ok((config, source))
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, out: Out) -> anyhow::Result<()> {
     let (config, source) = load(&cli)?;
     if let Command::Serve { .. } = cli.command {
         let mut app = App::build(config, &source).await?;
@@ -130,24 +178,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let registry = berth::registry(&config, deps)?;
     let policies = config.policies(registry.names(), &source)?;
     match cli.command {
-        Command::Serve { .. } => {
-            anyhow::bail!("serve is handled above")
+        Command::Serve { .. } | Command::Client(_) | Command::Completion { .. } => {
+            anyhow::bail!("handled above")
         }
-        Command::Policies { json } => {
-            print_policies(&registry, &policies, json);
+        Command::Config(ConfigCmd::Check) => {
+            if out.json {
+                out.print_json(&serde_json::json!({ "ok": true, "source": source }));
+            } else {
+                println!(
+                    "{source}: ok ({} workers, each with a valid policy)",
+                    registry.workers().len()
+                );
+            }
             Ok(())
         }
-        Command::Config => {
-            print!("{}", config.to_toml());
+        Command::Config(ConfigCmd::Dump) => {
+            if out.json {
+                out.print_json(&serde_json::to_value(&config)?);
+            } else {
+                print!("{}", config.to_toml());
+            }
             Ok(())
         }
-        Command::DeadLetters { all, limit, json } => {
+        Command::Config(ConfigCmd::Policies) => {
+            print_policies(&registry, &policies, out.json);
+            Ok(())
+        }
+        Command::Admin(AdminCmd::DeadLetters { all, limit }) => {
             let store = open_store(&config).await?;
             let list = store.dead_letters(None, !all, limit).await?;
-            if json {
-                for d in &list {
-                    println!("{}", serde_json::to_string(d)?);
-                }
+            if out.json {
+                out.print_json(&serde_json::to_value(&list)?);
             } else if list.is_empty() {
                 println!("no dead letters");
             } else {
@@ -170,7 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Redrive { id } => {
+        Command::Admin(AdminCmd::Redrive { id }) => {
             let store = open_store(&config).await?;
             if let Some(dl) = store.dead_letter(&id).await?
                 && !registry.names().any(|n| n == dl.worker)
@@ -196,7 +257,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Redrive::NotFound => anyhow::bail!("no dead letter with id {id}"),
             }
         }
-        Command::Flow { flow_id } => {
+        Command::Admin(AdminCmd::Flow { flow_id }) => {
             let flow: FlowId = flow_id.parse()?;
             let store = open_store(&config).await?;
             print_flow(&store, flow).await
@@ -257,16 +318,22 @@ fn print_policies(
         .filter_map(|w| policies.get(&w.name).map(|p| (w, p)))
         .collect();
     if json {
-        for (w, p) in rows {
-            let v = serde_json::json!({
-                "worker": &*w.name,
-                "events": w.subscribes,
-                "policy": p,
-                "worst_case_attempts": p.max_attempts,
-                "worst_case_delay": human(p.worst_case_delay()),
-                "worst_case_total": human(p.worst_case_total()),
-            });
-            println!("{v}");
+        let list: Vec<_> = rows
+            .iter()
+            .map(|(w, p)| {
+                serde_json::json!({
+                    "worker": &*w.name,
+                    "events": w.subscribes,
+                    "policy": p,
+                    "worst_case_attempts": p.max_attempts,
+                    "worst_case_delay": human(p.worst_case_delay()),
+                    "worst_case_total": human(p.worst_case_total()),
+                })
+            })
+            .collect();
+        match serde_json::to_string_pretty(&list) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("error: cannot encode the policies: {e}"),
         }
         return;
     }

@@ -340,30 +340,56 @@ pub async fn list(conn: &mut SqliteConnection, org: Option<&str>) -> anyhow::Res
 #[error("the cursor names no instance of this org")]
 pub struct UnknownCursor;
 
+/// What a page of the list is narrowed to.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListFilter<'a> {
+    /// Include deleted instances (a `status` of `deleted` includes them too).
+    pub deleted: bool,
+    /// Only instances in this status.
+    pub status: Option<InstanceStatus>,
+    /// Only instances whose current step is backing off before a retry.
+    pub retrying: bool,
+    /// Only instances with this name.
+    pub name: Option<&'a str>,
+}
+
 /// At most `limit` of an org's instances, oldest first (by creation time,
-/// then id: a stable order), after the instance `after` if given; deleted
-/// ones only with `deleted`. The cursor is looked up within the org alone,
+/// then id: a stable order), after the instance `after` if given, as
+/// narrowed by `filter`. The cursor is looked up within the org alone,
 /// so another org's id is [`UnknownCursor`] exactly like one that does not
 /// exist.
 pub async fn list_page(
     conn: &mut SqliteConnection,
     org: &str,
     after: Option<&str>,
-    deleted: bool,
+    filter: ListFilter<'_>,
     limit: u32,
 ) -> anyhow::Result<Vec<Instance>> {
     let cols = columns();
+    let deleted = filter.deleted || filter.status == Some(InstanceStatus::Deleted);
+    // "Backing off": a delivery of the instance's current flow that has
+    // been attempted and is not running now, which is what the dispatcher
+    // leaves after a failed attempt it will retry.
     let rows = sqlx::query(&format!(
         "SELECT {cols} FROM instances
           WHERE org_id = ?1 AND (?2 OR status != 'deleted')
             AND (?3 IS NULL OR (created_at, id) >
                  (SELECT created_at, id FROM instances WHERE id = ?3 AND org_id = ?1))
+            AND (?5 IS NULL OR status = ?5)
+            AND (?6 IS NULL OR name = ?6)
+            AND (NOT ?7 OR EXISTS (
+                 SELECT 1 FROM events e JOIN deliveries d ON d.event_id = e.id
+                  WHERE e.flow_id = instances.flow_id
+                    AND d.attempt > 0 AND d.lease_owner IS NULL))
           ORDER BY created_at, id LIMIT ?4"
     ))
     .bind(org)
     .bind(deleted)
     .bind(after)
     .bind(limit)
+    .bind(filter.status.map(InstanceStatus::as_str))
+    .bind(filter.name)
+    .bind(filter.retrying)
     .fetch_all(&mut *conn)
     .await
     .context("failed to list instances")?;
@@ -384,6 +410,65 @@ pub async fn list_page(
         }
     }
     rows.iter().map(from_row).collect()
+}
+
+/// Where a flow in progress is: its newest pending delivery.
+#[derive(Debug, Clone)]
+pub struct FlowProgress {
+    /// The worker (step) the delivery is for, e.g. `network.attach`.
+    pub worker: String,
+    /// Attempts started in this round (0: not yet started).
+    pub attempts_started: u32,
+    /// An attempt is running now (the delivery is leased).
+    pub running: bool,
+    /// When the delivery is due (the next attempt, while backing off).
+    pub not_before: Timestamp,
+    /// The error of the latest failed attempt of this round, if any.
+    pub last_error: Option<berth_core::ErrorInfo>,
+}
+
+/// The progress of `flow`: `None` when none of its events awaits a worker.
+pub async fn flow_progress(
+    conn: &mut SqliteConnection,
+    flow: FlowId,
+) -> anyhow::Result<Option<FlowProgress>> {
+    let row = sqlx::query(
+        "SELECT d.worker, d.attempt, d.lease_owner IS NOT NULL, d.not_before, d.event_id, d.round
+           FROM events e JOIN deliveries d ON d.event_id = e.id
+          WHERE e.flow_id = ?1
+          ORDER BY e.seq DESC, d.attempt DESC LIMIT 1",
+    )
+    .bind(flow.to_string())
+    .fetch_optional(&mut *conn)
+    .await
+    .context("failed to read the flow's deliveries")?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let worker: String = row.try_get(0)?;
+    let attempts_started: i64 = row.try_get(1)?;
+    let event_id: String = row.try_get(4)?;
+    let round: i64 = row.try_get(5)?;
+    let error: Option<String> = sqlx::query_scalar(
+        "SELECT error FROM attempts
+          WHERE event_id = ?1 AND worker = ?2 AND round = ?3 AND error IS NOT NULL
+          ORDER BY id DESC LIMIT 1",
+    )
+    .bind(&event_id)
+    .bind(&worker)
+    .bind(round)
+    .fetch_optional(&mut *conn)
+    .await
+    .context("failed to read the flow's attempts")?;
+    Ok(Some(FlowProgress {
+        worker,
+        attempts_started: u32::try_from(attempts_started).unwrap_or(0),
+        running: row.try_get(2)?,
+        not_before: Timestamp::from_micros(row.try_get(3)?),
+        // A record this process cannot read is shown as no error rather
+        // than failing the whole read.
+        last_error: error.and_then(|e| serde_json::from_str(&e).ok()),
+    }))
 }
 
 /// Writes `i` back if the row still has `i.version`; bumps the version.

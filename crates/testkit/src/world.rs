@@ -187,6 +187,15 @@ impl std::fmt::Debug for TestWorld {
 }
 
 impl TestWorld {
+    /// The composed world for [`berth::App::start`] (the real server on its
+    /// own port, as `berth serve` runs it), with the fault wrapper to steer
+    /// its engine and the directory that must outlive the app. Only for a
+    /// world whose workers this kit did not start.
+    pub fn into_app_parts(self) -> (World, Option<Arc<FaultyRuntime>>, tempfile::TempDir) {
+        assert!(self.workers.is_none(), "the kit's workers are running");
+        (self.world, self.faulty, self._dir)
+    }
+
     /// Starts the workers (again, after [`TestWorld::stop`]: a restart on
     /// the same database, as after a crash).
     pub async fn start(&mut self) {

@@ -138,6 +138,9 @@ pub(crate) struct DispatcherConfig {
     /// Cancelled for a simulated crash: every attempt stops where it is,
     /// unrecorded, as if the process had died.
     pub kill: CancellationToken,
+    /// Each failed attempt that will be retried, once its turn committed,
+    /// for in-process listeners (the API's event stream).
+    pub retried_tx: tokio::sync::broadcast::Sender<Arc<crate::Retried>>,
 }
 
 pub(crate) struct Dispatcher {
@@ -575,6 +578,8 @@ impl Dispatcher {
         let mut new_envs: Vec<Envelope> = Vec::new();
         let mut dead_count = 0u64;
         let mut recache: Vec<(EventId, Arc<str>, Arc<Envelope>)> = Vec::new();
+        let mut retried: Vec<crate::Retried> = Vec::new();
+        let tell_retries = self.cfg.retried_tx.receiver_count() > 0;
         for c in &self.completions {
             let w = &mut self.workers[c.worker];
             let record = |outcome: Outcome, error: Option<ErrorInfo>, next: Option<Duration>| {
@@ -672,6 +677,19 @@ impl Dispatcher {
                         };
                         attempts.push(record(*outcome, Some(error.clone()), Some(delay)));
                         let at = now.plus(delay);
+                        if tell_retries {
+                            retried.push(crate::Retried {
+                                event_id: c.env.id,
+                                org_id: c.env.org_id.clone(),
+                                flow_id: c.env.flow_id,
+                                subject: c.env.subject.clone(),
+                                worker: w.name.to_string(),
+                                attempt: c.claimed.attempt,
+                                max_attempts: w.policy.max_attempts,
+                                error: error.clone(),
+                                next_attempt_at: at,
+                            });
+                        }
                         resched.push((c.env.id, w.name.clone(), at));
                         recache.push((c.env.id, w.name.clone(), c.env.clone()));
                         w.due_no_later_than(at);
@@ -809,6 +827,10 @@ impl Dispatcher {
                 // No receiver, or one that lags (it is told so), is fine.
                 let _ = self.committed_tx.send(Arc::new((*e).clone()));
             }
+        }
+        // Told only once durable, like the events above.
+        for r in retried {
+            let _ = self.cfg.retried_tx.send(Arc::new(r));
         }
         drop(gate);
         self.stats

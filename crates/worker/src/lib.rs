@@ -79,6 +79,7 @@ pub struct Bus {
     tx: mpsc::Sender<PublishReq>,
     stats: Arc<Stats>,
     committed: tokio::sync::broadcast::Sender<Arc<Envelope>>,
+    retried: tokio::sync::broadcast::Sender<Arc<Retried>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -103,6 +104,12 @@ impl Bus {
     /// log for them.
     pub fn committed(&self) -> tokio::sync::broadcast::Receiver<Arc<Envelope>> {
         self.committed.subscribe()
+    }
+
+    /// Every failed attempt that will be retried, from now on, once its
+    /// turn committed (a lagging listener is told how many it missed).
+    pub fn retried(&self) -> tokio::sync::broadcast::Receiver<Arc<Retried>> {
+        self.retried.subscribe()
     }
 
     /// Publishes one event (group-committed with others) and returns its
@@ -166,6 +173,29 @@ impl Bus {
 
 /// How far a [`Bus::committed`] listener may fall behind.
 pub const COMMITTED_BACKLOG: usize = 65_536;
+
+/// How far a [`Bus::retried`] listener may fall behind.
+pub const RETRIED_BACKLOG: usize = 4_096;
+
+/// A failed attempt that will be retried, as told to in-process listeners
+/// once its turn committed. Not in the event log: attempts are history,
+/// not events, and a retry changes no state a flow reacts to.
+#[derive(Debug, Clone)]
+pub struct Retried {
+    /// The event whose handling failed.
+    pub event_id: EventId,
+    /// The org of that event (listeners must scope by it).
+    pub org_id: Option<String>,
+    pub flow_id: berth_core::FlowId,
+    pub subject: Option<String>,
+    pub worker: String,
+    /// The attempt that failed (1 for the first).
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub error: berth_core::ErrorInfo,
+    /// When the next attempt is due.
+    pub next_attempt_at: berth_core::Timestamp,
+}
 
 /// The running worker framework: the dispatcher task and its handlers.
 pub struct Workers {
@@ -245,6 +275,7 @@ impl Workers {
         let kill = CancellationToken::new();
         let (tx, rx) = mpsc::channel(1024);
         let (committed, _) = tokio::sync::broadcast::channel(COMMITTED_BACKLOG);
+        let (retried, _) = tokio::sync::broadcast::channel(RETRIED_BACKLOG);
         let owner: Arc<str> = Arc::from(format!("{}-{}", std::process::id(), store.ids().ulid()));
         let conns = Conns {
             read: conn,
@@ -263,6 +294,7 @@ impl Workers {
                 max_cached: 262_144,
                 rng: options.rng,
                 kill: kill.clone(),
+                retried_tx: retried.clone(),
             },
             stats.clone(),
             committed.clone(),
@@ -283,6 +315,7 @@ impl Workers {
                 tx,
                 stats,
                 committed,
+                retried,
             },
             cancel,
             kill,

@@ -84,6 +84,33 @@ pub async fn spawn_with(config: &str, env: Vec<(String, String)>) -> TestApp {
     }
 }
 
+/// Boots Berth with configuration `config` on the test kit's simulated
+/// engine behind its fault wrapper (seeded; it injects nothing until told
+/// to), on a free port; returns the wrapper to steer it.
+pub async fn spawn_faulty(
+    config: &str,
+) -> (
+    TestApp,
+    std::sync::Arc<berth_runtime::faulty::FaultyRuntime>,
+) {
+    // Top-level keys go before the first table.
+    let config = format!("admin_token = \"{ADMIN}\"\n{config}");
+    let world = berth_testkit::Kit::new(&config).compose().await;
+    let (world, faulty, dir) = world.into_app_parts();
+    let app = App::start(world).await.unwrap();
+    let addr = app.api_addr();
+    (
+        TestApp {
+            app,
+            base: format!("http://{addr}"),
+            ws_base: format!("ws://{addr}"),
+            http: reqwest::Client::new(),
+            _dir: dir,
+        },
+        faulty.expect("the kit's simulated engine has a fault wrapper"),
+    )
+}
+
 /// An answer: status, headers and body (JSON when it parses).
 #[derive(Debug)]
 pub struct Answer {
