@@ -19,7 +19,12 @@
 //!   and has either asked for it again or gone back to waiting, so the
 //!   queue is complete when the choice is made;
 //! - the next holder is the queued task with the earliest wake-up: first
-//!   come, first served, in an order that does not depend on the executor.
+//!   come, first served, in an order that does not depend on the executor;
+//! - a woken task does not even look at what it waits on while another
+//!   holds the baton (its poll is put off until the holder gives it up):
+//!   which of its waits is ready, which branch of a `select!` wins, would
+//!   otherwise depend on how far the holder had got when the executor
+//!   polled it — on SQLite's timing again.
 //!
 //! Nothing happens unless the simulator [`install`]s a [`Sched`] on its
 //! thread: on every other thread each function here is the future it wraps,
@@ -55,6 +60,9 @@ struct State {
     tasks: HashMap<u64, Slot>,
     /// [`Sched::settle`]s waiting for nothing to be left to run.
     settlers: Vec<Waker>,
+    /// Tasks woken while someone held the baton, to be polled once no one
+    /// does.
+    deferred: Vec<Waker>,
 }
 
 #[derive(Debug)]
@@ -118,8 +126,13 @@ impl Sched {
     /// woken task is still to be heard from; if no one is queued either,
     /// wakes the settlers. Returns whom to wake, to be woken unlocked.
     fn hand_on(&self, st: &mut State) -> Vec<Waker> {
-        if st.holder.is_some() || st.pending > 0 {
+        if st.holder.is_some() {
             return Vec::new();
+        }
+        if st.pending > 0 {
+            // The woken tasks that were kept waiting for the holder to be
+            // done may now look at what they wait on.
+            return std::mem::take(&mut st.deferred);
         }
         let Some((_, id)) = st.queue.pop_first() else {
             return std::mem::take(&mut st.settlers);
@@ -315,6 +328,18 @@ impl<F: Future> Future for Task<F> {
         };
         let consumed = {
             let mut st = sched.lock();
+            // A task without the baton does not look at what it waits on
+            // while another holds it: which of its waits is ready (which
+            // branch of a `select!` wins) would depend on how far the
+            // holder got, which depends on SQLite's timing. It looks once
+            // the holder gives the baton up; its wake-up keeps its number.
+            let holder = st.holder;
+            if holder.is_some_and(|h| h != id)
+                && st.tasks.get(&id).is_some_and(|s| s.mode == Mode::Idle)
+            {
+                st.deferred.push(cx.waker().clone());
+                return Poll::Pending;
+            }
             let answered = st.tasks.get_mut(&id).and_then(|slot| {
                 let w = slot.woken.take();
                 slot.answering = w;
@@ -543,5 +568,47 @@ mod tests {
         };
         assert_eq!(run([3, 0, 2, 1]), vec![2, 0, 3, 1]);
         assert_eq!(run([0, 3, 1, 2]), vec![2, 0, 3, 1]);
+    }
+
+    /// A task woken in the middle of another's turn sees the whole turn:
+    /// the holder wakes it, waits on another thread, then sends more; the
+    /// woken task's `select!` must always see both messages, however long
+    /// the other thread takes.
+    #[test]
+    fn a_woken_task_looks_at_its_waits_only_after_the_holders_turn() {
+        for pause in [0, 1, 3] {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("runtime");
+            install(Some(Sched::new()));
+            let seen = rt.block_on(task(async move {
+                let (first_tx, mut first) = tokio::sync::mpsc::unbounded_channel::<()>();
+                let (second_tx, mut second) = tokio::sync::mpsc::unbounded_channel::<()>();
+                let waiter = tokio::spawn(task(async move {
+                    idle(async {
+                        tokio::select! {
+                            biased;
+                            _ = second.recv() => "second",
+                            _ = first.recv() => "first",
+                        }
+                    })
+                    .await
+                }));
+                // Let the waiter reach its select.
+                idle(tokio::task::yield_now()).await;
+                let _ = first_tx.send(());
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(pause));
+                    let _ = tx.send(());
+                });
+                let _ = rx.await;
+                let _ = second_tx.send(());
+                idle(waiter).await.expect("waiter")
+            }));
+            install(None);
+            assert_eq!(seen, "second", "pause {pause} ms");
+        }
     }
 }
