@@ -58,7 +58,11 @@ pub async fn spawn() -> TestApp {
 /// The test configuration on the local Docker engine instead of the
 /// simulated one.
 pub fn docker_config() -> String {
+    // A real build on a loaded CI machine can take longer than the 5 s
+    // that keeps the sim suites quick; one timed out and retried leaves a
+    // second image, which the build-sharing test counts.
     CONFIG.replace("kind = \"sim\"", "kind = \"docker\"")
+        + "\n[workers.\"image.build\"]\ntimeout = \"60s\"\n"
 }
 
 /// Boots Berth with configuration file `config` and `BERTH_…` variables
