@@ -103,24 +103,29 @@ fn chaos_rerun_of_one_seed_gives_the_same_run() {
     assert_eq!(a["seeds"], 1);
 }
 
+/// Seed 3 with `flows` actions, a crash about every 60 deliveries, and `more`.
+fn seed_3<'a>(flows: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--seed",
+        "3",
+        "--flows",
+        flows,
+        "--fault-rate",
+        "0.3",
+        "--crash-every",
+        "60",
+    ];
+    args.extend_from_slice(more);
+    args
+}
+
 /// A failing seed is reported with the fewest actions that still break an
 /// invariant, and those reproduce it. The bug is planted (a worker's record
 /// of having handled an event erased after action 20), so the shortest run
 /// is known: 21 actions.
 #[test]
 fn chaos_a_failing_seed_is_shrunk_to_its_shortest_run() {
-    let (stderr, v) = chaos(&[
-        "--seed",
-        "3",
-        "--flows",
-        "60",
-        "--fault-rate",
-        "0.3",
-        "--crash-every",
-        "60",
-        "--plant-lost-event",
-        "20",
-    ]);
+    let (stderr, v) = chaos(&seed_3("60", &["--plant-lost-event", "20"]));
     assert!(v["violations"].as_u64().unwrap() >= 1, "{v}");
     assert!(
         stderr.contains("lost: host.ensure neither handled nor dead-lettered it"),
@@ -130,19 +135,7 @@ fn chaos_a_failing_seed_is_shrunk_to_its_shortest_run() {
         stderr.contains("shortest failing run: 21 of 60 actions"),
         "{stderr}"
     );
-    let (_, short) = chaos(&[
-        "--seed",
-        "3",
-        "--flows",
-        "21",
-        "--fault-rate",
-        "0.3",
-        "--crash-every",
-        "60",
-        "--plant-lost-event",
-        "20",
-        "--no-shrink",
-    ]);
+    let (_, short) = chaos(&seed_3("21", &["--plant-lost-event", "20", "--no-shrink"]));
     assert!(short["violations"].as_u64().unwrap() >= 1, "{short}");
 }
 
@@ -150,19 +143,7 @@ fn chaos_a_failing_seed_is_shrunk_to_its_shortest_run() {
 /// move of a `failed` instance back to `starting` is reported.
 #[test]
 fn chaos_a_move_out_of_failed_is_a_violation() {
-    let (stderr, v) = chaos(&[
-        "--seed",
-        "3",
-        "--flows",
-        "60",
-        "--fault-rate",
-        "0.3",
-        "--crash-every",
-        "60",
-        "--plant-revived",
-        "40",
-        "--no-shrink",
-    ]);
+    let (stderr, v) = chaos(&seed_3("60", &["--plant-revived", "40", "--no-shrink"]));
     assert!(v["violations"].as_u64().unwrap() >= 1, "{v}");
     assert!(
         stderr.contains("moved failed → starting within generation"),

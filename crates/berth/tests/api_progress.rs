@@ -5,7 +5,7 @@
 
 mod api_support;
 
-use api_support::{CONFIG, messages_until, spawn_faulty};
+use api_support::{CONFIG, SLOW_HOST, messages_until, spawn_faulty};
 use berth_runtime::faulty::{FaultKind, Op};
 use serde_json::{Value, json};
 
@@ -64,27 +64,6 @@ async fn a_retry_reaches_its_org_and_no_other() {
     }
     t.shutdown().await;
 }
-
-/// `host.ensure` backs off for long after each failure, so that a test can
-/// look at an instance while it waits.
-const SLOW_HOST: &str = r#"
-listen = "127.0.0.1:0"
-
-[runtime]
-kind = "sim"
-
-[bus]
-shutdown_grace = "2s"
-
-[workers.default]
-max_attempts = 3
-timeout = "5s"
-backoff = { initial = "1ms", max = "4ms" }
-
-[workers."host.ensure"]
-max_attempts = 20
-backoff = { initial = "30s", max = "30s", jitter = "none" }
-"#;
 
 #[tokio::test]
 async fn an_instance_backing_off_shows_its_progress_and_lists_as_retrying() {

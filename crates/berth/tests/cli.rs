@@ -10,7 +10,7 @@ mod api_support;
 
 use std::process::Stdio;
 
-use api_support::{ADMIN, CONFIG, DEADLINE, TestApp, spawn_faulty};
+use api_support::{ADMIN, CONFIG, DEADLINE, SLOW_HOST, TestApp, spawn_faulty};
 use berth_runtime::faulty::{FaultKind, Op};
 use serde_json::Value;
 
@@ -576,26 +576,6 @@ async fn on_docker_run_of_a_missing_image_exits_1_with_image_not_found() {
     t.shutdown().await;
     api_support::sweep_label(&docker, &install).await;
 }
-
-/// `host.ensure` backs off for long after a failure: a `run` stays on it.
-const SLOW_HOST: &str = r#"
-listen = "127.0.0.1:0"
-
-[runtime]
-kind = "sim"
-
-[bus]
-shutdown_grace = "2s"
-
-[workers.default]
-max_attempts = 3
-timeout = "5s"
-backoff = { initial = "1ms", max = "4ms" }
-
-[workers."host.ensure"]
-max_attempts = 20
-backoff = { initial = "30s", max = "30s", jitter = "none" }
-"#;
 
 #[tokio::test]
 async fn ctrl_c_detaches_run_and_the_flow_goes_on() {
