@@ -35,12 +35,14 @@ const MAX_TAIL: usize = 10_000;
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1_000;
 
-/// A boolean query parameter: `true`/`1`/empty (`?wait`) or `false`/`0`.
-fn flag(field: &str, v: Option<&str>) -> Result<bool, ApiError> {
+/// A boolean query parameter: `true` or `false`, as the document declares
+/// it (an OpenAPI boolean), and nothing else: a generated client sends
+/// exactly these, and a server that also took `1` or a bare `?wait` would
+/// accept requests its own document calls invalid.
+pub(crate) fn flag(field: &str, v: Option<&str>) -> Result<bool, ApiError> {
     match v {
-        None => Ok(false),
-        Some("" | "true" | "1") => Ok(true),
-        Some("false" | "0") => Ok(false),
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
         Some(other) => Err(ApiError::bad_param(
             field,
             format!("{field} must be true or false (got {:?})", trunc(other)),
@@ -86,8 +88,12 @@ pub struct WaitFlag {
     /// `true`: answer when the flow has ended (200 with the final state, 408
     /// with the current one after `timeout`, 409 with the error at once if
     /// it failed) instead of 202 at once.
+    #[param(value_type = Option<bool>)]
     wait: Option<String>,
-    /// How long `wait` waits: `30s` (default), at most `5m`.
+    /// How long `wait` waits: `30s` (default), at most `5m`; seconds
+    /// (`30`), `30s`, `2m` or `500ms`. The pattern is stricter than the
+    /// server, which also reads longer forms such as `1m 30s`, never looser.
+    #[param(pattern = r"^(([0-9]|[1-9][0-9]|[12][0-9][0-9]|300)s?|[0-5]m|[0-9]{1,5}ms)$")]
     timeout: Option<String>,
 }
 
@@ -97,6 +103,7 @@ pub struct WaitFlag {
 #[into_params(parameter_in = Query)]
 pub struct ReadQuery {
     /// `true` shows env values; otherwise each is `***`.
+    #[param(value_type = Option<bool>)]
     reveal: Option<String>,
 }
 
@@ -106,10 +113,13 @@ pub struct ReadQuery {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// `true` shows env values; otherwise each is `***`.
+    #[param(value_type = Option<bool>)]
     reveal: Option<String>,
     /// `true` includes deleted instances.
+    #[param(value_type = Option<bool>)]
     all: Option<String>,
     /// Instances per page: 100 by default, at most 1000.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
     /// The `next` of the previous page: this page starts after it.
     after: Option<String>,
@@ -156,9 +166,24 @@ fn status_values() -> String {
 pub struct WaitQuery {
     /// The state to wait for: `running` (default), `stopped`, `exited`,
     /// `failed` or `deleted`.
+    #[param(value_type = Option<WaitState>)]
     state: Option<String>,
-    /// How long to wait: `30s` (default), at most `5m`.
+    /// How long to wait: `30s` (default), at most `5m` (forms as for
+    /// `wait`'s `timeout`).
+    #[param(pattern = r"^(([0-9]|[1-9][0-9]|[12][0-9][0-9]|300)s?|[0-5]m|[0-9]{1,5}ms)$")]
     timeout: Option<String>,
+}
+
+/// The states `/wait` waits for: those a flow ends in.
+#[derive(Debug, Clone, Copy, ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // The document's enum; parsed from the string.
+pub enum WaitState {
+    Running,
+    Stopped,
+    Exited,
+    Failed,
+    Deleted,
 }
 
 /// Query of `/logs`.
@@ -167,8 +192,10 @@ pub struct WaitQuery {
 #[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// `true`: keep the response open and send new lines as they come.
+    #[param(value_type = Option<bool>)]
     follow: Option<String>,
     /// How many of the last lines to send first: 100 by default, at most 10000.
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 10000)]
     tail: Option<String>,
 }
 
@@ -312,8 +339,9 @@ fn wait_slot(state: &ApiState, org: &str, wait: bool) -> Result<Option<Slot>, Ap
     security(("bearer" = [])),
     responses(
         (status = 200, description = "A page of the org's instances (deleted ones with `all=true`); `next` is the cursor of the next page, `null` on the last", body = InstanceList),
-        (status = 400, description = "`invalid_parameter`: `limit` is not a number, or `after` names no instance of this org", body = ErrorBody),
+        (status = 400, description = "`invalid_parameter`: `limit` is not a number, or a flag is not `true` or `false`", body = ErrorBody),
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
+        (status = 404, description = "`not_found`, field `after`: the cursor names no instance of this org's list", body = ErrorBody),
         (status = 422, description = "`invalid_value`: `limit` is not from 1 to 1000, `status` is not a status nor `retrying`, or `name` is not an instance name", body = ErrorBody),
     )
 )]
@@ -384,10 +412,12 @@ pub async fn list(
         Err(e) if e.downcast_ref::<instances::UnknownCursor>().is_some() => {
             // Another org's instance id answers exactly like one that
             // does not exist.
-            return Err(ApiError::bad_param(
-                "after",
-                "after is not a cursor of this list; pass the `next` of a previous page",
-            ));
+            return Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                "after names no instance of this list; pass the `next` of a previous page",
+            )
+            .field("after"));
         }
         Err(e) => return Err(e.into()),
     };

@@ -172,8 +172,9 @@ impl ApiState {
         views::FlowEvent,
         views::AttemptView,
         views::ErrorInfoView,
-        // Named by the list's `status` parameter only.
+        // Named by the list's `status` and `/wait`'s `state` parameters only.
         instances::StatusFilter,
+        instances::WaitState,
     )),
     tags(
         (name = "orgs", description = "Orgs and tokens"),
@@ -233,7 +234,45 @@ fn api_router() -> OpenApiRouter<ApiState> {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = api_router().into_openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    limits_of_every_route(&mut doc);
     doc
+}
+
+/// The answers every route may give before its handler runs (the server's
+/// bounds, §9): declared on each operation, so that a generated client
+/// knows them.
+fn limits_of_every_route(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{RefOr, ResponseBuilder, content::ContentBuilder};
+    let error = || {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description("`uri_too_long`: the request's URI is over 8 KiB")
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    for item in doc.paths.paths.values_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            op.responses
+                .responses
+                .entry("414".to_owned())
+                .or_insert_with(error);
+        }
+    }
 }
 
 /// The admin token to check requests against.
@@ -324,6 +363,7 @@ impl Server {
         let (router, doc) = api_router().split_for_parts();
         let mut doc = doc;
         doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+        limits_of_every_route(&mut doc);
         let feed = feed::Feed::new();
         let state = ApiState {
             inner: Arc::new(Inner {

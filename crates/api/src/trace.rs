@@ -118,8 +118,10 @@ pub async fn flow(
 #[into_params(parameter_in = Query)]
 pub struct DeadLetterQuery {
     /// `true` includes those already re-driven.
+    #[param(value_type = Option<bool>)]
     all: Option<String>,
     /// At most this many, newest first: 1 to 1000, 100 by default.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
 }
 
@@ -139,19 +141,7 @@ pub async fn dead_letters(
     auth: OrgAuth,
     ApiQuery(q): ApiQuery<DeadLetterQuery>,
 ) -> ApiResult<Json<DeadLetterList>> {
-    let all = match q.all.as_deref() {
-        None | Some("false" | "0") => false,
-        Some("" | "true" | "1") => true,
-        Some(other) => {
-            return Err(ApiError::bad_param(
-                "all",
-                format!(
-                    "all must be true or false (got {:?})",
-                    other.chars().take(80).collect::<String>()
-                ),
-            ));
-        }
-    };
+    let all = crate::instances::flag("all", q.all.as_deref())?;
     let limit = match q.limit.as_deref() {
         None => 100,
         Some(l) => l

@@ -72,6 +72,7 @@ pub struct LimitsRequest {
 #[serde(deny_unknown_fields)]
 pub struct CreateInstance {
     /// `^[a-z0-9][a-z0-9-]{0,62}$`, unique among the org's live instances.
+    #[schema(pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
     /// The base image, by reference: `busybox`, `busybox:1.36`,
     /// `registry.example.com:5000/team/app:v2`, `app@sha256:<digest>`.
@@ -95,12 +96,70 @@ pub struct CreateInstance {
     /// Overrides the image's command.
     #[serde(default)]
     pub cmd: Option<Vec<String>>,
-    /// Container ports (1–65535), at most 64.
-    #[serde(default)]
+    /// Container ports (1–65535), at most 64, each once.
+    #[serde(default, deserialize_with = "ports")]
+    #[schema(schema_with = ports_schema)]
     pub ports: Option<Vec<u16>>,
     /// `no` (default), `always`, `on-failure` or `on-failure:N`.
     #[serde(default)]
     pub restart: Option<String>,
+}
+
+/// `ports` as the document declares it: the rules `validate` checks.
+fn ports_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, SchemaType, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(SchemaType::Type(Type::Integer))
+                .minimum(Some(1))
+                .maximum(Some(65535)),
+        )
+        .max_items(Some(MAX_PORTS))
+        .unique_items(true)
+        .description(Some("Container ports (1–65535), at most 64, each once."))
+        .build()
+}
+
+/// Ports as JSON numbers: `80` and `80.0` alike, since JSON Schema's
+/// `integer` (what the document promises) is any number without a
+/// fraction. Each is read on its own, so an error names its index.
+fn ports<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u16>>, D::Error> {
+    let raw = Option::<Vec<PortNumber>>::deserialize(d)?;
+    Ok(raw.map(|v| v.into_iter().map(|p| p.0).collect()))
+}
+
+struct PortNumber(u16);
+
+impl<'de> Deserialize<'de> for PortNumber {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = PortNumber;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a port from 1 to 65535")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortNumber, E> {
+                u16::try_from(v)
+                    .map(PortNumber)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortNumber, E> {
+                u16::try_from(v)
+                    .map(PortNumber)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<PortNumber, E> {
+                if v.fract() == 0.0 && (0.0..=65535.0).contains(&v) {
+                    // In range and whole: exact.
+                    Ok(PortNumber(v as u16))
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn show(s: &str) -> String {

@@ -79,7 +79,27 @@ async fn wrong_types_name_the_field() {
         )
         .await;
     a.bad(422, "invalid_value", "ports[0]");
+    let a = t
+        .post(
+            "/v1/instances",
+            &tok,
+            json!({ "name": "web", "image": "busybox", "ports": [80, 8080.5] }),
+        )
+        .await;
+    a.bad(422, "invalid_value", "ports[1]");
     t.assert_nothing_written().await;
+    // A whole number written with a fraction is that number (JSON Schema's
+    // `integer`, which the document promises).
+    let a = t
+        .post(
+            "/v1/instances",
+            &tok,
+            json!({ "name": "web", "image": "busybox", "ports": [80.0] }),
+        )
+        .await;
+    let id = a.ok(202)["id"].as_str().unwrap().to_owned();
+    let got = t.get(&format!("/v1/instances/{id}"), &tok).await;
+    assert_eq!(got.ok(200)["ports"], json!([80]), "{}", got.text);
     t.shutdown().await;
 }
 
@@ -372,6 +392,12 @@ async fn bad_query_parameters_are_refused_before_anything_is_done() {
     let (t, tok) = with_org().await;
     let a = t.post("/v1/instances?wait=maybe", &tok, valid()).await;
     a.bad(400, "invalid_parameter", "wait");
+    // Flags are booleans, as the document declares them: `true` or
+    // `false`, never `1` or a bare `?wait`.
+    for q in ["wait=1", "wait", "wait=0"] {
+        let a = t.post(&format!("/v1/instances?{q}"), &tok, valid()).await;
+        a.bad(400, "invalid_parameter", "wait");
+    }
     let a = t
         .post("/v1/instances?wait=true&timeout=soon", &tok, valid())
         .await;
