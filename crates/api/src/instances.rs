@@ -230,6 +230,7 @@ fn flow_headers(mut resp: Response, id: &str, flow: &str) -> Response {
         (status = 200, description = "With `wait=true`: the instance, running", body = InstanceView),
         (status = 400, description = "`malformed_json`, `invalid_type`, `missing_field`, `unknown_field`, `invalid_parameter`", body = ErrorBody),
         (status = 401, description = "Missing, malformed, unknown or revoked token", body = ErrorBody),
+        (status = 404, description = "`not_found`, field `build`: the org has no build of that id (another org's ids too)", body = ErrorBody),
         (status = 408, description = "With `wait=true`: `wait_timeout`, with the current state in `instance`", body = ErrorBody),
         (status = 409, description = "`name_taken`; `quota_exceeded` (the org has `limits.max_instances_per_org` live instances); with `wait=true`, the flow's error (e.g. `image_not_found`, with `step`) and `instance`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB", body = ErrorBody),
@@ -255,12 +256,18 @@ pub async fn create(
             let mut conn = state.conn().await?;
             berth_store::builds::get(&mut conn, &auth.org_id, &id).await?
         };
-        // Another org's build answers exactly like one that does not exist.
+        // Another org's build answers exactly like one that does not exist:
+        // an id this org has nothing under, 404 as for any other.
         let Some(b) = found else {
-            return Err(ApiError::invalid(
-                "build",
-                format!("no build {id:?} in this org; upload the context with POST /v1/builds"),
-            ));
+            return Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "no build {:?} in this org; upload the context with POST /v1/builds",
+                    id.chars().take(80).collect::<String>()
+                ),
+            )
+            .field("build"));
         };
         spec.build = Some(BuildRef {
             id: b.id,

@@ -256,6 +256,7 @@ fn limits_of_every_route(doc: &mut utoipa::openapi::OpenApi) {
                 .build(),
         )
     };
+    exactly_one_of_image_and_build(doc);
     for item in doc.paths.paths.values_mut() {
         for op in [
             &mut item.get,
@@ -273,6 +274,39 @@ fn limits_of_every_route(doc: &mut utoipa::openapi::OpenApi) {
                 .or_insert_with(error);
         }
     }
+}
+
+/// `POST /v1/instances` takes exactly one of `image` and `build`, which
+/// the derived schema cannot say: its object is combined with a `oneOf` of
+/// the two `required`s (both given match both branches, which `oneOf`
+/// refuses; neither matches none).
+fn exactly_one_of_image_and_build(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::schema::{
+        AllOfBuilder, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
+    };
+    let Some(components) = doc.components.as_mut() else {
+        return;
+    };
+    let Some(RefOr::T(body)) = components.schemas.remove("CreateInstance") else {
+        return;
+    };
+    // Given means given as a string: `null` is as good as absent.
+    let given = |field: &str| {
+        ObjectBuilder::new()
+            .property(
+                field,
+                ObjectBuilder::new().schema_type(SchemaType::Type(Type::String)),
+            )
+            .required(field)
+    };
+    let one_of = OneOfBuilder::new()
+        .item(given("image"))
+        .item(given("build"));
+    let both = AllOfBuilder::new().item(body).item(one_of).build();
+    components
+        .schemas
+        .insert("CreateInstance".to_owned(), RefOr::T(Schema::AllOf(both)));
 }
 
 /// The admin token to check requests against.
@@ -364,6 +398,7 @@ impl Server {
         let mut doc = doc;
         doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
         limits_of_every_route(&mut doc);
+        validate::document_limits(&mut doc, &deps.quotas);
         let feed = feed::Feed::new();
         let state = ApiState {
             inner: Arc::new(Inner {

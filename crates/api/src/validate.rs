@@ -64,6 +64,7 @@ pub struct LimitsRequest {
     /// CPUs, e.g. `0.5`; at least 0.01, at most `limits.max_cpus`.
     pub cpus: Option<f64>,
     /// Processes; at least 1, at most `limits.max_pids`.
+    #[serde(default, deserialize_with = "whole_number")]
     pub pids: Option<i64>,
 }
 
@@ -79,12 +80,20 @@ pub struct CreateInstance {
     /// Never an image id (`sha256:…`). It must be on the org's host, found
     /// there by that name; images Berth made for other orgs never count.
     /// Exactly one of `image` and `build`.
+    // The pattern is the common subset of references (no registry port,
+    // no digest), stricter than the server, so that every reference it
+    // allows is one the server takes; a registry is a host name of labels.
     #[serde(default)]
+    #[schema(
+        max_length = 255,
+        pattern = r"^(?:[a-z0-9]+(?:(?:[._-]|__)[a-z0-9]+)*|(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+|[a-z0-9]+(?:(?:[_-]|__)[a-z0-9]+)*)(?:/[a-z0-9]+(?:(?:[._-]|__)[a-z0-9]+)*)+)(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$"
+    )]
     pub image: Option<String>,
     /// The id of a build context the org uploaded (`POST /v1/builds`): the
     /// image is built from it (once per context; instances of the same
     /// context share it). Exactly one of `image` and `build`.
     #[serde(default)]
+    #[schema(pattern = r"^[a-z0-9]{1,64}$")]
     pub build: Option<String>,
     /// Resource limits of the container.
     #[serde(default)]
@@ -92,9 +101,12 @@ pub struct CreateInstance {
     /// Keys `^[A-Za-z_][A-Za-z0-9_]*$`; at most 256 variables and 64 KiB of
     /// keys and values in all. Values are secrets: shown as `***` later.
     #[serde(default)]
+    #[schema(schema_with = env_schema)]
     pub env: BTreeMap<String, String>,
-    /// Overrides the image's command.
+    /// Overrides the image's command: 1 to 256 arguments, no NUL, 64 KiB
+    /// in all.
     #[serde(default)]
+    #[schema(schema_with = cmd_schema)]
     pub cmd: Option<Vec<String>>,
     /// Container ports (1–65535), at most 64, each once.
     #[serde(default, deserialize_with = "ports")]
@@ -102,7 +114,102 @@ pub struct CreateInstance {
     pub ports: Option<Vec<u16>>,
     /// `no` (default), `always`, `on-failure` or `on-failure:N`.
     #[serde(default)]
+    #[schema(pattern = r"^(no|always|on-failure(:[1-9][0-9]{0,8})?)$")]
     pub restart: Option<String>,
+}
+
+/// Writes this server's configured ranges of `limits` into the document it
+/// serves (the derived schema knows only the types): memory in bytes from
+/// 6MiB, CPUs from 0.01, processes from 1, each up to `limits.max_…`.
+/// Memory is declared in bytes only; the server also reads sizes such as
+/// `"256MiB"`, whose range a pattern cannot state.
+pub fn document_limits(doc: &mut utoipa::openapi::OpenApi, q: &Quotas) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
+    let Some(RefOr::T(Schema::Object(limits))) = doc
+        .components
+        .as_mut()
+        .and_then(|c| c.schemas.get_mut("LimitsRequest"))
+    else {
+        return;
+    };
+    let number = |t: Type, min: f64, max: f64, what: &str| {
+        RefOr::T(Schema::Object(
+            ObjectBuilder::new()
+                .schema_type(SchemaType::from_iter([t, Type::Null]))
+                .minimum(Some(min))
+                .maximum(Some(max))
+                .description(Some(what))
+                .build(),
+        ))
+    };
+    limits.properties.insert(
+        "memory".into(),
+        number(
+            Type::Integer,
+            MIN_MEMORY as f64,
+            q.max.memory_bytes as f64,
+            "Memory in bytes (the server also reads sizes such as \"256MiB\"); at least 6MiB, at most `limits.max_memory`. No swap beyond it.",
+        ),
+    );
+    limits.properties.insert(
+        "cpus".into(),
+        number(
+            Type::Number,
+            0.01,
+            q.max.nano_cpus as f64 / 1e9,
+            "CPUs, e.g. 0.5; at least 0.01, at most `limits.max_cpus`.",
+        ),
+    );
+    limits.properties.insert(
+        "pids".into(),
+        number(
+            Type::Integer,
+            1.0,
+            q.max.pids as f64,
+            "Processes; at least 1, at most `limits.max_pids`.",
+        ),
+    );
+}
+
+/// A string without NUL, as env values and command arguments must be.
+fn no_nul() -> utoipa::openapi::schema::ObjectBuilder {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    ObjectBuilder::new()
+        .schema_type(SchemaType::Type(Type::String))
+        .pattern(Some("^[^\\u0000]*$"))
+}
+
+/// `env` as the document declares it: the rules `check_env` checks (but
+/// the 64 KiB in all, which JSON Schema cannot count).
+fn env_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, SchemaType, Type};
+    ObjectBuilder::new()
+        .schema_type(SchemaType::Type(Type::Object))
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(SchemaType::Type(Type::String))
+                .pattern(Some("^[A-Za-z_][A-Za-z0-9_]*$")),
+        ))
+        .additional_properties(Some(AdditionalProperties::RefOr(no_nul().build().into())))
+        .max_properties(Some(MAX_ENV_VARS))
+        .description(Some(
+            "Keys `^[A-Za-z_][A-Za-z0-9_]*$`; at most 256 variables and 64 KiB of keys and values in all. Values are secrets: shown as `***` later.",
+        ))
+        .build()
+}
+
+/// `cmd` as the document declares it.
+fn cmd_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::ArrayBuilder;
+    ArrayBuilder::new()
+        .items(no_nul())
+        .min_items(Some(1))
+        .max_items(Some(MAX_CMD_ARGS))
+        .description(Some(
+            "Overrides the image's command: 1 to 256 arguments, no NUL, 64 KiB in all.",
+        ))
+        .build()
 }
 
 /// `ports` as the document declares it: the rules `validate` checks.
@@ -127,6 +234,40 @@ fn ports_schema() -> utoipa::openapi::schema::Array {
 fn ports<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u16>>, D::Error> {
     let raw = Option::<Vec<PortNumber>>::deserialize(d)?;
     Ok(raw.map(|v| v.into_iter().map(|p| p.0).collect()))
+}
+
+/// A whole JSON number, `512` or `512.0` (see [`ports`]).
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Option<i64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a whole number")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Option<i64>, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Option<i64>, E> {
+            Ok(None)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Option<i64>, E> {
+            i64::try_from(v)
+                .map(Some)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Option<i64>, E> {
+            Ok(Some(v))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Option<i64>, E> {
+            // Within ±2^53 a whole f64 is exact.
+            if v.fract() == 0.0 && v.abs() <= 9_007_199_254_740_992.0 {
+                Ok(Some(v as i64))
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    d.deserialize_any(V)
 }
 
 struct PortNumber(u16);

@@ -39,7 +39,6 @@ async fn image_ids_and_unclear_requests_are_refused_and_nothing_is_written() {
             "build",
         ),
         (json!({ "name": "a", "build": "Not An Id" }), "build"),
-        (json!({ "name": "a", "build": "bdoesnotexist" }), "build"),
         (
             json!({ "name": "a", "image": "busybox", "limits": { "memory": "5MiB" } }),
             "limits.memory",
@@ -76,6 +75,15 @@ async fn image_ids_and_unclear_requests_are_refused_and_nothing_is_written() {
             a.text
         );
     }
+    // A well-formed build id the org has nothing under is not found.
+    let a = t
+        .post(
+            "/v1/instances",
+            &tok,
+            json!({ "name": "a", "build": "bdoesnotexist" }),
+        )
+        .await;
+    a.bad(404, "not_found", "build");
     let a = t.post("/v1/instances", &tok, json!({ "name": "a" })).await;
     a.bad(400, "missing_field", "image");
     t.assert_nothing_written().await;

@@ -225,7 +225,7 @@ async fn no_reference_reaches_another_orgs_image_or_secret() {
             json!({ "name": "steal", "build": build }),
         )
         .await;
-    ans.bad(422, "invalid_value", "build");
+    ans.bad(404, "not_found", "build");
 
     // Nothing of B's ever ran.
     let filters = HashMap::from([("label".to_owned(), vec![format!("berth.org={b_org}")])]);

@@ -107,6 +107,11 @@ impl serde::de::Visitor<'_> for SizeVisitor {
     }
 
     fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<ByteSize, E> {
+        // `512.0` is the whole number JSON Schema's `integer` allows; exact
+        // below 2^53.
+        if n.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(&n) {
+            return Ok(ByteSize(n as u64));
+        }
         Err(E::custom(format!(
             "{n} is not a whole number of bytes; write e.g. \"512MiB\""
         )))
