@@ -18,6 +18,7 @@ use crate::views::{OrgCreated, TokenCreated, TokenList, TokenView};
 #[serde(deny_unknown_fields)]
 pub struct CreateOrg {
     /// `^[a-z0-9][a-z0-9-]{0,62}$`, unique.
+    #[schema(pattern = r"^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
 }
 
