@@ -5,7 +5,7 @@
 
 mod api_support;
 
-use api_support::{CONFIG, SLOW_HOST, messages_until, spawn_faulty};
+use api_support::{CONFIG, messages_until, spawn_faulty};
 use berth_runtime::faulty::{FaultKind, Op};
 use serde_json::{Value, json};
 
@@ -67,7 +67,7 @@ async fn a_retry_reaches_its_org_and_no_other() {
 
 #[tokio::test]
 async fn an_instance_backing_off_shows_its_progress_and_lists_as_retrying() {
-    let (t, faulty) = spawn_faulty(SLOW_HOST).await;
+    let (t, faulty) = spawn_faulty(&api_support::slow_host()).await;
     let (_, a) = t.org("acme").await;
     let (_, b) = t.org("other").await;
     let mut ws = t.ws(&a, "").await;

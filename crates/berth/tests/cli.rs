@@ -10,7 +10,7 @@ mod api_support;
 
 use std::process::Stdio;
 
-use api_support::{ADMIN, CONFIG, DEADLINE, SLOW_HOST, TestApp, spawn_faulty};
+use api_support::{ADMIN, CONFIG, DEADLINE, TestApp, spawn_faulty};
 use berth_runtime::faulty::{FaultKind, Op};
 use serde_json::Value;
 
@@ -580,7 +580,7 @@ async fn on_docker_run_of_a_missing_image_exits_1_with_image_not_found() {
 #[tokio::test]
 async fn ctrl_c_detaches_run_and_the_flow_goes_on() {
     use tokio::io::AsyncBufReadExt;
-    let (t, faulty) = spawn_faulty(SLOW_HOST).await;
+    let (t, faulty) = spawn_faulty(&api_support::slow_host()).await;
     let sh = Shell::new(&t);
     let tok = org(&sh, "acme").await;
     faulty.fail_next(Op::Ping, 1, FaultKind::Transient);

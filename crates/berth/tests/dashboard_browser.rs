@@ -140,6 +140,15 @@ async fn fill(c: &Client, css: &str, text: &str) {
     e.send_keys(text).await.unwrap();
 }
 
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
 async fn screenshot(c: &Client, name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots");
     std::fs::create_dir_all(&dir).unwrap();
@@ -289,12 +298,7 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
     )
     .await;
     fill(&c, "#token", "berth_not-a-token").await;
-    c.find(Locator::Css("#login-submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#login-submit").await;
     let refused = until(
         &c,
         "the login error",
@@ -306,12 +310,7 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
         "{refused}"
     );
     fill(&c, "#token", &token).await;
-    c.find(Locator::Css("#login-submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#login-submit").await;
     until(
         &c,
         "the create form",
@@ -338,12 +337,7 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
     // The API's validation message shows next to its field.
     fill(&c, "#f-name", "Not_A_Name").await;
     fill(&c, "#f-image", "busybox").await;
-    c.find(Locator::Css("#create-submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#create-submit").await;
     let msg = until(
         &c,
         "the name's validation message",
@@ -363,12 +357,7 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
     // Markup in what the API echoes back stays text.
     fill(&c, "#f-name", "inject").await;
     fill(&c, "#f-image", "x<img src=x id=pwned>").await;
-    c.find(Locator::Css("#create-submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#create-submit").await;
     let msg = until(
         &c,
         "the image's validation message",
@@ -393,12 +382,7 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
         .select_by_value("on-failure")
         .await
         .unwrap();
-    c.find(Locator::Css("#create-submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#create-submit").await;
     until(
         &c,
         "web-1 to run",
@@ -410,12 +394,7 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
     // fault of the simulated engine), so its step is dead-lettered.
     fill(&c, "#f-name", "broken").await;
     fill(&c, "#f-image", "missing/base").await;
-    c.find(Locator::Css("#create-submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#create-submit").await;
     until(
         &c,
         "broken to fail",
@@ -436,12 +415,7 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
 
     // The running instance's page: details, conditions, logs, waterfall
     // with a row per step.
-    c.find(Locator::Css("tr[data-name=\"web-1\"] a"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "tr[data-name=\"web-1\"] a").await;
     let steps = until(
         &c,
         "the waterfall of web-1",
@@ -496,12 +470,7 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
         "return !!document.querySelector('tr[data-name=\"broken\"] a')",
     )
     .await;
-    c.find(Locator::Css("tr[data-name=\"broken\"] a"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "tr[data-name=\"broken\"] a").await;
     let failed = until(
         &c,
         "the failed attempt of broken",
@@ -553,26 +522,14 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
     let failed_desktop = screenshot(&c, "dashboard-failed-desktop.png").await;
 
     // Dead letters: the failed step, re-driven from the page.
-    c.find(Locator::Css("#nav-dead"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#nav-dead").await;
     until(
         &c,
         "the dead letter of image.build",
         "return !!document.querySelector('tr[data-worker=\"image.build\"] button[data-redrive]')",
     )
     .await;
-    c.find(Locator::Css(
-        "tr[data-worker=\"image.build\"] button[data-redrive]",
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    click(&c, "tr[data-worker=\"image.build\"] button[data-redrive]").await;
     until(
         &c,
         "the re-drive",
@@ -645,12 +602,7 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
     assert_eq!(w, 390, "the window could not be made 390 px wide");
     assert!(ok, "the list scrolls sideways at 390 px");
     let phone = screenshot(&c, "dashboard-phone.png").await;
-    c.find(Locator::Css("tr[data-name=\"web-1\"] a"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "tr[data-name=\"web-1\"] a").await;
     until(
         &c,
         "the waterfall at 390 px",
@@ -663,12 +615,7 @@ async fn the_dashboard_logs_in_creates_watches_traces_and_redrives() {
     let waterfall_phone = screenshot(&c, "dashboard-waterfall-phone.png").await;
 
     // The actions, by keyboard-reachable buttons; the status follows live.
-    c.find(Locator::Css("button[data-action=stop]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "button[data-action=stop]").await;
     until(
         &c,
         "web-1 to stop",

@@ -42,24 +42,14 @@ backoff = { initial = "50ms", max = "50ms", jitter = "none" }
 
 /// `CONFIG` but `host.ensure` backs off for long after each failure, so
 /// that a test can look at an instance (or a client) while it waits.
-pub const SLOW_HOST: &str = r#"
-listen = "127.0.0.1:0"
-
-[runtime]
-kind = "sim"
-
-[bus]
-shutdown_grace = "2s"
-
-[workers.default]
-max_attempts = 3
-timeout = "5s"
-backoff = { initial = "1ms", max = "4ms" }
-
-[workers."host.ensure"]
-max_attempts = 20
-backoff = { initial = "30s", max = "30s", jitter = "none" }
-"#;
+pub fn slow_host() -> String {
+    let fast = "[workers.\"host.ensure\"]\nmax_attempts = 100\nbackoff = { initial = \"50ms\", max = \"50ms\", jitter = \"none\" }";
+    assert!(CONFIG.contains(fast), "CONFIG's host.ensure policy changed");
+    CONFIG.replace(
+        fast,
+        "[workers.\"host.ensure\"]\nmax_attempts = 20\nbackoff = { initial = \"30s\", max = \"30s\", jitter = \"none\" }",
+    )
+}
 
 pub struct TestApp {
     pub app: App,
