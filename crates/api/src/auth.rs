@@ -128,8 +128,7 @@ impl FromRequestParts<ApiState> for OrgAuth {
                 "this is the admin token, which only creates orgs; use an org token",
             ));
         }
-        let mut conn = state.conn().await?;
-        match berth_store::tenancy::token_by_hash(&mut conn, &h).await? {
+        match state.store().token_by_hash(&h).await? {
             Some((org_id, token_id)) => Ok(OrgAuth { org_id, token_id }),
             None => Err(ApiError::unauthorized(
                 "invalid_token",

@@ -11,7 +11,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
-use berth_store::builds::{self, Inserted};
+use berth_store::builds::{Inserted, NewBuild};
 use sha2::{Digest, Sha256};
 
 use crate::ApiState;
@@ -124,17 +124,17 @@ pub async fn create(
     // guessable from one another.
     let id = format!("b{:032x}", rand::random::<u128>());
     let mut tx = state.store().begin().await?;
-    let done = builds::insert(
-        tx.conn(),
-        &id,
-        &auth.org_id,
-        &digest,
-        &bases,
-        &bytes,
-        i64::from(state.inner.quotas.max_builds_per_org),
-        state.store().now(),
-    )
-    .await?;
+    let done = tx
+        .insert_build(NewBuild {
+            id: &id,
+            org: &auth.org_id,
+            digest: &digest,
+            bases: &bases,
+            context: &bytes,
+            max: i64::from(state.inner.quotas.max_builds_per_org),
+            at: state.store().now(),
+        })
+        .await?;
     tx.commit().await?;
     match done {
         Inserted::New(b) => Ok((StatusCode::CREATED, Json(BuildView::new(&b)))),
@@ -157,8 +157,7 @@ pub async fn create(
     )
 )]
 pub async fn list(State(state): State<ApiState>, auth: OrgAuth) -> ApiResult<Json<BuildList>> {
-    let mut conn = state.conn().await?;
-    let all = builds::list(&mut conn, &auth.org_id).await?;
+    let all = state.store().builds(&auth.org_id).await?;
     Ok(Json(BuildList {
         builds: all.iter().map(BuildView::new).collect(),
     }))
@@ -180,8 +179,7 @@ pub async fn get(
     auth: OrgAuth,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<BuildView>> {
-    let mut conn = state.conn().await?;
-    match builds::get(&mut conn, &auth.org_id, &id).await? {
+    match state.store().build(&auth.org_id, &id).await? {
         Some(b) => Ok(Json(BuildView::new(&b))),
         None => Err(ApiError::not_found("build", "id", &id)),
     }

@@ -14,7 +14,6 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::response::Response;
 use berth_core::events::WorkerFailed;
 use berth_core::{Envelope, EventId};
-use berth_store::instances;
 use berth_worker::Retried;
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -120,7 +119,6 @@ pub async fn events(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let cursor = {
-        let mut conn = state.conn().await?;
         match (q.after.as_deref(), q.from.as_deref()) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::bad_param(
@@ -138,11 +136,13 @@ pub async fn events(
                     ),
                 ));
             }
-            (None, None) => berth_store::tenancy::last_seq(&mut conn).await?,
+            (None, None) => state.store().last_seq().await?,
             (Some(after), None) => {
                 let not_found = || ApiError::not_found("event", "after", after);
                 let id: EventId = after.parse().map_err(|_| not_found())?;
-                berth_store::tenancy::event_seq_in_org(&mut conn, &auth.org_id, id)
+                state
+                    .store()
+                    .event_seq_in_org(&auth.org_id, id)
                     .await?
                     .ok_or_else(not_found)?
             }
@@ -200,11 +200,7 @@ async fn session(
         // Drain what is in the log after the cursor.
         loop {
             let batch = {
-                let read = async {
-                    let mut conn = state.store().pool().acquire().await?;
-                    berth_store::tenancy::org_events_after(&mut conn, &org, cursor, BATCH).await
-                };
-                match read.await {
+                match state.store().org_events_after(&org, cursor, BATCH).await {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::warn!(error = %format!("{e:#}"), "event stream cannot read the log");
@@ -422,14 +418,13 @@ async fn failed_error(state: &ApiState, env: &Envelope) -> Option<InstanceErrorV
     }
     let p: P = env.payload_as().ok()?;
     let stored = match &env.subject {
-        Some(id) => {
-            let mut conn = state.store().pool().acquire().await.ok()?;
-            instances::get(&mut conn, id)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|i| i.error)
-        }
+        Some(id) => state
+            .store()
+            .instance(id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|i| i.error),
         None => None,
     };
     Some(match stored {

@@ -74,11 +74,7 @@ impl Feed {
                 }
                 _ = tokio::time::sleep(POLL) => {}
             }
-            let end = async {
-                let mut conn = store.pool().acquire().await?;
-                berth_store::tenancy::last_seq(&mut conn).await
-            };
-            match end.await {
+            match store.last_seq().await {
                 Ok(seq) => {
                     self.tx.send_if_modified(|cur| {
                         let changed = *cur != seq;

@@ -201,8 +201,7 @@ pub struct LogsQuery {
 
 /// The org's instance `id`, or 404.
 async fn load(state: &ApiState, org: &str, id: &str) -> Result<Instance, ApiError> {
-    let mut conn = state.conn().await?;
-    match instances::get(&mut conn, id).await? {
+    match state.store().instance(id).await? {
         Some(i) if i.org_id == org => Ok(i),
         _ => Err(ApiError::not_found("instance", "id", id)),
     }
@@ -252,10 +251,7 @@ pub async fn create(
     let quotas = &state.inner.quotas;
     let (name, mut spec, build) = body.validate(quotas)?;
     if let Some(id) = build {
-        let found = {
-            let mut conn = state.conn().await?;
-            berth_store::builds::get(&mut conn, &auth.org_id, &id).await?
-        };
+        let found = state.store().build(&auth.org_id, &id).await?;
         // Another org's build answers exactly like one that does not exist:
         // an id this org has nothing under, 404 as for any other.
         let Some(b) = found else {
@@ -404,16 +400,11 @@ pub async fn list(
     {
         return Err(ApiError::invalid("name", e.to_string()));
     }
-    let mut conn = state.conn().await?;
     // One more than asked: whether it comes says if there is a next page.
-    let mut page = match instances::list_page(
-        &mut conn,
-        &auth.org_id,
-        q.after.as_deref(),
-        filter,
-        limit + 1,
-    )
-    .await
+    let mut page = match state
+        .store()
+        .instance_page(&auth.org_id, q.after.as_deref(), filter, limit + 1)
+        .await
     {
         Ok(p) => p,
         Err(e) if e.downcast_ref::<instances::UnknownCursor>().is_some() => {
@@ -428,7 +419,6 @@ pub async fn list(
         }
         Err(e) => return Err(e.into()),
     };
-    drop(conn);
     let more = page.len() > limit as usize;
     page.truncate(limit as usize);
     let mut views = Vec::with_capacity(page.len());

@@ -137,24 +137,11 @@ impl ApiState {
         if inst.status.is_terminal() {
             return Ok(None);
         }
-        let mut conn = self.conn().await?;
-        let p = berth_store::instances::flow_progress(&mut conn, inst.flow_id).await?;
+        let p = self.store().flow_progress(inst.flow_id).await?;
         Ok(p.map(|p| {
             let max = self.max_attempts(&p.worker).unwrap_or(0);
             views::ProgressView::new(&p, max)
         }))
-    }
-
-    pub(crate) async fn conn(
-        &self,
-    ) -> Result<berth_store::sqlx::pool::PoolConnection<berth_store::sqlx::Sqlite>, ApiError> {
-        self.inner
-            .store
-            .pool()
-            .acquire()
-            .await
-            .context("failed to get a database connection")
-            .map_err(ApiError::internal)
     }
 }
 
@@ -328,8 +315,7 @@ pub async fn admin_token(store: &Store, configured: Option<&str>) -> anyhow::Res
             generated: None,
         });
     }
-    let mut conn = store.pool().acquire().await?;
-    if let Some(hash) = berth_store::tenancy::admin_token_hash(&mut conn).await? {
+    if let Some(hash) = store.admin_token_hash().await? {
         return Ok(AdminToken {
             hash,
             generated: None,
@@ -337,14 +323,15 @@ pub async fn admin_token(store: &Store, configured: Option<&str>) -> anyhow::Res
     }
     let token = auth::new_token();
     let hash = auth::hash(&token);
-    if berth_store::tenancy::init_admin_token(&mut conn, &hash, store.now()).await? {
+    if store.init_admin_token(&hash, store.now()).await? {
         Ok(AdminToken {
             hash,
             generated: Some(token),
         })
     } else {
         // Another process stored one first; it printed its token.
-        let hash = berth_store::tenancy::admin_token_hash(&mut conn)
+        let hash = store
+            .admin_token_hash()
             .await?
             .context("the admin token vanished while being created")?;
         Ok(AdminToken {
@@ -386,10 +373,7 @@ impl Server {
             .context("cannot read the listening address")?;
         let fds = serve::fd_limit();
         let cap = serve::connection_cap(options.max_connections, fds)?;
-        let cursor = {
-            let mut conn = deps.store.pool().acquire().await?;
-            berth_store::tenancy::last_attempt_id(&mut conn).await?
-        };
+        let cursor = deps.store.last_attempt_id().await?;
         let cancel = CancellationToken::new();
         let hard = CancellationToken::new();
         let tracker = TaskTracker::new();

@@ -55,11 +55,10 @@ impl Metrics {
     }
 
     pub async fn render(&self, store: &Store, stats: &Stats) -> anyhow::Result<String> {
-        let mut conn = store.pool().acquire().await?;
         let mut agg = self.agg.lock().await;
         let mut folded = 0;
         while folded < MAX_PER_SCRAPE {
-            let batch = berth_store::tenancy::attempts_after(&mut conn, agg.cursor, BATCH).await?;
+            let batch = store.attempts_after(agg.cursor, BATCH).await?;
             let n = batch.len();
             for a in batch {
                 agg.cursor = a.id;
@@ -79,9 +78,8 @@ impl Metrics {
                 break;
             }
         }
-        let (waiting, in_flight) = berth_store::ops::queue_depth(&mut conn).await?;
-        let dead = berth_store::tenancy::open_dead_letters(&mut conn).await?;
-        drop(conn);
+        let (waiting, in_flight) = store.queue_depth().await?;
+        let dead = store.open_dead_letters().await?;
 
         let mut out = String::new();
         let o = &mut out;

@@ -64,7 +64,10 @@ pub async fn create_org(
     };
     let token = auth::new_token();
     let mut tx = state.store().begin().await?;
-    match tenancy::create_org(tx.conn(), &org, &new_id(&state), &auth::hash(&token)).await {
+    match tx
+        .create_org(&org, &new_id(&state), &auth::hash(&token))
+        .await
+    {
         Ok(()) => {}
         Err(e) if e.downcast_ref::<OrgNameTaken>().is_some() => {
             return Err(ApiError::new(
@@ -102,15 +105,10 @@ pub async fn create_token(
 ) -> ApiResult<(StatusCode, Json<TokenCreated>)> {
     let token = auth::new_token();
     let id = new_id(&state);
-    let mut conn = state.conn().await?;
-    tenancy::insert_token(
-        &mut conn,
-        &id,
-        &auth.org_id,
-        &auth::hash(&token),
-        state.store().now(),
-    )
-    .await?;
+    state
+        .store()
+        .insert_token(&id, &auth.org_id, &auth::hash(&token), state.store().now())
+        .await?;
     Ok((StatusCode::CREATED, Json(TokenCreated { id, token })))
 }
 
@@ -127,8 +125,7 @@ pub async fn list_tokens(
     State(state): State<ApiState>,
     auth: OrgAuth,
 ) -> ApiResult<Json<TokenList>> {
-    let mut conn = state.conn().await?;
-    let tokens = tenancy::tokens(&mut conn, &auth.org_id).await?;
+    let tokens = state.store().tokens(&auth.org_id).await?;
     Ok(Json(TokenList {
         tokens: tokens.iter().map(token_view).collect(),
     }))
@@ -158,8 +155,8 @@ pub async fn revoke_token(
     auth: OrgAuth,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<TokenView>> {
-    let mut conn = state.conn().await?;
-    match tenancy::revoke_token(&mut conn, &auth.org_id, &id, state.store().now()).await? {
+    let now = state.store().now();
+    match state.store().revoke_token(&auth.org_id, &id, now).await? {
         Some(t) => Ok(Json(token_view(&t))),
         None => Err(ApiError::not_found("token", "id", &id)),
     }

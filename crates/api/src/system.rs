@@ -22,11 +22,7 @@ use crate::views::Health;
     )
 )]
 pub async fn healthz(State(state): State<ApiState>) -> ApiResult<Json<Health>> {
-    let check = async {
-        let mut conn = state.store().pool().acquire().await?;
-        berth_store::tenancy::last_seq(&mut conn).await
-    };
-    match check.await {
+    match state.store().last_seq().await {
         Ok(_) => Ok(Json(Health {
             status: "ok".into(),
         })),

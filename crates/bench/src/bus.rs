@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use berth_core::{Clock, IdGen, NewEvent, SeededRng, SystemClock};
-use berth_store::sqlx::{self, ConnectOptions};
 use berth_store::{Cause, Store, StoreOptions, Synchronous};
 use berth_worker::{Ctx, Registry};
 use serde::{Deserialize, Serialize};
@@ -79,7 +78,12 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     let tmp = tempfile::tempdir_in(args.dir.clone().unwrap_or_else(std::env::temp_dir))
         .context("cannot create the benchmark directory")?;
 
-    let raw = raw_commits_per_s(&tmp.path().join("raw.db"), synchronous).await?;
+    let raw = berth_store::baseline::raw_commits_per_s(
+        &tmp.path().join("raw.db"),
+        synchronous,
+        Duration::from_secs(2),
+    )
+    .await?;
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let rng = Arc::new(SeededRng::new(1));
@@ -217,7 +221,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     let stats = bus.stats();
     let commits = stats.commits.load(Ordering::Relaxed);
     workers.shutdown().await?;
-    store.pool().close().await;
+    store.close().await;
 
     let rss = peak_rss_mb().unwrap_or(0.0);
     table(
@@ -286,33 +290,4 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         "peak_rss_mb": (rss * 10.0).round() / 10.0,
     });
     Ok(json.to_string())
-}
-
-/// Single-row autocommit INSERTs for about two seconds on a fresh file with
-/// the store's settings.
-async fn raw_commits_per_s(path: &std::path::Path, sync: Synchronous) -> anyhow::Result<f64> {
-    use std::str::FromStr;
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::from_str("sqlite:")?
-        .filename(path)
-        .create_if_missing(true)
-        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-        .synchronous(match sync {
-            Synchronous::Full => sqlx::sqlite::SqliteSynchronous::Full,
-            Synchronous::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
-        })
-        .disable_statement_logging()
-        .connect()
-        .await?;
-    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-        .execute(&mut conn)
-        .await?;
-    let t0 = Instant::now();
-    let mut n = 0u64;
-    while t0.elapsed() < Duration::from_secs(2) {
-        sqlx::query("INSERT INTO t (v) VALUES ('x')")
-            .execute(&mut conn)
-            .await?;
-        n += 1;
-    }
-    Ok(per_second(n, t0.elapsed()))
 }

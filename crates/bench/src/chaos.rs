@@ -32,7 +32,9 @@ use berth_runtime::faulty::{Fault, FaultKind, FaultyRuntime, Op};
 use berth_runtime::hosts::LocalProvider;
 use berth_runtime::sim::{SimConfig, SimLatency, SimRuntime};
 use berth_runtime::{ContainerRuntime, ContainerState, HostId, Limits, label};
-use berth_store::instances::{self, Instance, InstanceSpec};
+use berth_store::RowRead;
+use berth_store::instances::{Instance, InstanceSpec};
+use berth_store::ops::Arg;
 use berth_store::{Store, StoreOptions, Synchronous};
 use berth_worker::clock::TokioClock;
 use berth_worker::policy::BackoffConfig;
@@ -435,7 +437,7 @@ impl Process {
             let _ = t.await;
         }
         self.workers.crash().await;
-        self.store.pool().close().await;
+        self.store.close().await;
     }
 }
 
@@ -593,22 +595,21 @@ async fn drive(
         time.run_for(Duration::from_millis(rng.between(0, 2))).await;
         if args.plant_lost_event == Some(n) {
             let mut tx = store.begin().await?;
-            berth_store::sqlx::query(
+            tx.execute_for_test(
                 "DELETE FROM inbox WHERE (worker, event_id) =
                    (SELECT worker, event_id FROM inbox ORDER BY event_id, worker LIMIT 1)",
+                [],
             )
-            .execute(tx.conn())
             .await?;
             tx.commit().await?;
         }
         if args.plant_revived == Some(n) {
             let mut tx = store.begin().await?;
-            berth_store::sqlx::query(
-                "UPDATE instances SET status = 'starting', updated_at = ?1 WHERE id =
+            tx.execute_for_test(
+                "UPDATE instances SET status = 'starting', updated_at = ? WHERE id =
                    (SELECT id FROM instances WHERE status = 'failed' ORDER BY id LIMIT 1)",
+                [store.now().into()],
             )
-            .bind(store.now().as_micros())
-            .execute(tx.conn())
             .await?;
             tx.commit().await?;
         }
@@ -682,28 +683,31 @@ fn jittered(rng: &SeededRng, every: u64) -> u64 {
 /// Delivers an already handled event again to the worker that handled it:
 /// the worker must recognise it (its inbox) and do nothing twice.
 async fn redeliver(store: &Store, rng: &SeededRng) -> anyhow::Result<()> {
-    let handled: i64 = berth_store::sqlx::query_scalar("SELECT COUNT(*) FROM inbox")
-        .fetch_one(store.pool())
-        .await?;
+    let handled = store.inspect().count("inbox").await?;
     if handled == 0 {
         return Ok(());
     }
     let pick = rng.between(0, u64::try_from(handled - 1).unwrap_or(0));
-    let (event_id, worker): (String, String) = berth_store::sqlx::query_as(
-        "SELECT event_id, worker FROM inbox ORDER BY worker, event_id LIMIT 1 OFFSET ?1",
-    )
-    .bind(i64::try_from(pick).unwrap_or(0))
-    .fetch_one(store.pool())
-    .await?;
+    let rows = store
+        .inspect()
+        .rows(
+            "SELECT event_id, worker FROM inbox ORDER BY worker, event_id LIMIT 1 OFFSET ?",
+            [Arg::Int(i64::try_from(pick).unwrap_or(0))],
+        )
+        .await?;
+    let row = rows.first().context("the picked inbox row is gone")?;
+    let (event_id, worker) = (row.text(0)?, row.text(1)?);
     // Through the write gate, as every writer in the process.
     let mut tx = store.begin().await?;
-    berth_store::sqlx::query(
-        "INSERT OR IGNORE INTO deliveries (event_id, worker, not_before) VALUES (?1, ?2, ?3)",
+    tx.execute_for_test(
+        "INSERT INTO deliveries (event_id, worker, not_before) VALUES (?, ?, ?)
+         ON CONFLICT DO NOTHING",
+        [
+            event_id.as_str().into(),
+            worker.as_str().into(),
+            store.now().into(),
+        ],
     )
-    .bind(&event_id)
-    .bind(&worker)
-    .bind(store.now().as_micros())
-    .execute(tx.conn())
     .await?;
     tx.commit().await?;
     store.notify_committed([worker]);
@@ -721,13 +725,8 @@ async fn quiesce(
     let end = time.elapsed + limit;
     loop {
         moves.look(store).await?;
-        let pending: i64 = berth_store::sqlx::query_scalar("SELECT COUNT(*) FROM deliveries")
-            .fetch_one(store.pool())
-            .await?;
-        let all = {
-            let mut c = store.pool().acquire().await?;
-            instances::list(&mut c, None).await?
-        };
+        let pending = store.inspect().count("deliveries").await?;
+        let all = store.instances(None).await?;
         if pending == 0 && all.iter().all(|i| i.status.is_terminal()) {
             return Ok(true);
         }
@@ -757,14 +756,17 @@ impl Moves {
         // and only the columns the check needs: a look after every action
         // must cost little next to the action.
         let now = store.now().as_micros();
-        let changed: Vec<(String, String, String, i64)> = berth_store::sqlx::query_as(
-            "SELECT id, name, status, generation FROM instances WHERE updated_at >= ?1 ORDER BY id",
-        )
-        .bind(self.since)
-        .fetch_all(store.pool())
-        .await?;
+        let changed = store
+            .inspect()
+            .rows(
+                "SELECT id, name, status, generation FROM instances WHERE updated_at >= ? ORDER BY id",
+                [Arg::Int(self.since)],
+            )
+            .await?;
         self.since = now;
-        for (id, name, status, generation) in changed {
+        for row in changed {
+            let (id, name, status, generation) =
+                (row.text(0)?, row.text(1)?, row.text(2)?, row.int(3)?);
             let status: InstanceStatus = status
                 .parse()
                 .map_err(|e| anyhow::anyhow!("instance {id}: {e}"))?;
@@ -815,16 +817,31 @@ async fn trace(store: &Store, instance: &str) -> anyhow::Result<Vec<String>> {
         Option<i64>,
         Option<String>,
     );
-    let rows: Vec<Row> = berth_store::sqlx::query_as(
-        "SELECT e.id, e.type, e.created_at, a.worker, a.outcome, a.attempt,
+    let rows = store
+        .inspect()
+        .rows(
+            "SELECT e.id, e.type, e.created_at, a.worker, a.outcome, a.attempt,
                     json_extract(a.error, '$.code') || ': ' || json_extract(a.error, '$.message')
                FROM events e LEFT JOIN attempts a ON a.event_id = e.id
-              WHERE e.subject = ?1
+              WHERE e.subject = ?
               ORDER BY e.created_at, e.id, a.id",
-    )
-    .bind(instance)
-    .fetch_all(store.pool())
-    .await?;
+            [instance.into()],
+        )
+        .await?;
+    let rows: Vec<Row> = rows
+        .iter()
+        .map(|r| {
+            Ok((
+                r.text(0)?,
+                r.text(1)?,
+                r.int(2)?,
+                r.opt_text(3)?,
+                r.opt_text(4)?,
+                r.opt_int(5)?,
+                r.opt_text(6)?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
     Ok(rows
         .into_iter()
         .map(|(id, ty, at, worker, outcome, attempt, error)| {
@@ -843,15 +860,17 @@ async fn trace(store: &Store, instance: &str) -> anyhow::Result<Vec<String>> {
 /// A hash of the event log and the instances' final records: two runs of a
 /// seed that did the same things have the same digest.
 async fn digest(store: &Store, log: Option<&Path>) -> anyhow::Result<u64> {
-    let events: Vec<(String, String, Option<String>, i64)> = berth_store::sqlx::query_as(
-        "SELECT id, type, subject, created_at FROM events ORDER BY created_at, id",
-    )
-    .fetch_all(store.pool())
-    .await?;
-    let all = {
-        let mut c = store.pool().acquire().await?;
-        instances::list(&mut c, None).await?
-    };
+    let events: Vec<(String, String, Option<String>, i64)> = store
+        .inspect()
+        .rows(
+            "SELECT id, type, subject, created_at FROM events ORDER BY created_at, id",
+            [],
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.text(1)?, r.opt_text(2)?, r.int(3)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let all = store.instances(None).await?;
     // SipHash with fixed keys: the same on every run and machine.
     let mut h = std::collections::hash_map::DefaultHasher::new();
     events.hash(&mut h);
@@ -891,10 +910,7 @@ async fn check(
             what,
         })
     };
-    let all: Vec<Instance> = {
-        let mut c = store.pool().acquire().await?;
-        instances::list(&mut c, None).await?
-    };
+    let all: Vec<Instance> = store.instances(None).await?;
     let by_id: HashMap<&str, &Instance> = all.iter().map(|i| (i.id.as_str(), i)).collect();
     let live = |i: &Instance| !matches!(i.status, InstanceStatus::Failed | InstanceStatus::Deleted);
     for i in &all {
@@ -978,13 +994,27 @@ async fn check(
     // No event lost: every delivery left was handled or dead-lettered …
     /// worker, event type, attempt, due, lease owner, subject
     type Left = (String, String, i64, i64, Option<String>, Option<String>);
-    let left: Vec<Left> = berth_store::sqlx::query_as(
-        "SELECT d.worker, e.type, d.attempt, d.not_before, d.lease_owner, e.subject
+    let left: Vec<Left> = store
+        .inspect()
+        .rows(
+            "SELECT d.worker, e.type, d.attempt, d.not_before, d.lease_owner, e.subject
                FROM deliveries d JOIN events e ON e.id = d.event_id
               ORDER BY e.id, d.worker",
-    )
-    .fetch_all(store.pool())
-    .await?;
+            [],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.text(0)?,
+                r.text(1)?,
+                r.int(2)?,
+                r.int(3)?,
+                r.opt_text(4)?,
+                r.opt_text(5)?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
     let now = store.now().as_micros();
     for (worker, event_type, attempt, not_before, lease, subject) in left {
         says(
@@ -997,18 +1027,24 @@ async fn check(
     }
     // … and, against the log, every worker subscribed to each event's type
     // handled it or dead-lettered it.
-    let events: Vec<(String, String, Option<String>)> =
-        berth_store::sqlx::query_as("SELECT id, type, subject FROM events ORDER BY id")
-            .fetch_all(store.pool())
-            .await?;
-    let done: HashSet<(String, String)> = berth_store::sqlx::query_as::<_, (String, String)>(
-        "SELECT worker, event_id FROM inbox
+    let events: Vec<(String, String, Option<String>)> = store
+        .inspect()
+        .rows("SELECT id, type, subject FROM events ORDER BY id", [])
+        .await?
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.text(1)?, r.opt_text(2)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let done: HashSet<(String, String)> = store
+        .inspect()
+        .rows(
+            "SELECT worker, event_id FROM inbox
          UNION SELECT worker, event_id FROM dead_letters",
-    )
-    .fetch_all(store.pool())
-    .await?
-    .into_iter()
-    .collect();
+            [],
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.text(1)?)))
+        .collect::<anyhow::Result<_>>()?;
     let subs = registry.subscriptions();
     for (id, event_type, subject) in events {
         for w in subs.workers_for(&event_type) {

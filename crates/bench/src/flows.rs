@@ -24,7 +24,7 @@ use berth_flows::{Deps, names};
 use berth_runtime::hosts::LocalProvider;
 use berth_runtime::sim::{SimConfig, SimLatency, SimRuntime};
 use berth_runtime::{ContainerRuntime, ContainerSpec, HostId, Limits, NetworkSpec, RuntimeError};
-use berth_store::instances::{self, Instance, InstanceSpec};
+use berth_store::instances::{Instance, InstanceSpec};
 use berth_store::{Store, StoreOptions, Synchronous};
 use berth_worker::Registry;
 use tokio::sync::{Semaphore, oneshot};
@@ -142,10 +142,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
                             .cloned()
                             .collect();
                         for id in ids {
-                            let Ok(mut c) = store.pool().acquire().await else {
-                                continue;
-                            };
-                            if let Ok(Some(i)) = instances::get(&mut c, &id).await
+                            if let Ok(Some(i)) = store.instance(&id).await
                                 && i.status.is_terminal()
                                 && let Some(tx) = waiters
                                     .lock()
@@ -186,10 +183,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(inst.id.clone(), tx);
             // The flow may have ended before the waiter was in place.
-            let now = {
-                let mut c = store.pool().acquire().await?;
-                instances::get(&mut c, &inst.id).await?
-            };
+            let now = store.instance(&inst.id).await?;
             let ok = match now.map(|i| i.status) {
                 Some(s) if s.is_terminal() => {
                     waiters
@@ -249,7 +243,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         base.push(r??);
     }
     let base_elapsed = t1.elapsed();
-    store.pool().close().await;
+    store.close().await;
     if args.runtime == "docker" {
         sweep(&*runtime, &host, &[&event_org, &base_org, &raw_org]).await;
     }
@@ -481,7 +475,7 @@ async fn create_synchronously(
         spec(base),
     );
     let mut tx = store.begin().await?;
-    instances::insert(tx.conn(), &inst).await?;
+    tx.insert_instance(&inst).await?;
     tx.commit().await?;
     // ensure host
     rt.ping(host).await.map_err(engine)?;
@@ -547,7 +541,7 @@ async fn save(store: &Store, inst: &mut Instance, cond: ConditionKind) -> anyhow
     inst.conditions.set(cond, true, "Done", "", store.now());
     let mut tx = store.begin().await?;
     anyhow::ensure!(
-        instances::update(tx.conn(), inst, store.now()).await?,
+        tx.update_instance(inst, store.now()).await?,
         "lost update on {}",
         inst.id
     );

@@ -499,7 +499,7 @@ impl App {
             let _ = task.await;
         }
         self.workers.shutdown().await?;
-        self.store.pool().close().await;
+        self.store.close().await;
         info!("berth stopped");
         Ok(())
     }

@@ -97,10 +97,7 @@ async fn an_admin_token_is_generated_once_and_kept_hashed() {
         .generated_admin_token
         .clone()
         .expect("a generated token");
-    let stored: String = berth_store::sqlx::query_scalar("SELECT hash FROM admin_token")
-        .fetch_one(app.store.pool())
-        .await
-        .unwrap();
+    let stored = app.store.admin_token_hash().await.unwrap().unwrap();
     assert!(!stored.contains(&token) && stored.len() == 64);
     app.shutdown().await.unwrap();
 

@@ -187,13 +187,7 @@ async fn an_instance_runs_and_its_flow_is_traced() {
     assert!(attempt["started_at"].is_string());
 
     // Logs: the backlog, then followed lines.
-    let inst = {
-        let mut c = t.app.store.pool().acquire().await.unwrap();
-        berth_store::instances::get(&mut c, id)
-            .await
-            .unwrap()
-            .unwrap()
-    };
+    let inst = t.app.store.instance(id).await.unwrap().unwrap();
     let sim = t.app.sim.clone().unwrap();
     let host = HostId::new(inst.host.clone().unwrap());
     let container = inst.container.clone().unwrap();

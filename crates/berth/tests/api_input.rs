@@ -209,12 +209,16 @@ async fn a_name_taken_in_the_org_is_refused_and_writes_nothing() {
     assert!(!a.text.contains("hunter2"), "{}", e);
     assert_eq!(t.count("instances").await, instances);
     // Events may only have grown by the first instance's own flow.
-    let own: i64 = berth_store::sqlx::query_scalar(
-        "SELECT COUNT(*) FROM events WHERE type = 'instance.requested'",
-    )
-    .fetch_one(t.app.store.pool())
-    .await
-    .unwrap();
+    let own = t
+        .app
+        .store
+        .inspect()
+        .number(
+            "SELECT COUNT(*) FROM events WHERE type = 'instance.requested'",
+            [],
+        )
+        .await
+        .unwrap();
     assert_eq!(own, 1, "one creation only (events before: {events})");
     // The same name in another org is fine.
     let (_, other) = t.org("other").await;
@@ -463,13 +467,17 @@ async fn env_values_are_secrets() {
     let a = t.get(&format!("/v1/flows/{flow}"), &tok).await;
     a.ok(200);
     assert!(!a.text.contains(secret), "{}", a.text);
-    let leaked: i64 = berth_store::sqlx::query_scalar(
-        "SELECT (SELECT COUNT(*) FROM events WHERE payload LIKE '%hunter2%')
+    let leaked = t
+        .app
+        .store
+        .inspect()
+        .number(
+            "SELECT (SELECT COUNT(*) FROM events WHERE payload LIKE '%hunter2%')
               + (SELECT COUNT(*) FROM attempts WHERE error LIKE '%hunter2%')",
-    )
-    .fetch_one(t.app.store.pool())
-    .await
-    .unwrap();
+            [],
+        )
+        .await
+        .unwrap();
     assert_eq!(leaked, 0);
     t.shutdown().await;
 }

@@ -20,11 +20,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_core::SeededRng;
 use berth_core::domain::InstanceStatus;
+use berth_core::{Clock, IdGen, SeededRng, SystemClock};
 use berth_docker::bollard::Docker;
 use berth_docker::bollard::query_parameters::{ListContainersOptions, ListImagesOptions};
-use berth_store::instances::{self, Instance};
+use berth_store::instances::Instance;
+use berth_store::{RowRead, Store, StoreOptions};
 use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -370,45 +371,42 @@ async fn engine_state(docker: &Docker, install: &str) -> Engine {
 }
 
 /// What the database holds: every instance, the deliveries still queued
-/// or in flight, and the dead letters as `worker: code` — read on a
-/// connection of its own (the server keeps writing; WAL lets a reader in).
+/// or in flight, and the dead letters as `worker: code` — read through a
+/// store of its own on the file (the server keeps writing; WAL lets a
+/// reader in).
 async fn rows(data: &Path) -> (Vec<Instance>, i64, Vec<String>) {
-    use berth_store::sqlx::Connection;
-    let opts = berth_store::sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(data.join("berth.db"))
-        .read_only(true);
-    let mut conn = berth_store::sqlx::SqliteConnection::connect_with(&opts)
+    let store = open(data).await;
+    let all = store.instances(None).await.unwrap();
+    let queued = store.inspect().count("deliveries").await.unwrap();
+    let dead: Vec<String> = store
+        .inspect()
+        .rows(
+            "SELECT worker || ': ' || json_extract(error, '$.code') FROM dead_letters ORDER BY dead_at",
+            [],
+        )
         .await
-        .unwrap();
-    let all = instances::list(&mut conn, None).await.unwrap();
-    let queued: i64 = berth_store::sqlx::query_scalar("SELECT COUNT(*) FROM deliveries")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    let dead: Vec<String> = berth_store::sqlx::query_scalar(
-        "SELECT worker || ': ' || json_extract(error, '$.code') FROM dead_letters ORDER BY dead_at",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    let _ = conn.close().await;
+        .unwrap()
+        .iter()
+        .map(|r| r.text(0).unwrap())
+        .collect();
+    store.close().await;
     (all, queued, dead)
 }
 
 async fn install_id(data: &Path) -> String {
-    use berth_store::sqlx::Connection;
-    let opts = berth_store::sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(data.join("berth.db"))
-        .read_only(true);
-    let mut conn = berth_store::sqlx::SqliteConnection::connect_with(&opts)
-        .await
-        .unwrap();
-    let id: String = berth_store::sqlx::query_scalar("SELECT id FROM install")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    let _ = conn.close().await;
+    let store = open(data).await;
+    let id = store.install_id().to_owned();
+    store.close().await;
     id
+}
+
+/// A store on the server's database file, beside the server.
+async fn open(data: &Path) -> Store {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(1))));
+    Store::open(&data.join("berth.db"), StoreOptions::default(), clock, ids)
+        .await
+        .unwrap()
 }
 
 /// Every way the database and the engine disagree, or a flow went wrong;

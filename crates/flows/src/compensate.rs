@@ -14,7 +14,7 @@ use berth_core::domain::{InstanceError, InstanceStatus};
 use berth_core::events::WorkerFailed;
 use berth_core::events::instance as ev;
 use berth_runtime::{HostId, RuntimeError};
-use berth_store::instances::{self, Instance};
+use berth_store::instances::Instance;
 use berth_store::writes::Write;
 use berth_worker::{Ctx, HandlerError, HandlerResult, Registry, RegistryError};
 
@@ -98,10 +98,10 @@ pub async fn clean_up(
     for c in &containers {
         rt.remove_container(&host, c).await.map_err(engine)?;
     }
-    let others = {
-        let mut conn = ctx.store().pool().acquire().await?;
-        instances::others_on_host(&mut conn, &inst.org_id, host.as_str(), &inst.id).await?
-    };
+    let others = ctx
+        .store()
+        .others_on_host(&inst.org_id, host.as_str(), &inst.id)
+        .await?;
     if others > 0 {
         return Ok(None);
     }
@@ -117,11 +117,10 @@ pub async fn clean_up(
             // to go finds it free and removes it (and releases the host).
             // Retrying here instead could exhaust this delete's attempts
             // while the other's container is slow to go.
-            let deleting = {
-                let mut conn = ctx.store().pool().acquire().await?;
-                instances::deleting_on_host(&mut conn, &inst.org_id, host.as_str(), &inst.id)
-                    .await?
-            };
+            let deleting = ctx
+                .store()
+                .deleting_on_host(&inst.org_id, host.as_str(), &inst.id)
+                .await?;
             if deleting > 0 {
                 return Ok(None);
             }

@@ -9,7 +9,6 @@ use berth_core::EventPayload;
 use berth_core::domain::{ConditionKind, InstanceStatus};
 use berth_core::events::instance as ev;
 use berth_runtime::HostId;
-use berth_store::instances;
 use berth_store::writes::Write;
 use berth_worker::{Ctx, HandlerError, HandlerResult, Registry, RegistryError};
 
@@ -35,8 +34,8 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
             // The claims are read only to choose; the guarded write below
             // settles any race with another org choosing at the same time.
             let claims: BTreeMap<HostId, Vec<String>> = {
-                let mut conn = ctx.store().pool().acquire().await?;
-                instances::claims(&mut conn)
+                ctx.store()
+                    .host_claims()
                     .await?
                     .into_iter()
                     .map(|(h, orgs)| (HostId::new(h), orgs))

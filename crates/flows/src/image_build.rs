@@ -130,10 +130,7 @@ async fn build(
     {
         return Ok(i);
     }
-    let context = {
-        let mut conn = ctx.store().pool().acquire().await?;
-        berth_store::builds::context(&mut conn, &inst.org_id, &b.id).await?
-    };
+    let context = ctx.store().build_context(&inst.org_id, &b.id).await?;
     let Some(context) = context else {
         return Err(HandlerError::fatal(anyhow::anyhow!(
             "build {} no longer exists; upload the context again",

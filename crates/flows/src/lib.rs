@@ -174,8 +174,7 @@ pub async fn create_instance_on(
             // Refused by one of two guards; which one is told by counting
             // (a count under the quota now means the name was the reason).
             if let Some(max) = quota {
-                let mut conn = bus.store().pool().acquire().await?;
-                if instances::live_in_org(&mut conn, org).await? >= i64::from(max) {
+                if bus.store().live_instances(org).await? >= i64::from(max) {
                     return Err(QuotaExceeded { max }.into());
                 }
             }
@@ -203,7 +202,7 @@ pub async fn create_instance(
 ) -> anyhow::Result<(Instance, Envelope)> {
     let (inst, env) = requested(store, org, name, spec)?;
     let mut tx = store.begin().await?;
-    instances::insert(tx.conn(), &inst).await?;
+    tx.insert_instance(&inst).await?;
     tx.publish(std::slice::from_ref(&env)).await?;
     tx.commit().await?;
     Ok((inst, env))
@@ -242,7 +241,7 @@ async fn act(
     event: impl FnOnce(&Instance) -> anyhow::Result<NewEvent>,
 ) -> Result<Option<Envelope>, FlowError> {
     let mut tx = store.begin().await?;
-    let Some(mut inst) = instances::get(tx.conn(), id).await? else {
+    let Some(mut inst) = tx.instance(id).await? else {
         return Err(FlowError::NotFound);
     };
     if inst.org_id != org {
@@ -264,7 +263,7 @@ async fn act(
         event(&inst)?.org(org).subject(&inst.id),
         Cause::Root { flow_id },
     );
-    if !instances::update(tx.conn(), &mut inst, store.now()).await? {
+    if !tx.update_instance(&mut inst, store.now()).await? {
         return Err(FlowError::Conflict);
     }
     tx.publish(std::slice::from_ref(&env)).await?;

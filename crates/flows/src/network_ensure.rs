@@ -8,7 +8,6 @@ use berth_core::EventPayload;
 use berth_core::domain::ConditionKind;
 use berth_core::events::instance as ev;
 use berth_runtime::{HostId, NetworkSpec, RuntimeError};
-use berth_store::instances;
 use berth_worker::{Ctx, HandlerResult, Registry, RegistryError};
 
 use crate::step::{self, creating, engine};
@@ -30,10 +29,10 @@ async fn handle(mut ctx: Ctx, deps: Arc<Deps>) -> HandlerResult {
         // The other branch failed first: its clean-up may have looked for the
         // network before an earlier attempt of ours created it. Remove it
         // unless the org has something else on the host.
-        let others = {
-            let mut conn = ctx.store().pool().acquire().await?;
-            instances::others_on_host(&mut conn, &inst.org_id, host.as_str(), &inst.id).await?
-        };
+        let others = ctx
+            .store()
+            .others_on_host(&inst.org_id, host.as_str(), &inst.id)
+            .await?;
         if others == 0 {
             match deps.runtime.remove_network(&host, &name).await {
                 Ok(()) | Err(RuntimeError::Conflict { .. }) => {}

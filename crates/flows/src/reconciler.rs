@@ -20,7 +20,7 @@ use berth_core::events::instance as ev;
 use berth_core::events::{WORKER_FAILED_VERSION, WorkerFailed};
 use berth_core::{Envelope, ErrorInfo, EventPayload, NewEvent, Timestamp};
 use berth_runtime::{ContainerState, HostId, ResourceKind, RuntimeError, label};
-use berth_store::instances::{self, Instance};
+use berth_store::instances::Instance;
 use berth_store::{Cause, Store};
 use berth_worker::Bus;
 use tokio_util::sync::CancellationToken;
@@ -115,10 +115,7 @@ impl Reconciler {
 
     pub async fn pass(&mut self, bus: &Bus, deps: &Deps) -> anyhow::Result<PassReport> {
         let store = bus.store();
-        let all = {
-            let mut c = store.pool().acquire().await?;
-            instances::list(&mut c, None).await?
-        };
+        let all = store.instances(None).await?;
         let mut report = PassReport::default();
         let running = self.sweep(store, deps, &all, &mut report).await?;
         self.unstick(bus, &all, &mut report).await?;

@@ -3,7 +3,7 @@
 
 use berth_core::domain::{Condition, ConditionKind, InstanceStatus};
 use berth_runtime::RuntimeError;
-use berth_store::instances::{self, Instance};
+use berth_store::instances::Instance;
 use berth_store::writes::{InstancePatch, Write};
 use berth_worker::{Ctx, HandlerError};
 
@@ -14,8 +14,7 @@ pub async fn load(ctx: &Ctx, id: &str) -> Result<Instance, HandlerError> {
     if let Some(i) = ctx.store().cached_instance(id) {
         return Ok(i);
     }
-    let mut conn = ctx.store().pool().acquire().await?;
-    instances::get(&mut conn, id).await?.ok_or_else(|| {
+    ctx.store().instance(id).await?.ok_or_else(|| {
         HandlerError::fatal(anyhow::anyhow!("instance {id} does not exist"))
             .with_code("instance_not_found")
     })

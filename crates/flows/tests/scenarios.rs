@@ -526,13 +526,12 @@ async fn a_duplicate_of_every_event_creates_nothing_twice() {
     assert_eq!(fresh.len(), n);
     // And every delivery of the originals again, as a redelivering bus would.
     let mut tx = w.store.begin().await.unwrap();
-    berth_store::sqlx::query(
+    tx.execute_for_test(
         "INSERT INTO deliveries (event_id, worker, round, attempt, not_before)
          SELECT event_id, worker, 0, 0, 0 FROM inbox
-          WHERE event_id IN (SELECT id FROM events WHERE flow_id = ?1)",
+          WHERE event_id IN (SELECT id FROM events WHERE flow_id = ?)",
+        [root.flow_id.into()],
     )
-    .bind(root.flow_id.to_string())
-    .execute(tx.conn())
     .await
     .unwrap();
     tx.commit().await.unwrap();
@@ -1224,10 +1223,7 @@ async fn pool_hosts_are_dedicated_per_org_and_released_with_its_last_instance() 
     let c2 = settle(create("orgc", "two").await.id).await;
     assert_eq!(c2.status, InstanceStatus::Running, "{:?}", c2.error);
     assert_eq!(c2.host, b1.host, "the released host was claimed again");
-    let claims = {
-        let mut c = store.pool().acquire().await.unwrap();
-        instances::claims(&mut c).await.unwrap()
-    };
+    let claims = store.host_claims().await.unwrap();
     assert_eq!(claims.len(), 2);
     assert!(claims.values().all(|orgs| orgs.len() == 1), "{claims:?}");
     w.stop().await;

@@ -5,6 +5,8 @@ use anyhow::Context;
 use berth_core::Timestamp;
 use sqlx::{Row, SqliteConnection};
 
+use crate::{Store, Tx};
+
 /// A stored build context, without its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Build {
@@ -48,7 +50,7 @@ const COLUMNS: &str = "id, org_id, digest, size, bases, created_at";
 /// has fewer than `max` builds. Run it in a transaction (the count and the
 /// insert must see the same table).
 #[allow(clippy::too_many_arguments)]
-pub async fn insert(
+pub(crate) async fn insert(
     conn: &mut SqliteConnection,
     id: &str,
     org: &str,
@@ -111,7 +113,7 @@ async fn by_digest(
 }
 
 /// The org's build `id`; `None` for another org's, exactly like a missing one.
-pub async fn get(
+pub(crate) async fn get(
     conn: &mut SqliteConnection,
     org: &str,
     id: &str,
@@ -128,7 +130,7 @@ pub async fn get(
 }
 
 /// The archive of the org's build `id`.
-pub async fn context(
+pub(crate) async fn context(
     conn: &mut SqliteConnection,
     org: &str,
     id: &str,
@@ -142,7 +144,7 @@ pub async fn context(
 }
 
 /// The org's builds, newest first.
-pub async fn list(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<Vec<Build>> {
+pub(crate) async fn list(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<Vec<Build>> {
     let rows = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM builds WHERE org_id = ?1 ORDER BY created_at DESC, id DESC"
     ))
@@ -151,4 +153,54 @@ pub async fn list(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<Vec<
     .await
     .context("failed to list builds")?;
     rows.iter().map(from_row).collect()
+}
+
+/// A build context to store; see [`Tx::insert_build`].
+#[derive(Debug, Clone, Copy)]
+pub struct NewBuild<'a> {
+    pub id: &'a str,
+    pub org: &'a str,
+    /// `sha256:<hex>` of `context`.
+    pub digest: &'a str,
+    pub bases: &'a [String],
+    pub context: &'a [u8],
+    /// The most builds the org may hold.
+    pub max: i64,
+    pub at: Timestamp,
+}
+
+impl Tx {
+    /// The org's build with these bytes, stored now if it is new and the
+    /// org holds fewer than `max` builds (the count and the insert see the
+    /// same table: this transaction's).
+    pub async fn insert_build(&mut self, b: NewBuild<'_>) -> anyhow::Result<Inserted> {
+        insert(
+            self.conn(),
+            b.id,
+            b.org,
+            b.digest,
+            b.bases,
+            b.context,
+            b.max,
+            b.at,
+        )
+        .await
+    }
+}
+
+impl Store {
+    /// The build `id` of `org` (another org's is `None`).
+    pub async fn build(&self, org: &str, id: &str) -> anyhow::Result<Option<Build>> {
+        get(&mut *self.read_conn().await?, org, id).await
+    }
+
+    /// The archive of the build `id` of `org`.
+    pub async fn build_context(&self, org: &str, id: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        context(&mut *self.read_conn().await?, org, id).await
+    }
+
+    /// Every build of `org`, newest first.
+    pub async fn builds(&self, org: &str) -> anyhow::Result<Vec<Build>> {
+        list(&mut *self.read_conn().await?, org).await
+    }
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{Row, SqliteConnection};
 
 use crate::writer::RowRead;
+use crate::{Store, Tx};
 
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,7 +265,8 @@ pub(crate) fn from_columns<R: RowRead>(r: &R, at: usize) -> anyhow::Result<Insta
     })
 }
 
-pub async fn insert_org(
+#[cfg(test)]
+pub(crate) async fn insert_org(
     conn: &mut SqliteConnection,
     id: &str,
     name: &str,
@@ -291,7 +293,7 @@ pub(crate) fn state_args(i: &Instance) -> anyhow::Result<Vec<crate::ops::Arg>> {
 }
 
 /// Inserts a new instance; [`NameTaken`] if its org has a live one so named.
-pub async fn insert(conn: &mut SqliteConnection, i: &Instance) -> anyhow::Result<()> {
+pub(crate) async fn insert(conn: &mut SqliteConnection, i: &Instance) -> anyhow::Result<()> {
     let mut script = crate::ops::Script::new();
     let marks = vec!["?"; Col::ALL.len()].join(",");
     script.push(
@@ -310,7 +312,7 @@ pub async fn insert(conn: &mut SqliteConnection, i: &Instance) -> anyhow::Result
     }
 }
 
-pub async fn get(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Option<Instance>> {
+pub(crate) async fn get(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Option<Instance>> {
     let row = sqlx::query(&format!(
         "SELECT {} FROM instances WHERE id = ?1",
         columns()
@@ -323,7 +325,10 @@ pub async fn get(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Option
 }
 
 /// Every instance of an org (all of them when `org` is `None`), oldest first.
-pub async fn list(conn: &mut SqliteConnection, org: Option<&str>) -> anyhow::Result<Vec<Instance>> {
+pub(crate) async fn list(
+    conn: &mut SqliteConnection,
+    org: Option<&str>,
+) -> anyhow::Result<Vec<Instance>> {
     let rows = sqlx::query(&format!(
         "SELECT {} FROM instances WHERE (?1 IS NULL OR org_id = ?1) ORDER BY created_at, id",
         columns()
@@ -358,7 +363,7 @@ pub struct ListFilter<'a> {
 /// narrowed by `filter`. The cursor is looked up within the org alone,
 /// so another org's id is [`UnknownCursor`] exactly like one that does not
 /// exist.
-pub async fn list_page(
+pub(crate) async fn list_page(
     conn: &mut SqliteConnection,
     org: &str,
     after: Option<&str>,
@@ -428,7 +433,7 @@ pub struct FlowProgress {
 }
 
 /// The progress of `flow`: `None` when none of its events awaits a worker.
-pub async fn flow_progress(
+pub(crate) async fn flow_progress(
     conn: &mut SqliteConnection,
     flow: FlowId,
 ) -> anyhow::Result<Option<FlowProgress>> {
@@ -473,38 +478,33 @@ pub async fn flow_progress(
 
 /// Writes `i` back if the row still has `i.version`; bumps the version.
 /// `false` means someone else changed it first: re-read and decide again.
-pub async fn update(
+pub(crate) async fn update(
     conn: &mut SqliteConnection,
     i: &mut Instance,
     at: Timestamp,
 ) -> anyhow::Result<bool> {
-    let done = sqlx::query(
-        "UPDATE instances SET status = ?3, version = version + 1, generation = ?4, host = ?5,
-                network = ?6, image_tag = ?7, container = ?8, ip = ?9, conditions = ?10,
-                error = ?11, exit_code = ?12, oom_killed = ?13, restarts = ?14, flow_id = ?15,
-                updated_at = ?16
-          WHERE id = ?1 AND version = ?2",
-    )
-    .bind(&i.id)
-    .bind(i.version)
-    .bind(i.status.as_str())
-    .bind(i.generation)
-    .bind(&i.host)
-    .bind(&i.network)
-    .bind(&i.image_tag)
-    .bind(&i.container)
-    .bind(&i.ip)
-    .bind(serde_json::to_string(&i.conditions)?)
-    .bind(i.error.as_ref().map(serde_json::to_string).transpose()?)
-    .bind(i.exit_code)
-    .bind(i.oom_killed)
-    .bind(i.restarts)
-    .bind(i.flow_id.to_string())
-    .bind(at.as_micros())
-    .execute(&mut *conn)
-    .await
-    .context("failed to update the instance")?;
-    if done.rows_affected() == 1 {
+    use crate::ops::Arg;
+    // Status and generation, then the flow's state columns, from the one
+    // row description.
+    let state: Vec<&str> = Col::ALL[Col::STATE].iter().map(|c| c.name()).collect();
+    let sets: String = state.iter().map(|c| format!(", {c} = ?")).collect();
+    let mut args = vec![Arg::from(i.status.as_str()), Arg::Int(i.generation)];
+    args.extend(state_args(i)?);
+    args.extend([at.into(), Arg::from(i.id.as_str()), Arg::Int(i.version)]);
+    let mut script = crate::ops::Script::new();
+    script.push(
+        &format!(
+            "UPDATE instances SET status = ?, version = version + 1, generation = ?{sets},
+                    updated_at = ?
+              WHERE id = ? AND version = ? RETURNING 1"
+        ),
+        args,
+    );
+    let rows = script
+        .run(conn)
+        .await
+        .context("failed to update the instance")?;
+    if rows.len() == 1 {
         i.version += 1;
         i.updated_at = at;
         Ok(true)
@@ -513,9 +513,8 @@ pub async fn update(
     }
 }
 
-/// Live (not deleted) instances of `org` on `host`, other than `except`.
 /// How many instances of `org` are not deleted (what its quota counts).
-pub async fn live_in_org(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<i64> {
+pub(crate) async fn live_in_org(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<i64> {
     sqlx::query_scalar("SELECT COUNT(*) FROM instances WHERE org_id = ?1 AND status != 'deleted'")
         .bind(org)
         .fetch_one(&mut *conn)
@@ -523,7 +522,8 @@ pub async fn live_in_org(conn: &mut SqliteConnection, org: &str) -> anyhow::Resu
         .context("failed to count the org's instances")
 }
 
-pub async fn others_on_host(
+/// Live (not deleted) instances of `org` on `host`, other than `except`.
+pub(crate) async fn others_on_host(
     conn: &mut SqliteConnection,
     org: &str,
     host: &str,
@@ -538,7 +538,7 @@ pub async fn others_on_host(
 }
 
 /// How many other instances of `org` on `host` are being deleted.
-pub async fn deleting_on_host(
+pub(crate) async fn deleting_on_host(
     conn: &mut SqliteConnection,
     org: &str,
     host: &str,
@@ -569,7 +569,9 @@ async fn count_on_host(
 }
 
 /// host → orgs holding it.
-pub async fn claims(conn: &mut SqliteConnection) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+pub(crate) async fn claims(
+    conn: &mut SqliteConnection,
+) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     let rows = sqlx::query("SELECT host, org_id FROM host_claims ORDER BY host, org_id")
         .fetch_all(&mut *conn)
         .await
@@ -581,32 +583,80 @@ pub async fn claims(conn: &mut SqliteConnection) -> anyhow::Result<BTreeMap<Stri
     Ok(out)
 }
 
-pub async fn claim_host(
-    conn: &mut SqliteConnection,
-    host: &str,
-    org: &str,
-    at: Timestamp,
-) -> anyhow::Result<()> {
-    sqlx::query("INSERT OR IGNORE INTO host_claims (host, org_id, claimed_at) VALUES (?1, ?2, ?3)")
-        .bind(host)
-        .bind(org)
-        .bind(at.as_micros())
-        .execute(&mut *conn)
-        .await
-        .context("failed to claim the host")?;
-    Ok(())
+impl Store {
+    /// The instance `id`, of whichever org: callers check the org.
+    pub async fn instance(&self, id: &str) -> anyhow::Result<Option<Instance>> {
+        get(&mut *self.read_conn().await?, id).await
+    }
+
+    /// Every instance of an org (all of them when `org` is `None`), oldest
+    /// first.
+    pub async fn instances(&self, org: Option<&str>) -> anyhow::Result<Vec<Instance>> {
+        list(&mut *self.read_conn().await?, org).await
+    }
+
+    /// A page of an org's instances; see [`ListFilter`] and
+    /// [`UnknownCursor`].
+    pub async fn instance_page(
+        &self,
+        org: &str,
+        after: Option<&str>,
+        filter: ListFilter<'_>,
+        limit: u32,
+    ) -> anyhow::Result<Vec<Instance>> {
+        list_page(&mut *self.read_conn().await?, org, after, filter, limit).await
+    }
+
+    /// Where `flow` is: `None` when none of its events awaits a worker.
+    pub async fn flow_progress(&self, flow: FlowId) -> anyhow::Result<Option<FlowProgress>> {
+        flow_progress(&mut *self.read_conn().await?, flow).await
+    }
+
+    /// How many instances of `org` are not deleted (what its quota counts).
+    pub async fn live_instances(&self, org: &str) -> anyhow::Result<i64> {
+        live_in_org(&mut *self.read_conn().await?, org).await
+    }
+
+    /// Live instances of `org` on `host`, other than `except`.
+    pub async fn others_on_host(&self, org: &str, host: &str, except: &str) -> anyhow::Result<i64> {
+        others_on_host(&mut *self.read_conn().await?, org, host, except).await
+    }
+
+    /// Other instances of `org` on `host` being deleted.
+    pub async fn deleting_on_host(
+        &self,
+        org: &str,
+        host: &str,
+        except: &str,
+    ) -> anyhow::Result<i64> {
+        deleting_on_host(&mut *self.read_conn().await?, org, host, except).await
+    }
+
+    /// host → the orgs holding it.
+    pub async fn host_claims(&self) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+        claims(&mut *self.read_conn().await?).await
+    }
 }
 
-pub async fn release_host(
-    conn: &mut SqliteConnection,
-    host: &str,
-    org: &str,
-) -> anyhow::Result<()> {
-    sqlx::query("DELETE FROM host_claims WHERE host = ?1 AND org_id = ?2")
-        .bind(host)
-        .bind(org)
-        .execute(&mut *conn)
-        .await
-        .context("failed to release the host")?;
-    Ok(())
+impl Tx {
+    /// Inserts a new instance; [`NameTaken`] if its org has a live one so
+    /// named.
+    pub async fn insert_instance(&mut self, i: &Instance) -> anyhow::Result<()> {
+        insert(self.conn(), i).await
+    }
+
+    /// The instance `id` as this transaction sees it.
+    pub async fn instance(&mut self, id: &str) -> anyhow::Result<Option<Instance>> {
+        get(self.conn(), id).await
+    }
+
+    /// Writes `i` back if the row still has `i.version` (bumping it);
+    /// `false` when someone changed it first.
+    pub async fn update_instance(
+        &mut self,
+        i: &mut Instance,
+        at: Timestamp,
+    ) -> anyhow::Result<bool> {
+        update(self.conn(), i, at).await
+    }
 }

@@ -6,7 +6,9 @@
 //! as one JSON parameter); the SQL lives in per-dialect modules so PostgreSQL
 //! can sit behind the same API.
 
+pub mod baseline;
 pub mod builds;
+pub mod inspect;
 pub mod instances;
 mod migrate;
 pub mod model;

@@ -825,3 +825,54 @@ mod tests {
         }
     }
 }
+
+impl crate::Store {
+    /// Which of `ids` the event log already has.
+    pub async fn known_events(&self, ids: &[EventId]) -> anyhow::Result<HashSet<EventId>> {
+        known_events(&mut *self.read_conn().await?, ids).await
+    }
+
+    /// The envelopes of `ids` that are in the log (order not kept).
+    pub async fn events(&self, ids: &[EventId]) -> anyhow::Result<Vec<Envelope>> {
+        load_events(&mut *self.read_conn().await?, ids).await
+    }
+
+    /// Which of `ids` are in `worker`'s inbox (handled already).
+    pub async fn inbox_hits(
+        &self,
+        worker: &str,
+        ids: &[EventId],
+    ) -> anyhow::Result<HashSet<EventId>> {
+        inbox_hits(&mut *self.read_conn().await?, worker, ids).await
+    }
+
+    /// Takes back leases — every one when `only_expired` is false (at the
+    /// start of the only dispatcher of the database), else those past
+    /// their end — recording each lost attempt as `abandoned`; how many.
+    pub async fn release_leases(&self, now: Timestamp, only_expired: bool) -> anyhow::Result<u64> {
+        let mut tx = self.begin().await?;
+        let n = release_leases(tx.conn(), now, only_expired).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+}
+
+impl crate::Tx {
+    /// Which of `ids` are in `worker`'s inbox, as this transaction sees it.
+    pub async fn inbox_hits(
+        &mut self,
+        worker: &str,
+        ids: &[EventId],
+    ) -> anyhow::Result<HashSet<EventId>> {
+        inbox_hits(self.conn(), worker, ids).await
+    }
+
+    /// Runs a script's statements in this transaction.
+    pub async fn run(&mut self, script: Script) -> anyhow::Result<()> {
+        script
+            .run(self.conn())
+            .await
+            .context("a statement of the transaction failed")?;
+        Ok(())
+    }
+}

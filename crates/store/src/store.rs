@@ -222,8 +222,16 @@ impl Store {
         &self.inner.ids
     }
 
-    pub fn pool(&self) -> &SqlitePool {
+    /// The pool, for the crate's unit tests.
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &SqlitePool {
         &self.inner.pool
+    }
+
+    /// Closes the store's connections, waiting for those in use to come
+    /// back; later calls fail.
+    pub async fn close(&self) {
+        self.inner.pool.close().await;
     }
 
     /// A connection outside the pool, for the dispatcher's write loop.
@@ -423,7 +431,7 @@ impl Store {
         Ok(new)
     }
 
-    async fn read_conn(&self) -> anyhow::Result<sqlx::pool::PoolConnection<Sqlite>> {
+    pub(crate) async fn read_conn(&self) -> anyhow::Result<sqlx::pool::PoolConnection<Sqlite>> {
         self.inner
             .pool
             .acquire()
@@ -532,7 +540,7 @@ impl std::fmt::Debug for Tx {
 
 impl Tx {
     /// The underlying connection, for a handler's own queries.
-    pub fn conn(&mut self) -> &mut SqliteConnection {
+    pub(crate) fn conn(&mut self) -> &mut SqliteConnection {
         &mut self.tx
     }
 

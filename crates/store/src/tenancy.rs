@@ -11,7 +11,7 @@ use berth_core::{Envelope, EventId, Timestamp};
 use serde::Serialize;
 use sqlx::{Row, SqliteConnection};
 
-use crate::ops;
+use crate::{Store, Tx, ops};
 
 /// An org (tenant).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -38,7 +38,7 @@ pub struct OrgNameTaken(pub String);
 /// Creates an org and its first token (by hash) together, so that an org
 /// never exists without a way in. Fails with [`OrgNameTaken`] on a
 /// duplicate name.
-pub async fn create_org(
+pub(crate) async fn create_org(
     conn: &mut SqliteConnection,
     org: &Org,
     token_id: &str,
@@ -63,7 +63,7 @@ pub async fn create_org(
     insert_token(conn, token_id, &org.id, token_hash, org.created_at).await
 }
 
-pub async fn get_org(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Option<Org>> {
+pub(crate) async fn get_org(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Option<Org>> {
     let row = sqlx::query("SELECT id, name, created_at FROM orgs WHERE id = ?1")
         .bind(id)
         .fetch_optional(&mut *conn)
@@ -79,7 +79,7 @@ pub async fn get_org(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Op
     .transpose()
 }
 
-pub async fn insert_token(
+pub(crate) async fn insert_token(
     conn: &mut SqliteConnection,
     id: &str,
     org: &str,
@@ -99,7 +99,7 @@ pub async fn insert_token(
 
 /// The (org id, token id) of a live token with this hash; `None` for an
 /// unknown or revoked one.
-pub async fn token_by_hash(
+pub(crate) async fn token_by_hash(
     conn: &mut SqliteConnection,
     hash: &str,
 ) -> anyhow::Result<Option<(String, String)>> {
@@ -121,7 +121,10 @@ fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<TokenInfo> {
 }
 
 /// Every token of an org, oldest first, revoked ones included.
-pub async fn tokens(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<Vec<TokenInfo>> {
+pub(crate) async fn tokens(
+    conn: &mut SqliteConnection,
+    org: &str,
+) -> anyhow::Result<Vec<TokenInfo>> {
     let rows = sqlx::query(
         "SELECT id, org_id, created_at, revoked_at FROM tokens WHERE org_id = ?1
           ORDER BY created_at, id",
@@ -135,7 +138,7 @@ pub async fn tokens(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<Ve
 
 /// Revokes a token of `org`. `None` if the org has no such token; the
 /// token as it now is otherwise (revoking twice keeps the first time).
-pub async fn revoke_token(
+pub(crate) async fn revoke_token(
     conn: &mut SqliteConnection,
     org: &str,
     id: &str,
@@ -162,7 +165,9 @@ pub async fn revoke_token(
 }
 
 /// The stored admin token hash, if one was generated.
-pub async fn admin_token_hash(conn: &mut SqliteConnection) -> anyhow::Result<Option<String>> {
+pub(crate) async fn admin_token_hash(
+    conn: &mut SqliteConnection,
+) -> anyhow::Result<Option<String>> {
     sqlx::query_scalar("SELECT hash FROM admin_token WHERE id = 1")
         .fetch_optional(&mut *conn)
         .await
@@ -171,7 +176,7 @@ pub async fn admin_token_hash(conn: &mut SqliteConnection) -> anyhow::Result<Opt
 
 /// Stores a generated admin token's hash unless one is there already;
 /// `true` if this call stored it (so its token is the one to print).
-pub async fn init_admin_token(
+pub(crate) async fn init_admin_token(
     conn: &mut SqliteConnection,
     hash: &str,
     at: Timestamp,
@@ -187,7 +192,7 @@ pub async fn init_admin_token(
 }
 
 /// The position of the newest event in the log (0 when empty).
-pub async fn last_seq(conn: &mut SqliteConnection) -> anyhow::Result<i64> {
+pub(crate) async fn last_seq(conn: &mut SqliteConnection) -> anyhow::Result<i64> {
     sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
         .fetch_one(&mut *conn)
         .await
@@ -195,7 +200,7 @@ pub async fn last_seq(conn: &mut SqliteConnection) -> anyhow::Result<i64> {
 }
 
 /// The log position of event `id` if it belongs to `org`.
-pub async fn event_seq_in_org(
+pub(crate) async fn event_seq_in_org(
     conn: &mut SqliteConnection,
     org: &str,
     id: EventId,
@@ -210,7 +215,7 @@ pub async fn event_seq_in_org(
 
 /// Up to `limit` events of `org` after log position `after`, in log order,
 /// each with its position (the stream's cursor).
-pub async fn org_events_after(
+pub(crate) async fn org_events_after(
     conn: &mut SqliteConnection,
     org: &str,
     after: i64,
@@ -257,7 +262,7 @@ pub struct AttemptSample {
 }
 
 /// The newest attempt record's position (0 when none).
-pub async fn last_attempt_id(conn: &mut SqliteConnection) -> anyhow::Result<i64> {
+pub(crate) async fn last_attempt_id(conn: &mut SqliteConnection) -> anyhow::Result<i64> {
     sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM attempts")
         .fetch_one(&mut *conn)
         .await
@@ -265,7 +270,7 @@ pub async fn last_attempt_id(conn: &mut SqliteConnection) -> anyhow::Result<i64>
 }
 
 /// Up to `limit` attempt records after position `after`, in order.
-pub async fn attempts_after(
+pub(crate) async fn attempts_after(
     conn: &mut SqliteConnection,
     after: i64,
     limit: u32,
@@ -293,7 +298,9 @@ pub async fn attempts_after(
 }
 
 /// Open (not re-driven) dead letters per worker.
-pub async fn open_dead_letters(conn: &mut SqliteConnection) -> anyhow::Result<Vec<(String, i64)>> {
+pub(crate) async fn open_dead_letters(
+    conn: &mut SqliteConnection,
+) -> anyhow::Result<Vec<(String, i64)>> {
     let rows = sqlx::query(
         "SELECT worker, COUNT(*) FROM dead_letters WHERE redriven_at IS NULL
           GROUP BY worker ORDER BY worker",
@@ -401,5 +408,107 @@ mod tests {
             admin_token_hash(&mut c).await.unwrap().as_deref(),
             Some("x")
         );
+    }
+}
+
+impl Store {
+    /// The org `id`.
+    pub async fn org(&self, id: &str) -> anyhow::Result<Option<Org>> {
+        get_org(&mut *self.read_conn().await?, id).await
+    }
+
+    /// Adds a token (by hash) to `org`.
+    pub async fn insert_token(
+        &self,
+        id: &str,
+        org: &str,
+        hash: &str,
+        at: Timestamp,
+    ) -> anyhow::Result<()> {
+        insert_token(&mut *self.read_conn().await?, id, org, hash, at).await
+    }
+
+    /// The (org id, token id) a token hash belongs to, unless it is revoked.
+    pub async fn token_by_hash(&self, hash: &str) -> anyhow::Result<Option<(String, String)>> {
+        token_by_hash(&mut *self.read_conn().await?, hash).await
+    }
+
+    /// Every token of `org`, revoked ones too, oldest first.
+    pub async fn tokens(&self, org: &str) -> anyhow::Result<Vec<TokenInfo>> {
+        tokens(&mut *self.read_conn().await?, org).await
+    }
+
+    /// Revokes a token of `org`; `None` if `org` has no such token.
+    pub async fn revoke_token(
+        &self,
+        org: &str,
+        id: &str,
+        at: Timestamp,
+    ) -> anyhow::Result<Option<TokenInfo>> {
+        revoke_token(&mut *self.read_conn().await?, org, id, at).await
+    }
+
+    /// The stored admin token hash, if one was generated.
+    pub async fn admin_token_hash(&self) -> anyhow::Result<Option<String>> {
+        admin_token_hash(&mut *self.read_conn().await?).await
+    }
+
+    /// Stores a generated admin token's hash unless one is there already;
+    /// `true` if this call stored it.
+    pub async fn init_admin_token(&self, hash: &str, at: Timestamp) -> anyhow::Result<bool> {
+        init_admin_token(&mut *self.read_conn().await?, hash, at).await
+    }
+
+    /// The position of the newest event in the log (0 when empty).
+    pub async fn last_seq(&self) -> anyhow::Result<i64> {
+        last_seq(&mut *self.read_conn().await?).await
+    }
+
+    /// The log position of event `id` if it belongs to `org`.
+    pub async fn event_seq_in_org(&self, org: &str, id: EventId) -> anyhow::Result<Option<i64>> {
+        event_seq_in_org(&mut *self.read_conn().await?, org, id).await
+    }
+
+    /// Up to `limit` events of `org` after log position `after`, in log
+    /// order, each with its position.
+    pub async fn org_events_after(
+        &self,
+        org: &str,
+        after: i64,
+        limit: u32,
+    ) -> anyhow::Result<Vec<(i64, Envelope)>> {
+        org_events_after(&mut *self.read_conn().await?, org, after, limit).await
+    }
+
+    /// The newest attempt record's position (0 when none).
+    pub async fn last_attempt_id(&self) -> anyhow::Result<i64> {
+        last_attempt_id(&mut *self.read_conn().await?).await
+    }
+
+    /// Up to `limit` attempt records after position `after`, in order.
+    pub async fn attempts_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> anyhow::Result<Vec<AttemptSample>> {
+        attempts_after(&mut *self.read_conn().await?, after, limit).await
+    }
+
+    /// Open (not re-driven) dead letters per worker.
+    pub async fn open_dead_letters(&self) -> anyhow::Result<Vec<(String, i64)>> {
+        open_dead_letters(&mut *self.read_conn().await?).await
+    }
+}
+
+impl Tx {
+    /// Creates an org and its first token (by hash) together; fails with
+    /// [`OrgNameTaken`] on a duplicate name.
+    pub async fn create_org(
+        &mut self,
+        org: &Org,
+        token_id: &str,
+        token_hash: &str,
+    ) -> anyhow::Result<()> {
+        create_org(self.conn(), org, token_id, token_hash).await
     }
 }

@@ -467,9 +467,21 @@ fn layers<'a, T: ?Sized, K: std::hash::Hash + Eq>(
     out
 }
 
-/// Applies `writes` in the caller's transaction (a handler that also opened
-/// one); `false` if a guard failed — the caller must then roll back.
-pub async fn apply(
+impl crate::Tx {
+    /// Applies `writes` in this transaction (a handler that also opened
+    /// one); `false` if a guard failed — then drop the transaction, which
+    /// rolls back.
+    pub async fn apply(
+        &mut self,
+        writes: &[Write],
+        at: berth_core::Timestamp,
+    ) -> anyhow::Result<bool> {
+        apply(self.conn(), writes, at).await
+    }
+}
+
+/// Applies `writes` on `conn`; `false` if a guard failed.
+pub(crate) async fn apply(
     conn: &mut sqlx::SqliteConnection,
     writes: &[Write],
     at: berth_core::Timestamp,

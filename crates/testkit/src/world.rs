@@ -14,7 +14,7 @@ use berth_flows::Deps;
 use berth_runtime::faulty::FaultyRuntime;
 use berth_runtime::sim::{SimConfig, SimLatency, SimRuntime};
 use berth_runtime::{ContainerRuntime, HostId};
-use berth_store::instances::{self, Instance, InstanceSpec};
+use berth_store::instances::{Instance, InstanceSpec};
 use berth_store::writes::Write;
 use berth_store::{Cause, Store};
 use berth_worker::testing::StepOutput;
@@ -290,14 +290,12 @@ impl TestWorld {
     }
 
     async fn find(&self, id: &str) -> Option<Instance> {
-        let mut c = self.store.pool().acquire().await.unwrap();
-        instances::get(&mut c, id).await.unwrap()
+        self.store.instance(id).await.unwrap()
     }
 
     /// Every stored instance.
     pub async fn all(&self) -> Vec<Instance> {
-        let mut c = self.store.pool().acquire().await.unwrap();
-        instances::list(&mut c, None).await.unwrap()
+        self.store.instances(None).await.unwrap()
     }
 
     /// Waits until the instance is as `wanted` says; a wait that ends
@@ -400,9 +398,7 @@ impl TestWorld {
     /// step test chain steps: the next one reads what the last declared.
     pub async fn apply(&self, writes: &[Write]) -> bool {
         let mut tx = self.store.begin().await.unwrap();
-        let held = berth_store::writes::apply(tx.conn(), writes, self.store.now())
-            .await
-            .unwrap();
+        let held = tx.apply(writes, self.store.now()).await.unwrap();
         if held {
             tx.commit().await.unwrap();
         }

@@ -1184,13 +1184,10 @@ impl HandlerTask {
     ) -> Finished {
         let result: anyhow::Result<Option<Finished>> = async {
             let now = self.store.now();
-            if !ops::inbox_hits(tx.conn(), &self.name, &[self.env.id])
-                .await?
-                .is_empty()
-            {
+            if !tx.inbox_hits(&self.name, &[self.env.id]).await?.is_empty() {
                 return Ok(Some(Finished::Duplicate));
             }
-            if !berth_store::writes::apply(tx.conn(), &writes, now).await? {
+            if !tx.apply(&writes, now).await? {
                 return Ok(Some(concurrent_update()));
             }
             let mut s = Script::new();
@@ -1207,7 +1204,7 @@ impl HandlerTask {
                 next_delay: None,
             }]);
             s.delete_deliveries(&[(self.env.id, &*self.name)]);
-            s.run(tx.conn()).await?;
+            tx.run(s).await?;
             let envs: Vec<Envelope> = emitted
                 .into_iter()
                 .map(|e| self.store.stamp(e, Cause::Event(&self.env)))

@@ -263,8 +263,7 @@ impl Workers {
             specs.push((w.name.clone(), w.handler.clone(), policy));
         }
         store.set_subscriptions(registry.subscriptions());
-        let mut conn = store.dedicated_connection().await?;
-        let released = berth_store::ops::release_leases(&mut conn, store.now(), false).await?;
+        let released = store.release_leases(store.now(), false).await?;
         if released > 0 {
             info!(
                 released,
@@ -278,7 +277,7 @@ impl Workers {
         let (retried, _) = tokio::sync::broadcast::channel(RETRIED_BACKLOG);
         let owner: Arc<str> = Arc::from(format!("{}-{}", std::process::id(), store.ids().ulid()));
         let conns = Conns {
-            read: conn,
+            read: store.dedicated_connection().await?,
             writer: store.open_writer().await?,
         };
         let dispatcher = Dispatcher::new(

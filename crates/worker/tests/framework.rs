@@ -327,13 +327,12 @@ async fn a_duplicate_delivery_of_a_processed_event_changes_nothing() {
 
     // A redelivery, as a bus relay might make one: a fresh delivery row for
     // an event the worker has already processed.
-    berth_store::sqlx::query(
-        "INSERT INTO deliveries (event_id, worker, round, attempt, not_before) VALUES (?1, 'echo', 0, 0, 0)",
+    exec(
+        &store,
+        "INSERT INTO deliveries (event_id, worker, round, attempt, not_before) VALUES (?, 'echo', 0, 0, 0)",
+        [env.id.into()],
     )
-    .bind(env.id.to_string())
-    .execute(store.pool())
-    .await
-    .unwrap();
+    .await;
     store.notify_committed(["echo".to_owned()]);
     eventually(&store, "the duplicate to be acknowledged", || async {
         count(&store, "SELECT COUNT(*) FROM deliveries").await == 0
@@ -425,16 +424,12 @@ fn a_process_stopped_mid_handler_redelivers_with_its_attempt_count() {
 async fn a_handler_that_emits_and_then_fails_leaves_nothing_visible() {
     let db = TestDb::new();
     let store = open_store(&db.path, false).await;
-    berth_store::sqlx::query("CREATE TABLE notes (body TEXT NOT NULL)")
-        .execute(store.pool())
-        .await
-        .unwrap();
+    exec(&store, "CREATE TABLE notes (body TEXT NOT NULL)", []).await;
     let mut reg = Registry::new();
     // Writes in its transaction and emits, then fails.
     reg.register("tx.writer", &["test.ping"], |mut ctx: Ctx| async move {
         let tx = ctx.tx().await?;
-        berth_store::sqlx::query("INSERT INTO notes (body) VALUES ('half-done')")
-            .execute(tx.conn())
+        tx.execute_for_test("INSERT INTO notes (body) VALUES ('half-done')", [])
             .await?;
         ctx.emit_payload(&Pong { n: 1 })?;
         Err(fatal(anyhow::anyhow!("failed after writing")))
@@ -449,8 +444,7 @@ async fn a_handler_that_emits_and_then_fails_leaves_nothing_visible() {
     // The control: the same writes, succeeding, do become visible.
     reg.register("tx.ok", &["test.ping"], |mut ctx: Ctx| async move {
         let tx = ctx.tx().await?;
-        berth_store::sqlx::query("INSERT INTO notes (body) VALUES ('done')")
-            .execute(tx.conn())
+        tx.execute_for_test("INSERT INTO notes (body) VALUES ('done')", [])
             .await?;
         ctx.emit(NewEvent::with_type("test.noted", 1, &serde_json::json!({})).unwrap());
         Ok(ctx.done())
@@ -473,10 +467,14 @@ async fn a_handler_that_emits_and_then_fails_leaves_nothing_visible() {
         0,
         "no emitted event leaked"
     );
-    let notes: Vec<String> = berth_store::sqlx::query_scalar("SELECT body FROM notes")
-        .fetch_all(store.pool())
+    let notes: Vec<String> = store
+        .inspect()
+        .rows("SELECT body FROM notes", [])
         .await
-        .unwrap();
+        .unwrap()
+        .iter()
+        .map(|r| r.text(0).unwrap())
+        .collect();
     assert_eq!(
         notes,
         vec!["done".to_owned()],
@@ -493,12 +491,9 @@ async fn writes_and_emitted_events_commit_together_and_carry_the_flow() {
     reg.register("first", &["test.ping"], |mut ctx: Ctx| async move {
         let n = ctx.payload::<Ping>()?.n;
         let tx = ctx.tx().await?;
-        berth_store::sqlx::query("CREATE TABLE IF NOT EXISTS seen (n INTEGER)")
-            .execute(tx.conn())
+        tx.execute_for_test("CREATE TABLE IF NOT EXISTS seen (n INTEGER)", [])
             .await?;
-        berth_store::sqlx::query("INSERT INTO seen (n) VALUES (?1)")
-            .bind(n as i64)
-            .execute(tx.conn())
+        tx.execute_for_test("INSERT INTO seen (n) VALUES (?)", [Arg::Int(n as i64)])
             .await?;
         ctx.emit_payload(&Pong { n: n + 1 })?;
         Ok(ctx.done())
@@ -574,21 +569,18 @@ async fn a_malformed_payload_is_dead_lettered_with_a_readable_reason() {
 
     // Not JSON at all, as a damaged file or a foreign producer might leave it.
     let bad_id = store.ids().event_id();
-    berth_store::sqlx::query(
-        "INSERT INTO events (id, type, version, flow_id, created_at, payload) VALUES (?1, 'test.ping', 1, ?2, 0, '{not json')",
+    exec(
+        &store,
+        "INSERT INTO events (id, type, version, flow_id, created_at, payload) VALUES (?, 'test.ping', 1, ?, 0, '{not json')",
+        [bad_id.into(), flow.into()],
     )
-    .bind(bad_id.to_string())
-    .bind(flow.to_string())
-    .execute(store.pool())
-    .await
-    .unwrap();
-    berth_store::sqlx::query(
-        "INSERT INTO deliveries (event_id, worker, round, attempt, not_before) VALUES (?1, 'reader', 0, 0, 0)",
+    .await;
+    exec(
+        &store,
+        "INSERT INTO deliveries (event_id, worker, round, attempt, not_before) VALUES (?, 'reader', 0, 0, 0)",
+        [bad_id.into()],
     )
-    .bind(bad_id.to_string())
-    .execute(store.pool())
-    .await
-    .unwrap();
+    .await;
     store.notify_committed(["reader".to_owned()]);
     let (_, f) = recv(&mut failures, "the second failure").await;
     workers.shutdown().await.unwrap();
@@ -868,14 +860,14 @@ async fn an_attempt_whose_writes_the_database_always_refuses_does_not_stop_the_b
     let store = open_store(&db.path, false).await;
     // A row whose conditions are not JSON: any patch of it fails in SQL,
     // every time, and so would every group commit holding that patch.
-    berth_store::sqlx::query(
+    exec(
+        &store,
         "INSERT INTO instances (id, org_id, name, spec, status, version, generation,
                                 conditions, flow_id, created_at, updated_at)
          VALUES ('bad', 'o', 'web', '{}', 'provisioning', 1, 1, 'not json', 'f', 0, 0)",
+        [],
     )
-    .execute(store.pool())
-    .await
-    .unwrap();
+    .await;
     let mut reg = Registry::new();
     reg.register("poison", &["test.ping"], |mut ctx: Ctx| async move {
         ctx.write(Write::Patch(Box::new(InstancePatch {

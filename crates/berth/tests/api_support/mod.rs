@@ -254,10 +254,7 @@ impl TestApp {
 
     /// Rows in a table of the app's database.
     pub async fn count(&self, table: &str) -> i64 {
-        berth_store::sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
-            .fetch_one(self.app.store.pool())
-            .await
-            .unwrap()
+        self.app.store.inspect().count(table).await.unwrap()
     }
 
     /// Asserts that no instance or event exists: a refused request wrote

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_core::{Clock, EventPayload, IdGen, NewEvent, SeededRng, SystemClock};
+pub use berth_store::RowRead;
+pub use berth_store::ops::Arg;
 use berth_store::{Cause, Store, StoreOptions};
 use berth_worker::clock::TokioClock;
 use berth_worker::{Bus, BusOptions, Policies, Registry, Workers, WorkersConfig};
@@ -130,16 +132,24 @@ where
 }
 
 pub async fn count(store: &Store, sql: &str) -> i64 {
-    berth_store::sqlx::query_scalar(sql)
-        .fetch_one(store.pool())
+    store.inspect().number(sql, []).await.unwrap()
+}
+
+pub async fn count_events(store: &Store, event_type: &str) -> i64 {
+    store
+        .inspect()
+        .number(
+            "SELECT COUNT(*) FROM events WHERE type = ?",
+            [event_type.into()],
+        )
         .await
         .unwrap()
 }
 
-pub async fn count_events(store: &Store, event_type: &str) -> i64 {
-    berth_store::sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE type = ?1")
-        .bind(event_type)
-        .fetch_one(store.pool())
-        .await
-        .unwrap()
+/// Runs a statement of the test's own in a transaction of its own (a
+/// redelivery, a damaged row).
+pub async fn exec(store: &Store, sql: &str, args: impl IntoIterator<Item = Arg>) {
+    let mut tx = store.begin().await.unwrap();
+    tx.execute_for_test(sql, args).await.unwrap();
+    tx.commit().await.unwrap();
 }
