@@ -7,6 +7,7 @@
 //! can sit behind the same API.
 
 pub mod builds;
+mod cache;
 pub mod instances;
 mod migrate;
 pub mod model;

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use berth_core::events::{WORKER_FAILED_VERSION, WorkerFailed};
 use berth_core::{Envelope, ErrorInfo, EventId, NewEvent, SeededRng, Timestamp};
-use berth_store::instances::Instance;
 use berth_store::ops::{self, NewDeadLetter, Script};
 use berth_store::writes::Write;
 use berth_store::{AttemptRecord, Cause, Claimed, DeadReason, Lease, NewDelivery, Outcome, Store};
@@ -519,7 +518,7 @@ impl Dispatcher {
         // short, to learn which writes those were.
         let mut exact = false;
         // The rows the patches left, for the instance cache.
-        let mut patched: Vec<Instance> = Vec::new();
+        let mut patched = berth_store::writes::Patched::default();
         loop {
             let guarded: Vec<(usize, &Write)> = declared(&self.completions, publishes, &rejected)
                 .flat_map(|(i, ws)| ws.iter().filter(|w| w.is_guarded()).map(move |w| (i, w)))
@@ -820,7 +819,9 @@ impl Dispatcher {
                 return Err(e.context("the dispatcher's transaction failed"));
             }
         };
-        self.cache_written(now, publishes, &rejected, patched);
+        // Before the write gate is released: see `Store::cached_instance`.
+        let applied = declared(&self.completions, publishes, &rejected).flat_map(|(_, ws)| ws);
+        self.store.cache_committed(now, applied, patched);
         self.store.note_commit();
         if self.committed_tx.receiver_count() > 0 {
             for e in &fresh {
@@ -892,58 +893,6 @@ impl Dispatcher {
                 .fetch_add(dead_count, Ordering::Relaxed);
         }
         Ok((starts, seen, rejected))
-    }
-
-    /// Tells the store's instance cache what this turn's declared writes did
-    /// (before the write gate is released): rows written whole are known as
-    /// written, patched rows as the patches returned them (`patched`).
-    fn cache_written(
-        &self,
-        now: Timestamp,
-        publishes: &[PublishReq],
-        rejected: &HashSet<usize>,
-        patched: Vec<Instance>,
-    ) {
-        let mut last: HashMap<&str, Option<Instance>> = HashMap::new();
-        let applied = declared(&self.completions, publishes, rejected).flat_map(|(_, ws)| ws);
-        for w in applied {
-            match w {
-                Write::Instance(i) => {
-                    let mut row = (**i).clone();
-                    row.version += 1;
-                    row.updated_at = now;
-                    last.insert(&i.id, Some(row));
-                }
-                Write::InsertInstance(i, _) => {
-                    last.insert(&i.id, Some((**i).clone()));
-                }
-                // Below: patches are applied after every whole write.
-                Write::Patch(_) => {}
-                Write::ClaimHost { .. } | Write::ReleaseHost { .. } => {}
-            }
-        }
-        // SQL applies a turn's patches after its whole writes, so a patched
-        // row is as its last patch returned it, whatever order the writes
-        // were declared in; one declared but not applied (its guard failed)
-        // left nothing known: forget the row.
-        let after_patches: HashMap<String, Instance> =
-            patched.into_iter().map(|i| (i.id.clone(), i)).collect();
-        for w in declared(&self.completions, publishes, rejected).flat_map(|(_, ws)| ws) {
-            if let Write::Patch(p) = w {
-                last.insert(&p.id, after_patches.get(&p.id).cloned());
-            }
-        }
-        let mut written = Vec::new();
-        let mut changed = Vec::new();
-        for (id, row) in last {
-            match row {
-                Some(r) => written.push(r),
-                None => changed.push(id.to_owned()),
-            }
-        }
-        if !written.is_empty() || !changed.is_empty() {
-            self.store.cache_instances(written, changed);
-        }
     }
 
     /// Reads the envelopes of deliveries claimed without one in memory (work
