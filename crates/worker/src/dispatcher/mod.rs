@@ -419,8 +419,9 @@ impl Dispatcher {
     /// One group commit. On error nothing is committed: completions stay
     /// buffered for the next turn, publishers get the error.
     async fn turn(&mut self) -> anyhow::Result<()> {
-        // A patch records its condition at this time, and the join orders
-        // its two branches by those times (see `Write::Patch`).
+        // Declared writes may record this time, and what reads them may
+        // order commits by it (the store's `writes` says which do): each
+        // turn's is strictly later than the last.
         let now = self
             .store
             .now()
