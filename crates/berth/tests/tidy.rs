@@ -90,7 +90,9 @@ fn every_error_code_has_a_page_under_docs_errors() {
     let mut codes = std::collections::BTreeSet::new();
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
-        for c in error_codes_in(&text) {
+        // A unit test's made-up codes never reach a user.
+        let text = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+        for c in error_codes_in(text) {
             codes.insert(c);
         }
     }

@@ -173,10 +173,10 @@ pub async fn create_instance_on(
         Err(e) if e.downcast_ref::<berth_worker::Rejected>().is_some() => {
             // Refused by one of two guards; which one is told by counting
             // (a count under the quota now means the name was the reason).
-            if let Some(max) = quota {
-                if bus.store().live_instances(org).await? >= i64::from(max) {
-                    return Err(QuotaExceeded { max }.into());
-                }
+            if let Some(max) = quota
+                && bus.store().live_instances(org).await? >= i64::from(max)
+            {
+                return Err(QuotaExceeded { max }.into());
             }
             Err(instances::NameTaken(inst.name.to_string()).into())
         }

@@ -8,6 +8,7 @@
 
 pub mod baseline;
 pub mod builds;
+mod cache;
 pub mod inspect;
 pub mod instances;
 mod migrate;
@@ -25,7 +26,3 @@ pub use writer::{Row, RowRead, Writer};
 /// Errors from the store. Kept as one opaque type with context: callers
 /// decide retry-or-not by the operation, not by inspecting SQL errors.
 pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
-
-/// Re-exported so handlers can run their own queries in the transaction the
-/// framework hands them without naming sqlx's version themselves.
-pub use sqlx;

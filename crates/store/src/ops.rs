@@ -163,19 +163,8 @@ impl Script {
         }
     }
 
-    /// Ends a transaction a failed script left open; an error here only
-    /// means none was open.
-    pub async fn rollback(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
-        // Not `raw_sql`: its executor bound is not general enough for the
-        // future to be `Send` inside a spawned task.
-        sqlx::query("ROLLBACK")
-            .execute(&mut *conn)
-            .await
-            .map(|_| ())
-    }
-
     /// Runs every statement; returns the rows any of them produced.
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         conn: &mut SqliteConnection,
     ) -> Result<Vec<sqlx::sqlite::SqliteRow>, sqlx::Error> {
@@ -473,7 +462,7 @@ fn from_us(v: i64) -> Duration {
 }
 
 /// Which of `ids` the event log already has.
-pub async fn known_events(
+pub(crate) async fn known_events(
     conn: &mut SqliteConnection,
     ids: &[EventId],
 ) -> anyhow::Result<HashSet<EventId>> {
@@ -493,7 +482,7 @@ pub async fn known_events(
 
 /// Appends envelopes to the event log, skipping ids already present (the
 /// dedupe, also within `envs`), and returns the ids that were new.
-pub async fn insert_events(
+pub(crate) async fn insert_events(
     conn: &mut SqliteConnection,
     envs: &[Envelope],
 ) -> anyhow::Result<HashSet<EventId>> {
@@ -516,7 +505,7 @@ pub async fn insert_events(
 }
 
 /// Inserts delivery rows.
-pub async fn insert_deliveries(
+pub(crate) async fn insert_deliveries(
     conn: &mut SqliteConnection,
     rows: &[NewDelivery],
 ) -> anyhow::Result<()> {
@@ -561,7 +550,7 @@ fn envelope_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Envelope> {
 }
 
 /// All events of a flow, in log order.
-pub async fn events_of_flow(
+pub(crate) async fn events_of_flow(
     conn: &mut SqliteConnection,
     flow: FlowId,
 ) -> anyhow::Result<Vec<Envelope>> {
@@ -575,7 +564,7 @@ pub async fn events_of_flow(
 }
 
 /// Which of `ids` are already in `worker`'s inbox.
-pub async fn inbox_hits(
+pub(crate) async fn inbox_hits(
     conn: &mut SqliteConnection,
     worker: &str,
     ids: &[EventId],
@@ -597,7 +586,7 @@ pub async fn inbox_hits(
 }
 
 /// Loads envelopes by id (order not preserved).
-pub async fn load_events(
+pub(crate) async fn load_events(
     conn: &mut SqliteConnection,
     ids: &[EventId],
 ) -> anyhow::Result<Vec<Envelope>> {
@@ -632,7 +621,7 @@ pub struct NewDeadLetter {
 /// database, or those past `lease_until` otherwise — recording each lost
 /// attempt as `abandoned`. The attempt count is kept: the attempt happened
 /// (it may have had effects), so it counts toward `max_attempts`.
-pub async fn release_leases(
+pub(crate) async fn release_leases(
     conn: &mut SqliteConnection,
     now: Timestamp,
     only_expired: bool,
@@ -690,7 +679,7 @@ const ATTEMPT_COLUMNS: &str =
     "event_id, worker, round, attempt, started_at, duration_us, outcome, error, next_delay_us";
 
 /// Attempt history of one event, oldest first.
-pub async fn attempts_of_event(
+pub(crate) async fn attempts_of_event(
     conn: &mut SqliteConnection,
     event: EventId,
 ) -> anyhow::Result<Vec<AttemptRecord>> {
@@ -704,7 +693,7 @@ pub async fn attempts_of_event(
 }
 
 /// Attempt history of every event of a flow, oldest first.
-pub async fn attempts_of_flow(
+pub(crate) async fn attempts_of_flow(
     conn: &mut SqliteConnection,
     flow: FlowId,
 ) -> anyhow::Result<Vec<AttemptRecord>> {
@@ -745,7 +734,7 @@ const DEAD_COLUMNS: &str = "d.id, d.event_id, e.type, d.worker, d.round, d.attem
      d.error, d.org_id, d.flow_id, d.dead_at, d.redriven_at";
 
 /// Dead letters, newest first; `open_only` hides re-driven ones.
-pub async fn dead_letters(
+pub(crate) async fn dead_letters(
     conn: &mut SqliteConnection,
     org: Option<&str>,
     open_only: bool,
@@ -766,7 +755,7 @@ pub async fn dead_letters(
     rows.iter().map(dead_letter_from_row).collect()
 }
 
-pub async fn dead_letter(
+pub(crate) async fn dead_letter(
     conn: &mut SqliteConnection,
     id: &str,
 ) -> anyhow::Result<Option<DeadLetter>> {
@@ -782,7 +771,7 @@ pub async fn dead_letter(
 }
 
 /// Marks a dead letter re-driven if it was not already; true if this call did.
-pub async fn mark_redriven(
+pub(crate) async fn mark_redriven(
     conn: &mut SqliteConnection,
     id: &str,
     at: Timestamp,
@@ -799,7 +788,7 @@ pub async fn mark_redriven(
 }
 
 /// Number of deliveries waiting (unclaimed) and in flight (leased).
-pub async fn queue_depth(conn: &mut SqliteConnection) -> anyhow::Result<(i64, i64)> {
+pub(crate) async fn queue_depth(conn: &mut SqliteConnection) -> anyhow::Result<(i64, i64)> {
     let row = sqlx::query(
         "SELECT COALESCE(SUM(lease_owner IS NULL), 0), COALESCE(SUM(lease_owner IS NOT NULL), 0)
            FROM deliveries",
@@ -810,23 +799,48 @@ pub async fn queue_depth(conn: &mut SqliteConnection) -> anyhow::Result<(i64, i6
     Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn chunks_cover_every_row_with_few_distinct_sizes() {
-        for n in 0..2000 {
-            let lens = super::chunk_lens(n);
-            assert_eq!(lens.iter().sum::<usize>(), n);
-            assert!(
-                lens.iter()
-                    .all(|l| l.is_power_of_two() && *l <= super::CHUNK)
-            );
-            assert!(lens.len() <= n / super::CHUNK + 8);
-        }
+/// A connection of its own for a reader that must not queue behind the
+/// pool (the dispatcher's reads outside its turn's transaction); from
+/// [`crate::Store::reader`].
+pub struct Reader {
+    conn: SqliteConnection,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// Those of `ids` already in the event log.
+    pub async fn known_events(&mut self, ids: &[EventId]) -> anyhow::Result<HashSet<EventId>> {
+        known_events(&mut self.conn, ids).await
+    }
+
+    /// The envelopes of `ids` that are in the log (order not kept).
+    pub async fn events(&mut self, ids: &[EventId]) -> anyhow::Result<Vec<Envelope>> {
+        load_events(&mut self.conn, ids).await
+    }
+
+    /// Those of `ids` already in `worker`'s inbox.
+    pub async fn inbox_hits(
+        &mut self,
+        worker: &str,
+        ids: &[EventId],
+    ) -> anyhow::Result<HashSet<EventId>> {
+        inbox_hits(&mut self.conn, worker, ids).await
     }
 }
 
 impl crate::Store {
+    /// A [`Reader`] on a connection outside the pool.
+    pub async fn reader(&self) -> anyhow::Result<Reader> {
+        Ok(Reader {
+            conn: self.dedicated_connection().await?,
+        })
+    }
+
     /// Which of `ids` the event log already has.
     pub async fn known_events(&self, ids: &[EventId]) -> anyhow::Result<HashSet<EventId>> {
         known_events(&mut *self.read_conn().await?, ids).await
@@ -874,5 +888,21 @@ impl crate::Tx {
             .await
             .context("a statement of the transaction failed")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chunks_cover_every_row_with_few_distinct_sizes() {
+        for n in 0..2000 {
+            let lens = super::chunk_lens(n);
+            assert_eq!(lens.iter().sum::<usize>(), n);
+            assert!(
+                lens.iter()
+                    .all(|l| l.is_power_of_two() && *l <= super::CHUNK)
+            );
+            assert!(lens.len() <= n / super::CHUNK + 8);
+        }
     }
 }

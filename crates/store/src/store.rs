@@ -235,7 +235,7 @@ impl Store {
     }
 
     /// A connection outside the pool, for the dispatcher's write loop.
-    pub async fn dedicated_connection(&self) -> anyhow::Result<SqliteConnection> {
+    pub(crate) async fn dedicated_connection(&self) -> anyhow::Result<SqliteConnection> {
         self.inner
             .connect
             .connect()

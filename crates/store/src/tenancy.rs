@@ -313,104 +313,6 @@ pub(crate) async fn open_dead_letters(
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-    use berth_core::NewEvent;
-
-    use super::*;
-    use crate::{Cause, Store};
-
-    use crate::store::tests::store;
-
-    fn org(id: &str, s: &Store) -> Org {
-        Org {
-            id: id.into(),
-            name: format!("{id}-name"),
-            created_at: s.now(),
-        }
-    }
-
-    #[tokio::test]
-    async fn tokens_are_found_by_hash_until_revoked() {
-        let (_d, s) = store().await;
-        let mut c = s.pool().acquire().await.unwrap();
-        create_org(&mut c, &org("a", &s), "t1", "h1").await.unwrap();
-        create_org(&mut c, &org("a2", &s), "t9", "h9")
-            .await
-            .unwrap();
-        let mut same = org("b", &s);
-        same.name = "a-name".into();
-        let err = create_org(&mut c, &same, "t2", "h2").await.unwrap_err();
-        assert!(err.downcast_ref::<OrgNameTaken>().is_some());
-        assert_eq!(
-            token_by_hash(&mut c, "h1").await.unwrap(),
-            Some(("a".into(), "t1".into()))
-        );
-        assert_eq!(token_by_hash(&mut c, "h2").await.unwrap(), None);
-        assert!(
-            revoke_token(&mut c, "a2", "t1", s.now())
-                .await
-                .unwrap()
-                .is_none()
-        );
-        let t = revoke_token(&mut c, "a", "t1", s.now())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(t.revoked_at.is_some());
-        assert_eq!(token_by_hash(&mut c, "h1").await.unwrap(), None);
-        assert_eq!(tokens(&mut c, "a").await.unwrap().len(), 1);
-    }
-
-    #[tokio::test]
-    async fn an_orgs_events_come_in_log_order_and_alone() {
-        let (_d, s) = store().await;
-        let mut envs = Vec::new();
-        for (i, o) in ["a", "b", "a", "a"].iter().enumerate() {
-            let e = NewEvent::with_type("test.thing", 1, &i).unwrap().org(*o);
-            envs.push(s.stamp(
-                e,
-                Cause::Root {
-                    flow_id: s.ids().flow_id(),
-                },
-            ));
-        }
-        s.publish(envs.clone()).await.unwrap();
-        let mut c = s.pool().acquire().await.unwrap();
-        let all = org_events_after(&mut c, "a", 0, 10).await.unwrap();
-        let ids: Vec<_> = all.iter().map(|(_, e)| e.id).collect();
-        assert_eq!(ids, [envs[0].id, envs[2].id, envs[3].id]);
-        let after = event_seq_in_org(&mut c, "a", envs[2].id)
-            .await
-            .unwrap()
-            .unwrap();
-        let rest = org_events_after(&mut c, "a", after, 10).await.unwrap();
-        assert_eq!(rest.len(), 1);
-        assert_eq!(rest[0].1.id, envs[3].id);
-        assert_eq!(
-            event_seq_in_org(&mut c, "b", envs[2].id).await.unwrap(),
-            None
-        );
-        assert_eq!(last_seq(&mut c).await.unwrap(), rest[0].0);
-        assert_eq!(org_events_after(&mut c, "a", 0, 2).await.unwrap().len(), 2);
-    }
-
-    #[tokio::test]
-    async fn the_admin_token_is_stored_once() {
-        let (_d, s) = store().await;
-        let mut c = s.pool().acquire().await.unwrap();
-        assert_eq!(admin_token_hash(&mut c).await.unwrap(), None);
-        assert!(init_admin_token(&mut c, "x", s.now()).await.unwrap());
-        assert!(!init_admin_token(&mut c, "y", s.now()).await.unwrap());
-        assert_eq!(
-            admin_token_hash(&mut c).await.unwrap().as_deref(),
-            Some("x")
-        );
-    }
-}
-
 impl Store {
     /// The org `id`.
     pub async fn org(&self, id: &str) -> anyhow::Result<Option<Org>> {
@@ -510,5 +412,103 @@ impl Tx {
         token_hash: &str,
     ) -> anyhow::Result<()> {
         create_org(self.conn(), org, token_id, token_hash).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use berth_core::NewEvent;
+
+    use super::*;
+    use crate::{Cause, Store};
+
+    use crate::store::tests::store;
+
+    fn org(id: &str, s: &Store) -> Org {
+        Org {
+            id: id.into(),
+            name: format!("{id}-name"),
+            created_at: s.now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_are_found_by_hash_until_revoked() {
+        let (_d, s) = store().await;
+        let mut c = s.pool().acquire().await.unwrap();
+        create_org(&mut c, &org("a", &s), "t1", "h1").await.unwrap();
+        create_org(&mut c, &org("a2", &s), "t9", "h9")
+            .await
+            .unwrap();
+        let mut same = org("b", &s);
+        same.name = "a-name".into();
+        let err = create_org(&mut c, &same, "t2", "h2").await.unwrap_err();
+        assert!(err.downcast_ref::<OrgNameTaken>().is_some());
+        assert_eq!(
+            token_by_hash(&mut c, "h1").await.unwrap(),
+            Some(("a".into(), "t1".into()))
+        );
+        assert_eq!(token_by_hash(&mut c, "h2").await.unwrap(), None);
+        assert!(
+            revoke_token(&mut c, "a2", "t1", s.now())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let t = revoke_token(&mut c, "a", "t1", s.now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(t.revoked_at.is_some());
+        assert_eq!(token_by_hash(&mut c, "h1").await.unwrap(), None);
+        assert_eq!(tokens(&mut c, "a").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_orgs_events_come_in_log_order_and_alone() {
+        let (_d, s) = store().await;
+        let mut envs = Vec::new();
+        for (i, o) in ["a", "b", "a", "a"].iter().enumerate() {
+            let e = NewEvent::with_type("test.thing", 1, &i).unwrap().org(*o);
+            envs.push(s.stamp(
+                e,
+                Cause::Root {
+                    flow_id: s.ids().flow_id(),
+                },
+            ));
+        }
+        s.publish(envs.clone()).await.unwrap();
+        let mut c = s.pool().acquire().await.unwrap();
+        let all = org_events_after(&mut c, "a", 0, 10).await.unwrap();
+        let ids: Vec<_> = all.iter().map(|(_, e)| e.id).collect();
+        assert_eq!(ids, [envs[0].id, envs[2].id, envs[3].id]);
+        let after = event_seq_in_org(&mut c, "a", envs[2].id)
+            .await
+            .unwrap()
+            .unwrap();
+        let rest = org_events_after(&mut c, "a", after, 10).await.unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].1.id, envs[3].id);
+        assert_eq!(
+            event_seq_in_org(&mut c, "b", envs[2].id).await.unwrap(),
+            None
+        );
+        assert_eq!(last_seq(&mut c).await.unwrap(), rest[0].0);
+        assert_eq!(org_events_after(&mut c, "a", 0, 2).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_admin_token_is_stored_once() {
+        let (_d, s) = store().await;
+        let mut c = s.pool().acquire().await.unwrap();
+        assert_eq!(admin_token_hash(&mut c).await.unwrap(), None);
+        assert!(init_admin_token(&mut c, "x", s.now()).await.unwrap());
+        assert!(!init_admin_token(&mut c, "y", s.now()).await.unwrap());
+        assert_eq!(
+            admin_token_hash(&mut c).await.unwrap().as_deref(),
+            Some("x")
+        );
     }
 }

@@ -81,7 +81,7 @@ impl Writer {
     }
 
     /// Runs `f` on the writer's thread.
-    pub async fn call<R: Send + 'static>(
+    pub(crate) async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut rusqlite::Connection) -> R + Send + 'static,
     ) -> anyhow::Result<R> {

@@ -499,14 +499,20 @@ pub(crate) async fn apply(
     Ok(passed_guards(&guarded, &rows)?.is_some_and(|p| p.len() == guarded.len()))
 }
 
+/// The rows a turn's patches left, for [`crate::Store::cache_committed`]:
+/// what the caller passes on without looking inside.
+#[derive(Debug, Default)]
+pub struct Patched(pub(crate) Vec<Instance>);
+
 /// The rows patches left, as the patches' own result rows carry them, in the
 /// order they were applied (a row patched twice appears twice, the later
 /// last).
-pub fn patched_rows<R: RowRead>(rows: &[R]) -> anyhow::Result<Vec<Instance>> {
+pub fn patched_rows<R: RowRead>(rows: &[R]) -> anyhow::Result<Patched> {
     rows.iter()
         .filter(|r| r.text(0).is_ok_and(|k| k == "guard_patch"))
         .map(|r| crate::instances::from_columns(r, 3))
-        .collect()
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map(Patched)
 }
 
 /// For guarded writes appended in order by [`Script::guarded_writes`], the

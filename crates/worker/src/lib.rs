@@ -277,7 +277,7 @@ impl Workers {
         let (retried, _) = tokio::sync::broadcast::channel(RETRIED_BACKLOG);
         let owner: Arc<str> = Arc::from(format!("{}-{}", std::process::id(), store.ids().ulid()));
         let conns = Conns {
-            read: store.dedicated_connection().await?,
+            read: store.reader().await?,
             writer: store.open_writer().await?,
         };
         let dispatcher = Dispatcher::new(

@@ -854,36 +854,25 @@ async fn committed_events_reach_in_process_listeners_after_their_commit() {
 
 #[tokio::test]
 async fn an_attempt_whose_writes_the_database_always_refuses_does_not_stop_the_bus() {
-    use berth_core::domain::{Condition, ConditionKind};
-    use berth_store::writes::{InstancePatch, Write};
+    use berth_store::writes::Write;
     let db = TestDb::new();
     let store = open_store(&db.path, false).await;
-    // A row whose conditions are not JSON: any patch of it fails in SQL,
-    // every time, and so would every group commit holding that patch.
+    // A table that refuses every row: the claim below fails in SQL, every
+    // time, and so would every group commit holding it.
     exec(
         &store,
-        "INSERT INTO instances (id, org_id, name, spec, status, version, generation,
-                                conditions, flow_id, created_at, updated_at)
-         VALUES ('bad', 'o', 'web', '{}', 'provisioning', 1, 1, 'not json', 'f', 0, 0)",
+        "CREATE TRIGGER refuse_claims BEFORE INSERT ON host_claims
+         BEGIN SELECT RAISE(ABORT, 'claims refused by the test'); END",
         [],
     )
     .await;
     let mut reg = Registry::new();
     reg.register("poison", &["test.ping"], |mut ctx: Ctx| async move {
-        ctx.write(Write::Patch(Box::new(InstancePatch {
-            id: "bad".into(),
-            generation: 1,
-            network: Some("net".into()),
-            image_tag: None,
-            condition: Condition {
-                kind: ConditionKind::NetworkReady,
-                status: true,
-                reason: "Ready".into(),
-                message: "net".into(),
-                last_transition: Timestamp::from_micros(0),
-            },
-            status: None,
-        })));
+        ctx.write(Write::ClaimHost {
+            host: "h".into(),
+            org: "o".into(),
+            exclusive: true,
+        });
         Ok(ctx.done())
     })
     .unwrap();
@@ -928,7 +917,7 @@ async fn an_attempt_whose_writes_the_database_always_refuses_does_not_stop_the_b
     assert_eq!(f.attempts, 2);
     assert_eq!(f.error.code, "commit_failed");
     assert!(
-        f.error.chain.iter().any(|c| c.contains("JSON")),
+        f.error.chain.iter().any(|c| c.contains("claims refused")),
         "{:?}",
         f.error.chain
     );
