@@ -14,6 +14,7 @@ pub mod instances;
 mod migrate;
 pub mod model;
 pub mod ops;
+pub mod postgres;
 mod store;
 pub mod tenancy;
 pub mod writer;
