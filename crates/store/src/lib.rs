@@ -9,6 +9,7 @@
 pub mod baseline;
 pub mod builds;
 mod cache;
+mod dialect;
 pub mod inspect;
 pub mod instances;
 mod migrate;
