@@ -26,6 +26,9 @@ pub struct Config {
     /// printed by `berth config dump`.
     #[serde(skip_serializing)]
     pub admin_token: Option<Secret>,
+    /// What this process runs (`--role`, `BERTH_ROLE`): `all` (the
+    /// default), `api` or `worker`.
+    pub role: Role,
     pub api: ApiSection,
     pub store: StoreConfig,
     pub bus: BusConfig,
@@ -58,6 +61,48 @@ impl std::str::FromStr for RuntimeKind {
             "sim" => Ok(RuntimeKind::Sim),
             "docker" => Ok(RuntimeKind::Docker),
             other => Err(format!("unknown runtime '{other}': expected docker or sim")),
+        }
+    }
+}
+
+/// What one `berth serve` process runs. Several processes share one
+/// database: any number with `api`; on SQLite one process dispatches (the
+/// dispatcher's lock file), so one `worker` or `all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The HTTP API, the workers, the engine-event listeners and the
+    /// reconciler.
+    #[default]
+    All,
+    /// The HTTP API only: its publishes commit in transactions of their
+    /// own and another process's workers handle them.
+    Api,
+    /// The workers, the engine-event listeners and the reconciler; no HTTP
+    /// API.
+    Worker,
+}
+
+impl Role {
+    pub fn serves_api(self) -> bool {
+        matches!(self, Role::All | Role::Api)
+    }
+
+    pub fn runs_workers(self) -> bool {
+        matches!(self, Role::All | Role::Worker)
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Role::All),
+            "api" => Ok(Role::Api),
+            "worker" => Ok(Role::Worker),
+            other => Err(format!(
+                "unknown role '{other}': expected all, api or worker"
+            )),
         }
     }
 }
@@ -204,6 +249,7 @@ impl Default for Config {
             data_dir: PathBuf::from("berth-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 7077)),
             admin_token: None,
+            role: Role::All,
             api: ApiSection::default(),
             store: StoreConfig::default(),
             bus: BusConfig::default(),

@@ -50,6 +50,11 @@ enum Command {
         /// Container runtime: docker or sim (overrides `runtime.kind`).
         #[arg(long, value_name = "docker|sim")]
         runtime: Option<berth::config::RuntimeKind>,
+        /// What this process runs: all (default), api (the HTTP API only)
+        /// or worker (workers, listeners and reconciler; no API). Overrides
+        /// `role`.
+        #[arg(long, value_name = "all|api|worker")]
+        role: Option<berth::config::Role>,
     },
     #[command(flatten)]
     Client(cli::Client),
@@ -138,7 +143,15 @@ fn load(cli: &Cli) -> anyhow::Result<(Config, String)> {
     if let Some(dir) = &cli.data_dir {
         config.data_dir = dir.clone();
     }
-    if let Command::Serve { listen, runtime } = &cli.command {
+    if let Command::Serve {
+        listen,
+        runtime,
+        role,
+    } = &cli.command
+    {
+        if let Some(role) = role {
+            config.role = *role;
+        }
         if let Some(addr) = listen {
             config.listen = *addr;
         }
@@ -165,7 +178,10 @@ async fn run(cli: Cli, out: Out) -> anyhow::Result<()> {
                 "Generated the admin token (shown only now; set BERTH_ADMIN_TOKEN to replace it):\n\n    {token}\n"
             );
         }
-        println!("berth API listening on http://{}", app.api_addr());
+        match app.api_addr() {
+            Some(addr) => println!("berth API listening on http://{addr}"),
+            None => println!("berth workers started (role worker: no API)"),
+        }
         wait_for_signal().await?;
         return app.shutdown().await;
     }
@@ -285,6 +301,8 @@ async fn open_store(config: &Config) -> anyhow::Result<berth_store::Store> {
             synchronous: config.store.synchronous,
             max_connections: 2,
             busy_timeout: config.store.busy_timeout,
+            // An offline reader: it caches nothing.
+            instance_cache: false,
         },
         clock,
         ids,

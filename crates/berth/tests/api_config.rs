@@ -105,7 +105,7 @@ async fn an_admin_token_is_generated_once_and_kept_hashed() {
     let app = App::build(config.clone(), "test").await.unwrap();
     assert!(app.generated_admin_token.is_none());
     let http = reqwest::Client::new();
-    let url = format!("http://{}/v1/orgs", app.api_addr());
+    let url = format!("http://{}/v1/orgs", app.api_addr().unwrap());
     let resp = http
         .post(&url)
         .bearer_auth(&token)
@@ -120,7 +120,7 @@ async fn an_admin_token_is_generated_once_and_kept_hashed() {
     config.admin_token = Some(berth::config::Secret("configured-admin-token".into()));
     let app = App::build(config, "test").await.unwrap();
     assert!(app.generated_admin_token.is_none());
-    let url = format!("http://{}/v1/orgs", app.api_addr());
+    let url = format!("http://{}/v1/orgs", app.api_addr().unwrap());
     for (tok, status) in [(token.as_str(), 401), ("configured-admin-token", 201)] {
         let resp = http
             .post(&url)

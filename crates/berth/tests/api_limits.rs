@@ -256,7 +256,7 @@ async fn limited(api: &[(&str, &str)]) -> TestApp {
 #[tokio::test]
 async fn silent_and_idle_connections_close_on_the_header_timeout() {
     let t = limited(&[("header_read_timeout", "1s")]).await;
-    let addr = t.app.api_addr();
+    let addr = t.app.api_addr().unwrap();
     let deadline = Instant::now() + DEADLINE;
     // Not a byte sent.
     let mut silent = TcpStream::connect(addr).await.unwrap();
@@ -290,7 +290,7 @@ async fn silent_and_idle_connections_close_on_the_header_timeout() {
 #[tokio::test]
 async fn past_the_connection_cap_the_oldest_waiting_connection_makes_room() {
     let t = limited(&[("max_connections", "8"), ("max_waits_per_org", "1")]).await;
-    let addr = t.app.api_addr();
+    let addr = t.app.api_addr().unwrap();
     let deadline = Instant::now() + DEADLINE;
     let (_, tok) = t.org("acme").await;
     let id = stuck(&t, &tok).await;
@@ -638,7 +638,7 @@ async fn over_long_uris_and_headers_answer_in_the_error_shape() {
     assert_eq!(body["error"]["code"], "headers_too_large");
     // Past what the server buffers of a head, hyper answers 431 itself
     // (with no body), and closes by the header timeout at the latest.
-    let mut s = TcpStream::connect(t.app.api_addr()).await.unwrap();
+    let mut s = TcpStream::connect(t.app.api_addr().unwrap()).await.unwrap();
     let _ = s
         .write_all(
             format!(
@@ -655,7 +655,7 @@ async fn over_long_uris_and_headers_answer_in_the_error_shape() {
         String::from_utf8_lossy(&resp)
     );
     // The server is fine.
-    assert!(healthz_once(t.app.api_addr(), DEADLINE).await);
+    assert!(healthz_once(t.app.api_addr().unwrap(), DEADLINE).await);
     t.shutdown().await;
 }
 

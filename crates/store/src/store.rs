@@ -61,6 +61,11 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long a writer waits for SQLite's single write lock.
     pub busy_timeout: Duration,
+    /// Keep the instance-row cache (see [`Store::cached_instance`]). Sound
+    /// only while this process is the database's one writer of instance
+    /// rows: off when other processes write them too (an API process beside
+    /// a worker process).
+    pub instance_cache: bool,
 }
 
 impl Default for StoreOptions {
@@ -69,6 +74,7 @@ impl Default for StoreOptions {
             synchronous: Synchronous::Full,
             max_connections: 8,
             busy_timeout: Duration::from_secs(10),
+            instance_cache: true,
         }
     }
 }
@@ -351,6 +357,9 @@ impl Store {
     /// write may get the row before it, as it would from the database; its
     /// guarded write then fails and is retried.
     pub fn cached_instance(&self, id: &str) -> Option<Instance> {
+        if !self.inner.options.instance_cache {
+            return None;
+        }
         lock(&self.inner.instances).get(id).cloned()
     }
 
@@ -358,6 +367,9 @@ impl Store {
     /// caller did not compute. Call with the write gate held, before
     /// releasing it.
     pub fn cache_instances(&self, written: Vec<Instance>, changed: Vec<String>) {
+        if !self.inner.options.instance_cache {
+            return;
+        }
         let mut cache = lock(&self.inner.instances);
         for id in changed {
             cache.remove(&id);

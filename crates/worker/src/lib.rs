@@ -76,7 +76,9 @@ impl Default for BusOptions {
 #[derive(Clone)]
 pub struct Bus {
     store: Store,
-    tx: mpsc::Sender<PublishReq>,
+    /// The dispatcher's queue; `None` in a process without one (see
+    /// [`Bus::without_dispatcher`]).
+    tx: Option<mpsc::Sender<PublishReq>>,
     stats: Arc<Stats>,
     committed: tokio::sync::broadcast::Sender<Arc<Envelope>>,
     retried: tokio::sync::broadcast::Sender<Arc<Retried>>,
@@ -89,6 +91,21 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
+    /// A bus for a process that dispatches nothing (`berth serve --role
+    /// api`): each publish commits in a transaction of its own, and the
+    /// dispatchers of other processes find the work (the poll, on SQLite).
+    /// Nothing is ever broadcast on [`Bus::committed`] or
+    /// [`Bus::retried`], so listeners rely on reading the log.
+    pub fn without_dispatcher(store: Store) -> Bus {
+        Bus {
+            store,
+            tx: None,
+            stats: Arc::new(Stats::default()),
+            committed: tokio::sync::broadcast::channel(1).0,
+            retried: tokio::sync::broadcast::channel(1).0,
+        }
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -135,10 +152,13 @@ impl Bus {
         envs: Vec<Envelope>,
         writes: Vec<berth_store::writes::Write>,
     ) -> anyhow::Result<HashSet<EventId>> {
+        let Some(queue) = &self.tx else {
+            return self.publish_direct(envs, writes).await;
+        };
         let (reply, rx) = oneshot::channel();
         // The dispatcher commits it: in the simulator, its turn.
         berth_core::sched::idle(async {
-            self.tx
+            queue
                 .send(PublishReq {
                     envs,
                     writes,
@@ -150,6 +170,25 @@ impl Bus {
                 .map_err(|_| anyhow::anyhow!("the bus shut down before the publish committed"))?
         })
         .await
+    }
+
+    /// A publish in a transaction of its own: the writes, then the events,
+    /// or nothing if a guard fails.
+    async fn publish_direct(
+        &self,
+        envs: Vec<Envelope>,
+        writes: Vec<berth_store::writes::Write>,
+    ) -> anyhow::Result<HashSet<EventId>> {
+        let mut tx = self.store.begin().await?;
+        if !tx.apply(&writes, self.store.now()).await? {
+            return Err(anyhow::Error::new(Rejected));
+        }
+        let new = tx.publish(&envs).await?;
+        tx.commit().await?;
+        self.stats
+            .published
+            .fetch_add(new.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(new)
     }
 
     /// Re-drives a dead letter (see [`Store::redrive`]), refusing ones whose
@@ -311,7 +350,7 @@ impl Workers {
         Ok(Workers {
             bus: Bus {
                 store,
-                tx,
+                tx: Some(tx),
                 stats,
                 committed,
                 retried,

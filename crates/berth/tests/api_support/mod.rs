@@ -89,7 +89,7 @@ pub async fn spawn_with(config: &str, env: Vec<(String, String)>) -> TestApp {
         c.admin_token = Some(berth::config::Secret(ADMIN.to_owned()));
     })
     .await;
-    let addr = app.api_addr();
+    let addr = app.api_addr().expect("the app serves the API");
     TestApp {
         app,
         base: format!("http://{addr}"),
@@ -113,7 +113,7 @@ pub async fn spawn_faulty(
     let world = berth_testkit::Kit::new(&config).compose().await;
     let (world, faulty, dir) = world.into_app_parts();
     let app = App::start(world).await.unwrap();
-    let addr = app.api_addr();
+    let addr = app.api_addr().expect("the app serves the API");
     (
         TestApp {
             app,
