@@ -130,7 +130,23 @@ impl ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
+        if berth_store::is_unavailable(&e) {
+            tracing::warn!(error = %format!("{e:#}"), "the database is unavailable");
+            return ApiError::store_unavailable();
+        }
         ApiError::internal(e)
+    }
+}
+
+impl ApiError {
+    /// 503 `store_unavailable`: the database cannot be reached now; nothing
+    /// was done, and the request may be sent again.
+    pub(crate) fn store_unavailable() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the database cannot be reached right now; nothing was done, retry shortly",
+        )
     }
 }
 
@@ -156,7 +172,7 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
+        if self.status == StatusCode::TOO_MANY_REQUESTS || self.detail.code == "store_unavailable" {
             // A slot is given back when a stream or wait ends, which the
             // server cannot foresee: one second is a polite first retry.
             resp.headers_mut()

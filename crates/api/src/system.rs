@@ -17,8 +17,8 @@ use crate::views::Health;
 #[utoipa::path(
     get, path = "/healthz", tag = "system",
     responses(
-        (status = 200, description = "Up", body = Health),
-        (status = 503, description = "`unhealthy`: the database cannot be read", body = crate::ErrorBody),
+        (status = 200, description = "Up: `{\"status\": \"ok\"}`", body = Health),
+        (status = 503, description = "`store_unavailable` with `\"status\": \"degraded\"`: the server runs but cannot reach the database (requests needing it answer 503 too, until it is back); `unhealthy`: the database answers with an error", body = crate::ErrorBody),
     )
 )]
 pub async fn healthz(State(state): State<ApiState>) -> ApiResult<Json<Health>> {
@@ -26,6 +26,10 @@ pub async fn healthz(State(state): State<ApiState>) -> ApiResult<Json<Health>> {
         Ok(_) => Ok(Json(Health {
             status: "ok".into(),
         })),
+        Err(e) if berth_store::is_unavailable(&e) => {
+            tracing::warn!(error = %format!("{e:#}"), "health check: the database is unavailable");
+            Err(ApiError::store_unavailable().with("status", &"degraded"))
+        }
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "health check failed");
             Err(ApiError::new(

@@ -421,6 +421,37 @@ async fn the_stream_resumes_after_an_event_id() {
     t.shutdown().await;
 }
 
+/// With the database out of reach (here: its pool closed under the
+/// server), the server does not hang or answer 500: `/healthz` says
+/// `degraded` and every request that needs the database answers 503
+/// `store_unavailable` with a `Retry-After`, having done nothing.
+#[tokio::test]
+async fn without_its_database_the_server_answers_503_store_unavailable() {
+    let t = spawn().await;
+    let (_, tok) = t.org("acme").await;
+    t.app.store.close().await;
+    let a = t.call(Method::GET, "/healthz", None, None).await;
+    a.error(503, "store_unavailable");
+    assert_eq!(a.json["status"], "degraded", "{}", a.text);
+    assert_eq!(a.headers["retry-after"], "1");
+    let a = t.get("/v1/instances", &tok).await;
+    a.error(503, "store_unavailable");
+    let a = t
+        .post(
+            "/v1/instances",
+            &tok,
+            json!({ "name": "web", "image": "busybox" }),
+        )
+        .await;
+    a.error(503, "store_unavailable");
+    assert!(
+        !a.text.contains("pool"),
+        "no internals in the answer: {}",
+        a.text
+    );
+    t.shutdown().await;
+}
+
 #[tokio::test]
 async fn health_and_metrics_answer_without_a_token() {
     let t = spawn().await;
