@@ -3,8 +3,10 @@
 
 use anyhow::Context;
 use berth_core::Timestamp;
-use sqlx::{Row, SqliteConnection};
+use sqlx::SqliteConnection;
 
+use crate::ops::{Arg, fetch};
+use crate::writer::{Row, RowRead};
 use crate::{Store, Tx};
 
 /// A stored build context, without its bytes.
@@ -32,15 +34,16 @@ pub enum Inserted {
     },
 }
 
-fn from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Build> {
-    let bases: String = r.try_get("bases")?;
+/// A row of [`COLUMNS`], in that order.
+fn from_row(r: &Row) -> anyhow::Result<Build> {
+    let bases = r.text(4)?;
     Ok(Build {
-        id: r.try_get("id")?,
-        org_id: r.try_get("org_id")?,
-        digest: r.try_get("digest")?,
-        size: r.try_get("size")?,
+        id: r.text(0)?,
+        org_id: r.text(1)?,
+        digest: r.text(2)?,
+        size: r.int(3)?,
         bases: serde_json::from_str(&bases).context("corrupt build bases in the store")?,
-        created_at: Timestamp::from_micros(r.try_get("created_at")?),
+        created_at: Timestamp::from_micros(r.int(5)?),
     })
 }
 
@@ -63,27 +66,34 @@ pub(crate) async fn insert(
     if let Some(b) = by_digest(conn, org, digest).await? {
         return Ok(Inserted::Existing(b));
     }
-    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM builds WHERE org_id = ?1")
-        .bind(org)
-        .fetch_one(&mut *conn)
-        .await
-        .context("failed to count the org's builds")?;
+    let count = fetch(
+        conn,
+        "SELECT COUNT(*) FROM builds WHERE org_id = ?1",
+        [org.into()],
+    )
+    .await
+    .context("failed to count the org's builds")?
+    .first()
+    .context("no row counting builds")?
+    .int(0)?;
     if count >= max {
         return Ok(Inserted::Quota { max });
     }
     let size = i64::try_from(context.len()).unwrap_or(i64::MAX);
-    sqlx::query(
+    fetch(
+        conn,
         "INSERT INTO builds (id, org_id, digest, size, bases, context, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        [
+            id.into(),
+            org.into(),
+            digest.into(),
+            Arg::Int(size),
+            serde_json::to_string(bases)?.into(),
+            context.into(),
+            at.into(),
+        ],
     )
-    .bind(id)
-    .bind(org)
-    .bind(digest)
-    .bind(size)
-    .bind(serde_json::to_string(bases)?)
-    .bind(context)
-    .bind(at.as_micros())
-    .execute(&mut *conn)
     .await
     .context("failed to store the build context")?;
     Ok(Inserted::New(Build {
@@ -101,15 +111,11 @@ async fn by_digest(
     org: &str,
     digest: &str,
 ) -> anyhow::Result<Option<Build>> {
-    let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM builds WHERE org_id = ?1 AND digest = ?2"
-    ))
-    .bind(org)
-    .bind(digest)
-    .fetch_optional(&mut *conn)
-    .await
-    .context("failed to read a build")?;
-    row.as_ref().map(from_row).transpose()
+    let sql = format!("SELECT {COLUMNS} FROM builds WHERE org_id = ?1 AND digest = ?2");
+    let rows = fetch(conn, &sql, [org.into(), digest.into()])
+        .await
+        .context("failed to read a build")?;
+    rows.first().map(from_row).transpose()
 }
 
 /// The org's build `id`; `None` for another org's, exactly like a missing one.
@@ -118,15 +124,11 @@ pub(crate) async fn get(
     org: &str,
     id: &str,
 ) -> anyhow::Result<Option<Build>> {
-    let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM builds WHERE id = ?1 AND org_id = ?2"
-    ))
-    .bind(id)
-    .bind(org)
-    .fetch_optional(&mut *conn)
-    .await
-    .context("failed to read a build")?;
-    row.as_ref().map(from_row).transpose()
+    let sql = format!("SELECT {COLUMNS} FROM builds WHERE id = ?1 AND org_id = ?2");
+    let rows = fetch(conn, &sql, [id.into(), org.into()])
+        .await
+        .context("failed to read a build")?;
+    rows.first().map(from_row).transpose()
 }
 
 /// The archive of the org's build `id`.
@@ -135,23 +137,23 @@ pub(crate) async fn context(
     org: &str,
     id: &str,
 ) -> anyhow::Result<Option<Vec<u8>>> {
-    sqlx::query_scalar("SELECT context FROM builds WHERE id = ?1 AND org_id = ?2")
-        .bind(id)
-        .bind(org)
-        .fetch_optional(&mut *conn)
-        .await
-        .context("failed to read a build context")
+    let rows = fetch(
+        conn,
+        "SELECT context FROM builds WHERE id = ?1 AND org_id = ?2",
+        [id.into(), org.into()],
+    )
+    .await
+    .context("failed to read a build context")?;
+    rows.first().map(|r| r.blob(0)).transpose()
 }
 
 /// The org's builds, newest first.
 pub(crate) async fn list(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<Vec<Build>> {
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM builds WHERE org_id = ?1 ORDER BY created_at DESC, id DESC"
-    ))
-    .bind(org)
-    .fetch_all(&mut *conn)
-    .await
-    .context("failed to list builds")?;
+    let sql =
+        format!("SELECT {COLUMNS} FROM builds WHERE org_id = ?1 ORDER BY created_at DESC, id DESC");
+    let rows = fetch(conn, &sql, [org.into()])
+        .await
+        .context("failed to list builds")?;
     rows.iter().map(from_row).collect()
 }
 

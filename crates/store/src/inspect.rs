@@ -4,8 +4,6 @@
 //! this; it goes through the typed methods of [`Store`] and [`Tx`].
 
 use anyhow::Context;
-use rusqlite::types::Value;
-use sqlx::{Row as _, TypeInfo, ValueRef};
 
 use crate::ops::{Arg, Script};
 use crate::writer::{Row, RowRead};
@@ -32,11 +30,10 @@ impl Inspect<'_> {
         let mut script = Script::new();
         script.push(sql, args);
         let mut conn = self.0.read_conn().await?;
-        let rows = script
+        script
             .run(&mut conn)
             .await
-            .with_context(|| format!("inspection query failed: {sql}"))?;
-        rows.iter().map(owned).collect()
+            .with_context(|| format!("inspection query failed: {sql}"))
     }
 
     /// The integer in the first column of the first row (a count, a sum).
@@ -70,25 +67,4 @@ impl Tx {
         script.push(sql, args);
         self.run(script).await
     }
-}
-
-/// An sqlx row as owned values, by each value's own type (SQLite's typing
-/// is per value, not per column).
-fn owned(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Row> {
-    let mut values = Vec::with_capacity(r.len());
-    for i in 0..r.len() {
-        let raw = r.try_get_raw(i)?;
-        let v = if raw.is_null() {
-            Value::Null
-        } else {
-            match raw.type_info().name() {
-                "INTEGER" => Value::Integer(r.try_get(i)?),
-                "REAL" => Value::Real(r.try_get(i)?),
-                "BLOB" => Value::Blob(r.try_get(i)?),
-                _ => Value::Text(r.try_get(i)?),
-            }
-        };
-        values.push(v);
-    }
-    Ok(Row::new(values))
 }

@@ -8,9 +8,10 @@ use anyhow::Context;
 use berth_core::domain::{Conditions, InstanceError, InstanceName, InstanceStatus, RestartPolicy};
 use berth_core::{FlowId, Timestamp};
 use serde::{Deserialize, Serialize};
-use sqlx::{Row, SqliteConnection};
+use sqlx::SqliteConnection;
 
-use crate::writer::RowRead;
+use crate::ops::{Arg, fetch};
+use crate::writer::{Row, RowRead};
 use crate::{Store, Tx};
 
 /// What the user asked for.
@@ -188,8 +189,7 @@ impl Col {
     }
 
     /// The column's value for `i`.
-    fn arg(self, i: &Instance) -> anyhow::Result<crate::ops::Arg> {
-        use crate::ops::Arg;
+    fn arg(self, i: &Instance) -> anyhow::Result<Arg> {
         Ok(match self {
             Col::Id => Arg::from(i.id.as_str()),
             Col::OrgId => Arg::from(i.org_id.as_str()),
@@ -206,7 +206,7 @@ impl Col {
             Col::Conditions => Arg::Text(serde_json::to_string(&i.conditions)?),
             Col::Error => Arg::from(i.error.as_ref().map(serde_json::to_string).transpose()?),
             Col::ExitCode => Arg::from(i.exit_code),
-            Col::OomKilled => Arg::Int(i64::from(i.oom_killed)),
+            Col::OomKilled => Arg::from(i.oom_killed),
             Col::Restarts => Arg::Int(i.restarts),
             Col::FlowId => Arg::Text(i.flow_id.to_string()),
             Col::CreatedAt => Arg::Int(i.created_at.as_micros()),
@@ -222,7 +222,7 @@ pub(crate) fn columns() -> &'static str {
     &COLUMNS
 }
 
-fn from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Instance> {
+fn from_row(r: &Row) -> anyhow::Result<Instance> {
     from_columns(r, 0)
 }
 
@@ -257,7 +257,7 @@ pub(crate) fn from_columns<R: RowRead>(r: &R, at: usize) -> anyhow::Result<Insta
             .transpose()
             .context("corrupt instance error in the store")?,
         exit_code: r.opt_int(col(Col::ExitCode))?,
-        oom_killed: r.int(col(Col::OomKilled))? != 0,
+        oom_killed: r.bool(col(Col::OomKilled))?,
         restarts: r.int(col(Col::Restarts))?,
         flow_id: flow.parse().context("corrupt flow id in the store")?,
         created_at: Timestamp::from_micros(r.int(col(Col::CreatedAt))?),
@@ -272,23 +272,23 @@ pub(crate) async fn insert_org(
     name: &str,
     at: Timestamp,
 ) -> anyhow::Result<()> {
-    sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)")
-        .bind(id)
-        .bind(name)
-        .bind(at.as_micros())
-        .execute(&mut *conn)
-        .await
-        .context("failed to create the org")?;
+    fetch(
+        conn,
+        "INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)",
+        [id.into(), name.into(), at.into()],
+    )
+    .await
+    .context("failed to create the org")?;
     Ok(())
 }
 
 /// The values of every column for `i`, in order.
-pub(crate) fn insert_args(i: &Instance) -> anyhow::Result<Vec<crate::ops::Arg>> {
+pub(crate) fn insert_args(i: &Instance) -> anyhow::Result<Vec<Arg>> {
     Col::ALL.iter().map(|c| c.arg(i)).collect()
 }
 
 /// The columns the flow changes ([`Col::STATE`]), in table order.
-pub(crate) fn state_args(i: &Instance) -> anyhow::Result<Vec<crate::ops::Arg>> {
+pub(crate) fn state_args(i: &Instance) -> anyhow::Result<Vec<Arg>> {
     Col::ALL[Col::STATE].iter().map(|c| c.arg(i)).collect()
 }
 
@@ -302,26 +302,19 @@ pub(crate) async fn insert(conn: &mut SqliteConnection, i: &Instance) -> anyhow:
     );
     match script.run(conn).await {
         Ok(_) => Ok(()),
-        Err(e)
-            if e.as_database_error()
-                .is_some_and(|d| d.is_unique_violation()) =>
-        {
+        Err(e) if crate::writer::is_any_unique_violation(&e) => {
             Err(NameTaken(i.name.to_string()).into())
         }
-        Err(e) => Err(anyhow::Error::new(e).context("failed to insert the instance")),
+        Err(e) => Err(e.context("failed to insert the instance")),
     }
 }
 
 pub(crate) async fn get(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Option<Instance>> {
-    let row = sqlx::query(&format!(
-        "SELECT {} FROM instances WHERE id = ?1",
-        columns()
-    ))
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await
-    .context("failed to read the instance")?;
-    row.as_ref().map(from_row).transpose()
+    let sql = format!("SELECT {} FROM instances WHERE id = ?1", columns());
+    let rows = fetch(conn, &sql, [id.into()])
+        .await
+        .context("failed to read the instance")?;
+    rows.first().map(from_row).transpose()
 }
 
 /// Every instance of an org (all of them when `org` is `None`), oldest first.
@@ -329,14 +322,13 @@ pub(crate) async fn list(
     conn: &mut SqliteConnection,
     org: Option<&str>,
 ) -> anyhow::Result<Vec<Instance>> {
-    let rows = sqlx::query(&format!(
+    let sql = format!(
         "SELECT {} FROM instances WHERE (?1 IS NULL OR org_id = ?1) ORDER BY created_at, id",
         columns()
-    ))
-    .bind(org)
-    .fetch_all(&mut *conn)
-    .await
-    .context("failed to list instances")?;
+    );
+    let rows = fetch(conn, &sql, [org.into()])
+        .await
+        .context("failed to list instances")?;
     rows.iter().map(from_row).collect()
 }
 
@@ -375,42 +367,44 @@ pub(crate) async fn list_page(
     // "Backing off": a delivery of the instance's current flow that has
     // been attempted and is not running now, which is what the dispatcher
     // leaves after a failed attempt it will retry.
-    let rows = sqlx::query(&format!(
+    let sql = format!(
         "SELECT {cols} FROM instances
-          WHERE org_id = ?1 AND (?2 OR status != 'deleted')
+          WHERE org_id = ?1 AND (?2 != 0 OR status != 'deleted')
             AND (?3 IS NULL OR (created_at, id) >
                  (SELECT created_at, id FROM instances WHERE id = ?3 AND org_id = ?1))
             AND (?5 IS NULL OR status = ?5)
             AND (?6 IS NULL OR name = ?6)
-            AND (NOT ?7 OR EXISTS (
+            AND (?7 = 0 OR EXISTS (
                  SELECT 1 FROM events e JOIN deliveries d ON d.event_id = e.id
                   WHERE e.flow_id = instances.flow_id
                     AND d.attempt > 0 AND d.lease_owner IS NULL))
           ORDER BY created_at, id LIMIT ?4"
-    ))
-    .bind(org)
-    .bind(deleted)
-    .bind(after)
-    .bind(limit)
-    .bind(filter.status.map(InstanceStatus::as_str))
-    .bind(filter.name)
-    .bind(filter.retrying)
-    .fetch_all(&mut *conn)
-    .await
-    .context("failed to list instances")?;
+    );
+    let args = [
+        org.into(),
+        deleted.into(),
+        after.into(),
+        limit.into(),
+        filter.status.map(InstanceStatus::as_str).into(),
+        filter.name.into(),
+        filter.retrying.into(),
+    ];
+    let rows = fetch(conn, &sql, args)
+        .await
+        .context("failed to list instances")?;
     if rows.is_empty()
         && let Some(cursor) = after
     {
         // An empty page: the end of the list, or a cursor naming nothing
         // (the comparison with no row matches none).
-        let known: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM instances WHERE id = ?1 AND org_id = ?2")
-                .bind(cursor)
-                .bind(org)
-                .fetch_optional(&mut *conn)
-                .await
-                .context("failed to read the cursor's instance")?;
-        if known.is_none() {
+        let known = fetch(
+            conn,
+            "SELECT 1 FROM instances WHERE id = ?1 AND org_id = ?2",
+            [cursor.into(), org.into()],
+        )
+        .await
+        .context("failed to read the cursor's instance")?;
+        if known.is_empty() {
             return Err(UnknownCursor.into());
         }
     }
@@ -437,39 +431,41 @@ pub(crate) async fn flow_progress(
     conn: &mut SqliteConnection,
     flow: FlowId,
 ) -> anyhow::Result<Option<FlowProgress>> {
-    let row = sqlx::query(
-        "SELECT d.worker, d.attempt, d.lease_owner IS NOT NULL, d.not_before, d.event_id, d.round
+    // Whether it is leased as 0 or 1: `IS NOT NULL` is a boolean in
+    // PostgreSQL, and rows carry integers.
+    let rows = fetch(
+        conn,
+        "SELECT d.worker, d.attempt, CASE WHEN d.lease_owner IS NOT NULL THEN 1 ELSE 0 END,
+                d.not_before, d.event_id, d.round
            FROM events e JOIN deliveries d ON d.event_id = e.id
           WHERE e.flow_id = ?1
           ORDER BY e.seq DESC, d.attempt DESC LIMIT 1",
+        [flow.into()],
     )
-    .bind(flow.to_string())
-    .fetch_optional(&mut *conn)
     .await
     .context("failed to read the flow's deliveries")?;
-    let Some(row) = row else {
+    let Some(row) = rows.first() else {
         return Ok(None);
     };
-    let worker: String = row.try_get(0)?;
-    let attempts_started: i64 = row.try_get(1)?;
-    let event_id: String = row.try_get(4)?;
-    let round: i64 = row.try_get(5)?;
-    let error: Option<String> = sqlx::query_scalar(
+    let worker = row.text(0)?;
+    let attempts_started = row.int(1)?;
+    let event_id = row.text(4)?;
+    let round = row.int(5)?;
+    let errors = fetch(
+        conn,
         "SELECT error FROM attempts
           WHERE event_id = ?1 AND worker = ?2 AND round = ?3 AND error IS NOT NULL
           ORDER BY id DESC LIMIT 1",
+        [event_id.into(), worker.as_str().into(), Arg::Int(round)],
     )
-    .bind(&event_id)
-    .bind(&worker)
-    .bind(round)
-    .fetch_optional(&mut *conn)
     .await
     .context("failed to read the flow's attempts")?;
+    let error = errors.first().map(|r| r.opt_text(0)).transpose()?.flatten();
     Ok(Some(FlowProgress {
         worker,
         attempts_started: u32::try_from(attempts_started).unwrap_or(0),
-        running: row.try_get(2)?,
-        not_before: Timestamp::from_micros(row.try_get(3)?),
+        running: row.bool(2)?,
+        not_before: Timestamp::from_micros(row.int(3)?),
         // A record this process cannot read is shown as no error rather
         // than failing the whole read.
         last_error: error.and_then(|e| serde_json::from_str(&e).ok()),
@@ -483,7 +479,6 @@ pub(crate) async fn update(
     i: &mut Instance,
     at: Timestamp,
 ) -> anyhow::Result<bool> {
-    use crate::ops::Arg;
     // Status and generation, then the flow's state columns, from the one
     // row description.
     let state: Vec<&str> = Col::ALL[Col::STATE].iter().map(|c| c.name()).collect();
@@ -515,11 +510,14 @@ pub(crate) async fn update(
 
 /// How many instances of `org` are not deleted (what its quota counts).
 pub(crate) async fn live_in_org(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<i64> {
-    sqlx::query_scalar("SELECT COUNT(*) FROM instances WHERE org_id = ?1 AND status != 'deleted'")
-        .bind(org)
-        .fetch_one(&mut *conn)
-        .await
-        .context("failed to count the org's instances")
+    let rows = fetch(
+        conn,
+        "SELECT COUNT(*) FROM instances WHERE org_id = ?1 AND status != 'deleted'",
+        [org.into()],
+    )
+    .await
+    .context("failed to count the org's instances")?;
+    rows.first().context("no row counting instances")?.int(0)
 }
 
 /// Live (not deleted) instances of `org` on `host`, other than `except`.
@@ -558,27 +556,26 @@ async fn count_on_host(
         "SELECT COUNT(*) FROM instances
           WHERE org_id = ?1 AND host = ?2 AND id != ?3 AND {status}"
     );
-    let n: i64 = sqlx::query_scalar(&sql)
-        .bind(org)
-        .bind(host)
-        .bind(except)
-        .fetch_one(&mut *conn)
+    let rows = fetch(conn, &sql, [org.into(), host.into(), except.into()])
         .await
         .context("failed to count the org's instances on a host")?;
-    Ok(n)
+    rows.first().context("no row counting instances")?.int(0)
 }
 
 /// host → orgs holding it.
 pub(crate) async fn claims(
     conn: &mut SqliteConnection,
 ) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
-    let rows = sqlx::query("SELECT host, org_id FROM host_claims ORDER BY host, org_id")
-        .fetch_all(&mut *conn)
-        .await
-        .context("failed to read host claims")?;
+    let rows = fetch(
+        conn,
+        "SELECT host, org_id FROM host_claims ORDER BY host, org_id",
+        [],
+    )
+    .await
+    .context("failed to read host claims")?;
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for r in rows {
-        out.entry(r.try_get(0)?).or_default().push(r.try_get(1)?);
+        out.entry(r.text(0)?).or_default().push(r.text(1)?);
     }
     Ok(out)
 }

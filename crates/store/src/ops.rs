@@ -13,6 +13,16 @@
 //! sqlx-sqlite running every statement of it and numbering anonymous `?`
 //! parameters across them (sqlx 0.8); revisit on an upgrade. Numbered
 //! parameters (`?1`) must not be used inside a script.
+//!
+//! Every query of the store goes through [`Script`] (one statement alone:
+//! [`fetch`]) and comes back as owned [`Row`]s read with [`RowRead`], so a
+//! runner for another database can return the same rows to the same
+//! decoding. The SQL keeps to what SQLite and PostgreSQL both accept: within
+//! one statement either only anonymous `?` or only numbered `?N`
+//! parameters (for `$N` in PostgreSQL), booleans bound and returned as
+//! integers 0/1 and compared explicitly, `ON CONFLICT DO NOTHING` rather
+//! than `INSERT OR IGNORE`, `RETURNING` rather than a count of changed
+//! rows. What cannot be common is marked `SQLite only:`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,9 +31,10 @@ use std::time::Duration;
 use anyhow::Context;
 use berth_core::{Envelope, ErrorInfo, EventId, FlowId, Timestamp};
 use serde_json::value::RawValue;
-use sqlx::{Row, SqliteConnection};
+use sqlx::SqliteConnection;
 
 use crate::model::*;
+use crate::writer::{Row, RowRead, owned};
 
 const CHUNK: usize = 256;
 
@@ -56,6 +67,7 @@ fn tuples(rows: usize, cols: usize) -> String {
 pub enum Arg {
     Text(String),
     Int(i64),
+    Blob(Vec<u8>),
     Null,
 }
 
@@ -72,6 +84,18 @@ impl From<String> for Arg {
 impl From<i64> for Arg {
     fn from(v: i64) -> Self {
         Arg::Int(v)
+    }
+}
+impl From<bool> for Arg {
+    /// As 0 or 1: compare it explicitly (`? != 0`), PostgreSQL has no
+    /// implicit conversion from integers to booleans.
+    fn from(v: bool) -> Self {
+        Arg::Int(i64::from(v))
+    }
+}
+impl From<&[u8]> for Arg {
+    fn from(v: &[u8]) -> Self {
+        Arg::Blob(v.to_vec())
     }
 }
 impl From<u32> for Arg {
@@ -163,30 +187,42 @@ impl Script {
         }
     }
 
-    /// Runs every statement; returns the rows any of them produced.
-    pub(crate) async fn run(
-        self,
-        conn: &mut SqliteConnection,
-    ) -> Result<Vec<sqlx::sqlite::SqliteRow>, sqlx::Error> {
+    /// Runs every statement; returns the rows any of them produced, owned.
+    /// A failed statement's error is sqlx's, in the chain (see
+    /// [`crate::writer::is_any_unique_violation`]).
+    pub(crate) async fn run(self, conn: &mut SqliteConnection) -> anyhow::Result<Vec<Row>> {
+        Ok(self.run_sqlx(conn).await?)
+    }
+
+    async fn run_sqlx(self, conn: &mut SqliteConnection) -> Result<Vec<Row>, sqlx::Error> {
         if self.stmts.is_empty() {
             return Ok(Vec::new());
         }
         if self.stmts.len() == 1 || self.args.len() <= ONE_COMMAND_ARGS {
-            let sql = self
-                .stmts
-                .iter()
-                .map(|(s, _)| s.as_str())
-                .collect::<Vec<_>>()
-                .join(";\n");
-            return bind_all(sqlx::query(&sql), self.args)
+            let one;
+            let sql = if let [(s, _)] = self.stmts.as_slice() {
+                s.as_str()
+            } else {
+                one = self
+                    .stmts
+                    .iter()
+                    .map(|(s, _)| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(";\n");
+                one.as_str()
+            };
+            let rows = bind_all(sqlx::query(sql), self.args)
                 .fetch_all(&mut *conn)
-                .await;
+                .await?;
+            return rows.iter().map(owned).collect();
         }
         let mut rows = Vec::new();
         let mut args = self.args.into_iter();
         for (sql, n) in &self.stmts {
             let q = bind_all(sqlx::query(sql), args.by_ref().take(*n));
-            rows.extend(q.fetch_all(&mut *conn).await?);
+            for r in q.fetch_all(&mut *conn).await? {
+                rows.push(owned(&r)?);
+            }
         }
         Ok(rows)
     }
@@ -280,7 +316,12 @@ impl Script {
             rows,
             3,
             &[],
-            |t| format!("INSERT OR IGNORE INTO inbox (worker, event_id, processed_at) VALUES {t}"),
+            |t| {
+                format!(
+                    "INSERT INTO inbox (worker, event_id, processed_at) VALUES {t}
+                     ON CONFLICT DO NOTHING"
+                )
+            },
             |(w, e), a| a.extend([(*w).into(), (*e).into(), at.into()]),
         );
     }
@@ -330,7 +371,7 @@ impl Script {
             |t| {
                 format!(
                     "DELETE FROM deliveries WHERE (event_id, worker) IN
-                        (SELECT column1, column2 FROM (VALUES {t}))"
+                        (SELECT column1, column2 FROM (VALUES {t}) AS v)"
                 )
             },
             |(e, w), a| {
@@ -391,6 +432,18 @@ impl Script {
     }
 }
 
+/// Runs one statement (numbered parameters allowed: it is alone); its
+/// rows, owned.
+pub(crate) async fn fetch(
+    conn: &mut SqliteConnection,
+    sql: &str,
+    args: impl IntoIterator<Item = Arg>,
+) -> anyhow::Result<Vec<Row>> {
+    let mut s = Script::new();
+    s.push(sql, args);
+    s.run(conn).await
+}
+
 fn bind_all<'q>(
     mut q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
     args: impl IntoIterator<Item = Arg>,
@@ -399,6 +452,7 @@ fn bind_all<'q>(
         q = match a {
             Arg::Text(s) => q.bind(s),
             Arg::Int(v) => q.bind(v),
+            Arg::Blob(b) => q.bind(b),
             Arg::Null => q.bind(None::<i64>),
         };
     }
@@ -476,7 +530,7 @@ pub(crate) async fn known_events(
     );
     let rows = s.run(conn).await.context("failed to check the event log")?;
     rows.iter()
-        .map(|r| parse_id::<EventId>(&r.try_get::<String, _>(0)?, "event id"))
+        .map(|r| parse_id::<EventId>(&r.text(0)?, "event id"))
         .collect()
 }
 
@@ -518,26 +572,26 @@ pub(crate) async fn insert_deliveries(
 const EVENT_COLUMNS: &str =
     "id, type, version, org_id, subject, flow_id, causation_id, created_at, not_before, payload";
 
-fn envelope_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Envelope> {
-    let id: String = r.try_get(0)?;
-    let flow: String = r.try_get(5)?;
-    let cause: Option<String> = r.try_get(6)?;
-    let payload: String = r.try_get(9)?;
+fn envelope_from_row(r: &Row) -> anyhow::Result<Envelope> {
+    let id = r.text(0)?;
+    let flow = r.text(5)?;
+    let cause = r.opt_text(6)?;
+    let payload = r.text(9)?;
     let id: EventId = parse_id(&id, "event id")?;
     Ok(Envelope {
         id,
-        event_type: r.try_get(1)?,
-        version: r.try_get(2)?,
-        org_id: r.try_get(3)?,
-        subject: r.try_get(4)?,
+        event_type: r.text(1)?,
+        version: u32::try_from(r.int(2)?).context("corrupt event version in the store")?,
+        org_id: r.opt_text(3)?,
+        subject: r.opt_text(4)?,
         flow_id: parse_id::<FlowId>(&flow, "flow id")?,
         causation_id: cause
             .as_deref()
             .map(|c| parse_id(c, "causation id"))
             .transpose()?,
         attempt: 0,
-        created_at: Timestamp::from_micros(r.try_get(7)?),
-        not_before: r.try_get::<Option<i64>, _>(8)?.map(Timestamp::from_micros),
+        created_at: Timestamp::from_micros(r.int(7)?),
+        not_before: r.opt_int(8)?.map(Timestamp::from_micros),
         // The payload was valid JSON when written (it came from a RawValue),
         // but the file may have been edited; a bad one must reach the worker
         // as a malformed payload (dead-lettered with a reason), not vanish.
@@ -555,9 +609,7 @@ pub(crate) async fn events_of_flow(
     flow: FlowId,
 ) -> anyhow::Result<Vec<Envelope>> {
     let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE flow_id = ?1 ORDER BY seq");
-    let rows = sqlx::query(&sql)
-        .bind(flow.to_string())
-        .fetch_all(&mut *conn)
+    let rows = fetch(conn, &sql, [flow.into()])
         .await
         .context("failed to load the flow's events")?;
     rows.iter().map(envelope_from_row).collect()
@@ -581,7 +633,7 @@ pub(crate) async fn inbox_hits(
     );
     let rows = s.run(conn).await.context("failed to read the inbox")?;
     rows.iter()
-        .map(|r| parse_id::<EventId>(&r.try_get::<String, _>(0)?, "event id"))
+        .map(|r| parse_id::<EventId>(&r.text(0)?, "event id"))
         .collect()
 }
 
@@ -629,49 +681,60 @@ pub(crate) async fn release_leases(
     let filter = if only_expired {
         "lease_owner IS NOT NULL AND lease_until < ?1"
     } else {
-        "lease_owner IS NOT NULL AND ?1 = ?1"
+        "lease_owner IS NOT NULL"
+    };
+    // The update takes `now` only when its filter names it.
+    let filter_args = || {
+        if only_expired {
+            vec![Arg::from(now)]
+        } else {
+            Vec::new()
+        }
     };
     let lost = serde_json::to_string(&ErrorInfo::new(
         "attempt_abandoned",
         "the process running this attempt stopped before it finished",
     ))?;
-    sqlx::query(&format!(
-        "INSERT INTO attempts (event_id, worker, round, attempt, started_at, duration_us, outcome, error)
-         SELECT event_id, worker, round, attempt, COALESCE(leased_at, ?1), NULL, 'abandoned', ?2
-           FROM deliveries WHERE {filter}"
-    ))
-    .bind(now.as_micros())
-    .bind(lost)
-    .execute(&mut *conn)
+    fetch(
+        conn,
+        &format!(
+            "INSERT INTO attempts (event_id, worker, round, attempt, started_at, duration_us, outcome, error)
+             SELECT event_id, worker, round, attempt, COALESCE(leased_at, ?1), NULL, 'abandoned', ?2
+               FROM deliveries WHERE {filter}"
+        ),
+        [now.into(), lost.into()],
+    )
     .await
     .context("failed to record abandoned attempts")?;
-    let done = sqlx::query(&format!(
-        "UPDATE deliveries SET lease_owner = NULL, leased_at = NULL, lease_until = NULL
-          WHERE {filter}"
-    ))
-    .bind(now.as_micros())
-    .execute(&mut *conn)
+    let done = fetch(
+        conn,
+        &format!(
+            "UPDATE deliveries SET lease_owner = NULL, leased_at = NULL, lease_until = NULL
+              WHERE {filter} RETURNING 1"
+        ),
+        filter_args(),
+    )
     .await
     .context("failed to release leases")?;
-    Ok(done.rows_affected())
+    Ok(u64::try_from(done.len()).unwrap_or(u64::MAX))
 }
 
-fn attempt_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<AttemptRecord> {
-    let ev: String = r.try_get(0)?;
-    let outcome: String = r.try_get(6)?;
-    let error: Option<String> = r.try_get(7)?;
+fn attempt_from_row(r: &Row) -> anyhow::Result<AttemptRecord> {
+    let ev = r.text(0)?;
+    let outcome = r.text(6)?;
+    let error = r.opt_text(7)?;
     Ok(AttemptRecord {
         event_id: parse_id(&ev, "event id")?,
-        worker: r.try_get(1)?,
-        round: r.try_get(2)?,
-        attempt: r.try_get(3)?,
-        started_at: Timestamp::from_micros(r.try_get(4)?),
-        duration: r.try_get::<Option<i64>, _>(5)?.map(from_us),
+        worker: r.text(1)?,
+        round: u32::try_from(r.int(2)?).context("corrupt round in attempt history")?,
+        attempt: u32::try_from(r.int(3)?).context("corrupt attempt in attempt history")?,
+        started_at: Timestamp::from_micros(r.int(4)?),
+        duration: r.opt_int(5)?.map(from_us),
         outcome: outcome.parse()?,
         error: error
             .map(|e| serde_json::from_str(&e).context("corrupt error record in attempt history"))
             .transpose()?,
-        next_delay: r.try_get::<Option<i64>, _>(8)?.map(from_us),
+        next_delay: r.opt_int(8)?.map(from_us),
     })
 }
 
@@ -684,9 +747,7 @@ pub(crate) async fn attempts_of_event(
     event: EventId,
 ) -> anyhow::Result<Vec<AttemptRecord>> {
     let sql = format!("SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE event_id = ?1 ORDER BY id");
-    let rows = sqlx::query(&sql)
-        .bind(event.to_string())
-        .fetch_all(&mut *conn)
+    let rows = fetch(conn, &sql, [event.into()])
         .await
         .context("failed to read attempt history")?;
     rows.iter().map(attempt_from_row).collect()
@@ -701,32 +762,30 @@ pub(crate) async fn attempts_of_flow(
         "SELECT {ATTEMPT_COLUMNS} FROM attempts
           WHERE event_id IN (SELECT id FROM events WHERE flow_id = ?1) ORDER BY id"
     );
-    let rows = sqlx::query(&sql)
-        .bind(flow.to_string())
-        .fetch_all(&mut *conn)
+    let rows = fetch(conn, &sql, [flow.into()])
         .await
         .context("failed to read the flow's attempt history")?;
     rows.iter().map(attempt_from_row).collect()
 }
 
-fn dead_letter_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<DeadLetter> {
-    let ev: String = r.try_get(1)?;
-    let reason: String = r.try_get(6)?;
-    let error: String = r.try_get(7)?;
-    let flow: String = r.try_get(9)?;
+fn dead_letter_from_row(r: &Row) -> anyhow::Result<DeadLetter> {
+    let ev = r.text(1)?;
+    let reason = r.text(6)?;
+    let error = r.text(7)?;
+    let flow = r.text(9)?;
     Ok(DeadLetter {
-        id: r.try_get(0)?,
+        id: r.text(0)?,
         event_id: parse_id(&ev, "event id")?,
-        event_type: r.try_get(2)?,
-        worker: r.try_get(3)?,
-        round: r.try_get(4)?,
-        attempts: r.try_get(5)?,
+        event_type: r.text(2)?,
+        worker: r.text(3)?,
+        round: u32::try_from(r.int(4)?).context("corrupt round in dead letter")?,
+        attempts: u32::try_from(r.int(5)?).context("corrupt attempt count in dead letter")?,
         reason: reason.parse()?,
         error: serde_json::from_str(&error).context("corrupt error record in dead letter")?,
-        org_id: r.try_get(8)?,
+        org_id: r.opt_text(8)?,
         flow_id: parse_id(&flow, "flow id")?,
-        dead_at: Timestamp::from_micros(r.try_get(10)?),
-        redriven_at: r.try_get::<Option<i64>, _>(11)?.map(Timestamp::from_micros),
+        dead_at: Timestamp::from_micros(r.int(10)?),
+        redriven_at: r.opt_int(11)?.map(Timestamp::from_micros),
     })
 }
 
@@ -745,11 +804,7 @@ pub(crate) async fn dead_letters(
           WHERE (?1 IS NULL OR d.org_id = ?1) AND (?2 = 0 OR d.redriven_at IS NULL)
           ORDER BY d.dead_at DESC, d.id DESC LIMIT ?3"
     );
-    let rows = sqlx::query(&sql)
-        .bind(org)
-        .bind(open_only)
-        .bind(limit)
-        .fetch_all(&mut *conn)
+    let rows = fetch(conn, &sql, [org.into(), open_only.into(), limit.into()])
         .await
         .context("failed to list dead letters")?;
     rows.iter().map(dead_letter_from_row).collect()
@@ -762,12 +817,10 @@ pub(crate) async fn dead_letter(
     let sql = format!(
         "SELECT {DEAD_COLUMNS} FROM dead_letters d JOIN events e ON e.id = d.event_id WHERE d.id = ?1"
     );
-    let row = sqlx::query(&sql)
-        .bind(id)
-        .fetch_optional(&mut *conn)
+    let rows = fetch(conn, &sql, [id.into()])
         .await
         .context("failed to read the dead letter")?;
-    row.as_ref().map(dead_letter_from_row).transpose()
+    rows.first().map(dead_letter_from_row).transpose()
 }
 
 /// Marks a dead letter re-driven if it was not already; true if this call did.
@@ -776,27 +829,30 @@ pub(crate) async fn mark_redriven(
     id: &str,
     at: Timestamp,
 ) -> anyhow::Result<bool> {
-    let done = sqlx::query(
-        "UPDATE dead_letters SET redriven_at = ?2 WHERE id = ?1 AND redriven_at IS NULL",
+    let done = fetch(
+        conn,
+        "UPDATE dead_letters SET redriven_at = ?2 WHERE id = ?1 AND redriven_at IS NULL
+         RETURNING 1",
+        [id.into(), at.into()],
     )
-    .bind(id)
-    .bind(at.as_micros())
-    .execute(&mut *conn)
     .await
     .context("failed to mark the dead letter re-driven")?;
-    Ok(done.rows_affected() == 1)
+    Ok(done.len() == 1)
 }
 
 /// Number of deliveries waiting (unclaimed) and in flight (leased).
 pub(crate) async fn queue_depth(conn: &mut SqliteConnection) -> anyhow::Result<(i64, i64)> {
-    let row = sqlx::query(
-        "SELECT COALESCE(SUM(lease_owner IS NULL), 0), COALESCE(SUM(lease_owner IS NOT NULL), 0)
-           FROM deliveries",
+    // Counting the leased rather than summing a boolean, which PostgreSQL
+    // does not add up.
+    let rows = fetch(
+        conn,
+        "SELECT COUNT(*) - COUNT(lease_owner), COUNT(lease_owner) FROM deliveries",
+        [],
     )
-    .fetch_one(&mut *conn)
     .await
     .context("failed to count deliveries")?;
-    Ok((row.try_get(0)?, row.try_get(1)?))
+    let row = rows.first().context("no row counting deliveries")?;
+    Ok((row.int(0)?, row.int(1)?))
 }
 
 /// A connection of its own for a reader that must not queue behind the

@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use crate::instances::Instance;
 use crate::model::*;
 use crate::ops;
+use crate::writer::RowRead;
 
 /// The settings of every connection to the database, the pool's and the
 /// dispatcher's writer's alike: one list, so that a commit on either is as
@@ -168,9 +169,9 @@ impl Store {
         crate::migrate::run(&mut conn)
             .await
             .with_context(|| format!("failed to migrate the database {}", path.display()))?;
-        let install: String = sqlx::query_scalar("SELECT id FROM install LIMIT 1")
-            .fetch_one(&mut conn)
+        let install = ops::fetch(&mut conn, "SELECT id FROM install LIMIT 1", [])
             .await
+            .and_then(|rows| rows.first().context("no install row")?.text(0))
             .with_context(|| format!("failed to read the install id of {}", path.display()))?;
         conn.close().await.ok();
         let pool = SqlitePoolOptions::new()
@@ -387,6 +388,8 @@ impl Store {
     /// with SQLITE_BUSY when a reader tries to upgrade.
     pub async fn begin(&self) -> anyhow::Result<Tx> {
         let gate = self.write_gate().await;
+        // SQLite only: PostgreSQL begins with a plain `BEGIN` (its writers
+        // lock rows, not the database).
         let tx = self
             .inner
             .pool
@@ -405,8 +408,9 @@ impl Store {
     /// writers (a PASSIVE checkpoint), so that commits never pay for it.
     pub async fn checkpoint(&self) -> anyhow::Result<()> {
         let mut c = self.read_conn().await?;
-        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut *c)
+        // SQLite only: PostgreSQL checkpoints on its own; there this is a
+        // no-op.
+        ops::fetch(&mut c, "PRAGMA wal_checkpoint(PASSIVE)", [])
             .await
             .context("WAL checkpoint failed")?;
         Ok(())
@@ -653,6 +657,7 @@ pub(crate) mod tests {
     use berth_core::{Clock, IdGen, SeededRng, SystemClock};
 
     use super::{Store, StoreOptions};
+    use crate::writer::RowRead;
 
     /// A store on a fresh file, for the crate's unit tests.
     pub(crate) async fn store() -> (tempfile::TempDir, Store) {
@@ -674,7 +679,6 @@ pub(crate) mod tests {
     /// from one list: each reads back every setting the same.
     #[tokio::test]
     async fn the_pool_and_the_writer_run_with_the_same_settings() {
-        use crate::writer::RowRead;
         let (_d, s) = store().await;
         let w = s.open_writer().await.unwrap();
         for (key, _) in super::pragmas(&StoreOptions::default()) {

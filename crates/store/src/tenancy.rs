@@ -9,9 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 use berth_core::{Envelope, EventId, Timestamp};
 use serde::Serialize;
-use sqlx::{Row, SqliteConnection};
+use sqlx::SqliteConnection;
 
-use crate::{Store, Tx, ops};
+use crate::ops::{self, fetch};
+use crate::writer::{Row, RowRead};
+use crate::{Store, Tx};
 
 /// An org (tenant).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -44,39 +46,43 @@ pub(crate) async fn create_org(
     token_id: &str,
     token_hash: &str,
 ) -> anyhow::Result<()> {
-    let r = sqlx::query("INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)")
-        .bind(&org.id)
-        .bind(&org.name)
-        .bind(org.created_at.as_micros())
-        .execute(&mut *conn)
-        .await;
+    let r = fetch(
+        conn,
+        "INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)",
+        [
+            org.id.as_str().into(),
+            org.name.as_str().into(),
+            org.created_at.into(),
+        ],
+    )
+    .await;
     match r {
         Ok(_) => {}
-        Err(e)
-            if e.as_database_error()
-                .is_some_and(|d| d.is_unique_violation()) =>
-        {
+        Err(e) if crate::writer::is_any_unique_violation(&e) => {
             return Err(OrgNameTaken(org.name.clone()).into());
         }
-        Err(e) => return Err(anyhow::Error::new(e).context("failed to create the org")),
+        Err(e) => return Err(e.context("failed to create the org")),
     }
     insert_token(conn, token_id, &org.id, token_hash, org.created_at).await
 }
 
 pub(crate) async fn get_org(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Option<Org>> {
-    let row = sqlx::query("SELECT id, name, created_at FROM orgs WHERE id = ?1")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await
-        .context("failed to read the org")?;
-    row.map(|r| {
-        Ok(Org {
-            id: r.try_get(0)?,
-            name: r.try_get(1)?,
-            created_at: Timestamp::from_micros(r.try_get(2)?),
+    let rows = fetch(
+        conn,
+        "SELECT id, name, created_at FROM orgs WHERE id = ?1",
+        [id.into()],
+    )
+    .await
+    .context("failed to read the org")?;
+    rows.first()
+        .map(|r| {
+            Ok(Org {
+                id: r.text(0)?,
+                name: r.text(1)?,
+                created_at: Timestamp::from_micros(r.int(2)?),
+            })
         })
-    })
-    .transpose()
+        .transpose()
 }
 
 pub(crate) async fn insert_token(
@@ -86,14 +92,13 @@ pub(crate) async fn insert_token(
     hash: &str,
     at: Timestamp,
 ) -> anyhow::Result<()> {
-    sqlx::query("INSERT INTO tokens (id, org_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)")
-        .bind(id)
-        .bind(org)
-        .bind(hash)
-        .bind(at.as_micros())
-        .execute(&mut *conn)
-        .await
-        .context("failed to record the token")?;
+    fetch(
+        conn,
+        "INSERT INTO tokens (id, org_id, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+        [id.into(), org.into(), hash.into(), at.into()],
+    )
+    .await
+    .context("failed to record the token")?;
     Ok(())
 }
 
@@ -103,20 +108,24 @@ pub(crate) async fn token_by_hash(
     conn: &mut SqliteConnection,
     hash: &str,
 ) -> anyhow::Result<Option<(String, String)>> {
-    let row = sqlx::query("SELECT org_id, id FROM tokens WHERE hash = ?1 AND revoked_at IS NULL")
-        .bind(hash)
-        .fetch_optional(&mut *conn)
-        .await
-        .context("failed to look the token up")?;
-    row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    let rows = fetch(
+        conn,
+        "SELECT org_id, id FROM tokens WHERE hash = ?1 AND revoked_at IS NULL",
+        [hash.into()],
+    )
+    .await
+    .context("failed to look the token up")?;
+    rows.first()
+        .map(|r| Ok((r.text(0)?, r.text(1)?)))
+        .transpose()
 }
 
-fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<TokenInfo> {
+fn token_from_row(r: &Row) -> anyhow::Result<TokenInfo> {
     Ok(TokenInfo {
-        id: r.try_get(0)?,
-        org_id: r.try_get(1)?,
-        created_at: Timestamp::from_micros(r.try_get(2)?),
-        revoked_at: r.try_get::<Option<i64>, _>(3)?.map(Timestamp::from_micros),
+        id: r.text(0)?,
+        org_id: r.text(1)?,
+        created_at: Timestamp::from_micros(r.int(2)?),
+        revoked_at: r.opt_int(3)?.map(Timestamp::from_micros),
     })
 }
 
@@ -125,12 +134,12 @@ pub(crate) async fn tokens(
     conn: &mut SqliteConnection,
     org: &str,
 ) -> anyhow::Result<Vec<TokenInfo>> {
-    let rows = sqlx::query(
+    let rows = fetch(
+        conn,
         "SELECT id, org_id, created_at, revoked_at FROM tokens WHERE org_id = ?1
           ORDER BY created_at, id",
+        [org.into()],
     )
-    .bind(org)
-    .fetch_all(&mut *conn)
     .await
     .context("failed to list tokens")?;
     rows.iter().map(token_from_row).collect()
@@ -144,34 +153,31 @@ pub(crate) async fn revoke_token(
     id: &str,
     at: Timestamp,
 ) -> anyhow::Result<Option<TokenInfo>> {
-    sqlx::query(
+    fetch(
+        conn,
         "UPDATE tokens SET revoked_at = ?3 WHERE id = ?1 AND org_id = ?2 AND revoked_at IS NULL",
+        [id.into(), org.into(), at.into()],
     )
-    .bind(id)
-    .bind(org)
-    .bind(at.as_micros())
-    .execute(&mut *conn)
     .await
     .context("failed to revoke the token")?;
-    let row = sqlx::query(
+    let rows = fetch(
+        conn,
         "SELECT id, org_id, created_at, revoked_at FROM tokens WHERE id = ?1 AND org_id = ?2",
+        [id.into(), org.into()],
     )
-    .bind(id)
-    .bind(org)
-    .fetch_optional(&mut *conn)
     .await
     .context("failed to read the token")?;
-    row.as_ref().map(token_from_row).transpose()
+    rows.first().map(token_from_row).transpose()
 }
 
 /// The stored admin token hash, if one was generated.
 pub(crate) async fn admin_token_hash(
     conn: &mut SqliteConnection,
 ) -> anyhow::Result<Option<String>> {
-    sqlx::query_scalar("SELECT hash FROM admin_token WHERE id = 1")
-        .fetch_optional(&mut *conn)
+    let rows = fetch(conn, "SELECT hash FROM admin_token WHERE id = 1", [])
         .await
-        .context("failed to read the admin token")
+        .context("failed to read the admin token")?;
+    rows.first().map(|r| r.text(0)).transpose()
 }
 
 /// Stores a generated admin token's hash unless one is there already;
@@ -181,22 +187,23 @@ pub(crate) async fn init_admin_token(
     hash: &str,
     at: Timestamp,
 ) -> anyhow::Result<bool> {
-    let done =
-        sqlx::query("INSERT OR IGNORE INTO admin_token (id, hash, created_at) VALUES (1, ?1, ?2)")
-            .bind(hash)
-            .bind(at.as_micros())
-            .execute(&mut *conn)
-            .await
-            .context("failed to store the admin token")?;
-    Ok(done.rows_affected() == 1)
+    let done = fetch(
+        conn,
+        "INSERT INTO admin_token (id, hash, created_at) VALUES (1, ?1, ?2)
+         ON CONFLICT DO NOTHING RETURNING 1",
+        [hash.into(), at.into()],
+    )
+    .await
+    .context("failed to store the admin token")?;
+    Ok(done.len() == 1)
 }
 
 /// The position of the newest event in the log (0 when empty).
 pub(crate) async fn last_seq(conn: &mut SqliteConnection) -> anyhow::Result<i64> {
-    sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
-        .fetch_one(&mut *conn)
+    let rows = fetch(conn, "SELECT COALESCE(MAX(seq), 0) FROM events", [])
         .await
-        .context("failed to read the end of the event log")
+        .context("failed to read the end of the event log")?;
+    rows.first().context("no row from MAX(seq)")?.int(0)
 }
 
 /// The log position of event `id` if it belongs to `org`.
@@ -205,12 +212,14 @@ pub(crate) async fn event_seq_in_org(
     org: &str,
     id: EventId,
 ) -> anyhow::Result<Option<i64>> {
-    sqlx::query_scalar("SELECT seq FROM events WHERE id = ?1 AND org_id = ?2")
-        .bind(id.to_string())
-        .bind(org)
-        .fetch_optional(&mut *conn)
-        .await
-        .context("failed to find the event")
+    let rows = fetch(
+        conn,
+        "SELECT seq FROM events WHERE id = ?1 AND org_id = ?2",
+        [id.into(), org.into()],
+    )
+    .await
+    .context("failed to find the event")?;
+    rows.first().map(|r| r.int(0)).transpose()
 }
 
 /// Up to `limit` events of `org` after log position `after`, in log order,
@@ -221,22 +230,20 @@ pub(crate) async fn org_events_after(
     after: i64,
     limit: u32,
 ) -> anyhow::Result<Vec<(i64, Envelope)>> {
-    let rows = sqlx::query(
+    let rows = fetch(
+        conn,
         "SELECT seq, id FROM events WHERE org_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        [org.into(), after.into(), limit.into()],
     )
-    .bind(org)
-    .bind(after)
-    .bind(limit)
-    .fetch_all(&mut *conn)
     .await
     .context("failed to read the org's events")?;
     let mut order: Vec<(i64, EventId)> = Vec::with_capacity(rows.len());
     for r in &rows {
-        let id: String = r.try_get(1)?;
+        let id = r.text(1)?;
         let id: EventId = id
             .parse()
             .with_context(|| format!("corrupt event id '{id}' in the store"))?;
-        order.push((r.try_get(0)?, id));
+        order.push((r.int(0)?, id));
     }
     let ids: Vec<EventId> = order.iter().map(|(_, id)| *id).collect();
     let mut by_id: HashMap<EventId, Envelope> = ops::load_events(conn, &ids)
@@ -263,10 +270,10 @@ pub struct AttemptSample {
 
 /// The newest attempt record's position (0 when none).
 pub(crate) async fn last_attempt_id(conn: &mut SqliteConnection) -> anyhow::Result<i64> {
-    sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM attempts")
-        .fetch_one(&mut *conn)
+    let rows = fetch(conn, "SELECT COALESCE(MAX(id), 0) FROM attempts", [])
         .await
-        .context("failed to read the attempt history")
+        .context("failed to read the attempt history")?;
+    rows.first().context("no row from MAX(id)")?.int(0)
 }
 
 /// Up to `limit` attempt records after position `after`, in order.
@@ -275,22 +282,21 @@ pub(crate) async fn attempts_after(
     after: i64,
     limit: u32,
 ) -> anyhow::Result<Vec<AttemptSample>> {
-    let rows = sqlx::query(
+    let rows = fetch(
+        conn,
         "SELECT id, worker, outcome, duration_us FROM attempts WHERE id > ?1 ORDER BY id LIMIT ?2",
+        [after.into(), limit.into()],
     )
-    .bind(after)
-    .bind(limit)
-    .fetch_all(&mut *conn)
     .await
     .context("failed to read the attempt history")?;
     rows.iter()
         .map(|r| {
             Ok(AttemptSample {
-                id: r.try_get(0)?,
-                worker: r.try_get(1)?,
-                outcome: r.try_get(2)?,
+                id: r.int(0)?,
+                worker: r.text(1)?,
+                outcome: r.text(2)?,
                 duration: r
-                    .try_get::<Option<i64>, _>(3)?
+                    .opt_int(3)?
                     .map(|us| Duration::from_micros(u64::try_from(us).unwrap_or(0))),
             })
         })
@@ -301,16 +307,15 @@ pub(crate) async fn attempts_after(
 pub(crate) async fn open_dead_letters(
     conn: &mut SqliteConnection,
 ) -> anyhow::Result<Vec<(String, i64)>> {
-    let rows = sqlx::query(
+    let rows = fetch(
+        conn,
         "SELECT worker, COUNT(*) FROM dead_letters WHERE redriven_at IS NULL
           GROUP BY worker ORDER BY worker",
+        [],
     )
-    .fetch_all(&mut *conn)
     .await
     .context("failed to count dead letters")?;
-    rows.iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect()
+    rows.iter().map(|r| Ok((r.text(0)?, r.int(1)?))).collect()
 }
 
 impl Store {

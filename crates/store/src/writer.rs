@@ -149,6 +149,18 @@ pub fn is_unique_violation(e: &anyhow::Error, column: &str) -> bool {
     })
 }
 
+/// Whether `e` is, anywhere in its chain, the pool's connection refusing
+/// a row that breaks any unique index or key. sqlx's test is the
+/// database's own error code, so it holds for PostgreSQL as for SQLite.
+pub(crate) fn is_any_unique_violation(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .and_then(|s| s.as_database_error())
+            .is_some_and(|d| d.is_unique_violation())
+    })
+}
+
 fn connect(path: &Path, options: &StoreOptions) -> anyhow::Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open_with_flags(
         path,
@@ -172,10 +184,6 @@ fn connect(path: &Path, options: &StoreOptions) -> anyhow::Result<rusqlite::Conn
 pub struct Row(Vec<Value>);
 
 impl Row {
-    pub(crate) fn new(values: Vec<Value>) -> Row {
-        Row(values)
-    }
-
     fn value(&self, i: usize) -> anyhow::Result<&Value> {
         self.0
             .get(i)
@@ -183,7 +191,32 @@ impl Row {
     }
 }
 
-/// Reading the columns of a script's result rows, from either connection.
+/// An sqlx row as owned values, by each value's own type (SQLite's typing
+/// is per value, not per column): what [`Script::run`] returns, so that rows
+/// from either connection are one type, read one way.
+pub(crate) fn owned(r: &sqlx::sqlite::SqliteRow) -> Result<Row, sqlx::Error> {
+    use sqlx::{Row as _, TypeInfo as _, ValueRef as _};
+    let mut values = Vec::with_capacity(r.len());
+    for i in 0..r.len() {
+        let raw = r.try_get_raw(i)?;
+        let v = if raw.is_null() {
+            Value::Null
+        } else {
+            match raw.type_info().name() {
+                "INTEGER" => Value::Integer(r.try_get(i)?),
+                "REAL" => Value::Real(r.try_get(i)?),
+                "BLOB" => Value::Blob(r.try_get(i)?),
+                _ => Value::Text(r.try_get(i)?),
+            }
+        };
+        values.push(v);
+    }
+    Ok(Row(values))
+}
+
+/// Reading the columns of a script's result rows. Booleans are integers
+/// (0 or 1) in SQL the store shares with PostgreSQL, which has no implicit
+/// conversion between the two: [`RowRead::bool`] reads one.
 pub trait RowRead {
     fn opt_text(&self, i: usize) -> anyhow::Result<Option<String>>;
     fn text(&self, i: usize) -> anyhow::Result<String> {
@@ -193,6 +226,14 @@ pub trait RowRead {
     fn opt_int(&self, i: usize) -> anyhow::Result<Option<i64>>;
     fn int(&self, i: usize) -> anyhow::Result<i64> {
         self.opt_int(i)?
+            .with_context(|| format!("column {i} of a result row is NULL"))
+    }
+    fn bool(&self, i: usize) -> anyhow::Result<bool> {
+        Ok(self.int(i)? != 0)
+    }
+    fn opt_blob(&self, i: usize) -> anyhow::Result<Option<Vec<u8>>>;
+    fn blob(&self, i: usize) -> anyhow::Result<Vec<u8>> {
+        self.opt_blob(i)?
             .with_context(|| format!("column {i} of a result row is NULL"))
     }
 }
@@ -218,14 +259,15 @@ impl RowRead for Row {
             ),
         }
     }
-}
-
-impl RowRead for sqlx::sqlite::SqliteRow {
-    fn opt_text(&self, i: usize) -> anyhow::Result<Option<String>> {
-        Ok(sqlx::Row::try_get(self, i)?)
-    }
-    fn opt_int(&self, i: usize) -> anyhow::Result<Option<i64>> {
-        Ok(sqlx::Row::try_get(self, i)?)
+    fn opt_blob(&self, i: usize) -> anyhow::Result<Option<Vec<u8>>> {
+        match self.value(i)? {
+            Value::Blob(b) => Ok(Some(b.clone())),
+            Value::Null => Ok(None),
+            v => anyhow::bail!(
+                "column {i} of a result row is {:?}, not a blob",
+                v.data_type()
+            ),
+        }
     }
 }
 
@@ -234,6 +276,7 @@ impl rusqlite::ToSql for Arg {
         Ok(ToSqlOutput::Borrowed(match self {
             Arg::Text(s) => ValueRef::Text(s.as_bytes()),
             Arg::Int(n) => ValueRef::Integer(*n),
+            Arg::Blob(b) => ValueRef::Blob(b),
             Arg::Null => ValueRef::Null,
         }))
     }
@@ -369,5 +412,14 @@ mod tests {
                 .contains("not an integer")
         );
         assert!(row.text(3).unwrap_err().to_string().contains("no column 3"));
+        let row = Row(vec![
+            Value::Blob(vec![1, 2]),
+            Value::Integer(0),
+            Value::Null,
+        ]);
+        assert_eq!(row.blob(0).unwrap(), [1, 2]);
+        assert!(!row.bool(1).unwrap());
+        assert_eq!(row.opt_blob(2).unwrap(), None);
+        assert!(row.blob(1).unwrap_err().to_string().contains("not a blob"));
     }
 }

@@ -229,7 +229,7 @@ impl Script {
                         INSERT_ROW + 1,
                         |t| {
                             format!(
-                                "WITH v AS (SELECT * FROM (VALUES {t})),
+                                "WITH v AS (SELECT * FROM (VALUES {t}) AS t),
                                       fresh AS (SELECT v.*, ROW_NUMBER() OVER (PARTITION BY v.{org}) AS rn
                                                   FROM v WHERE {free}),
                                       live AS (SELECT org_id, COUNT(*) AS n FROM instances
@@ -274,10 +274,13 @@ impl Script {
                             (SELECT 1 FROM host_claims WHERE host = ? AND org_id != ?)",
                         [tag, host.as_str().into(), org.as_str().into()],
                     );
+                    // The WHERE also keeps SQLite from reading ON CONFLICT
+                    // as a join's ON.
                     self.push(
-                        "INSERT OR IGNORE INTO host_claims (host, org_id, claimed_at)
+                        "INSERT INTO host_claims (host, org_id, claimed_at)
                          SELECT ?, ?, ? WHERE NOT EXISTS
-                            (SELECT 1 FROM host_claims WHERE host = ? AND org_id != ?)",
+                            (SELECT 1 FROM host_claims WHERE host = ? AND org_id != ?)
+                         ON CONFLICT DO NOTHING",
                         [
                             host.as_str().into(),
                             org.as_str().into(),
@@ -308,6 +311,9 @@ impl Script {
                 a.extend(r.iter().cloned())
             });
             if counted {
+                // SQLite only: `changes()` counts the previous statement's
+                // rows; PostgreSQL will need the statement in a CTE,
+                // `WITH w AS (… RETURNING 1) SELECT 'guard_count', COUNT(*), ? FROM w`.
                 self.push(
                     "SELECT 'guard_count', changes(), ?",
                     [Arg::Int(i64::try_from(len).unwrap_or(i64::MAX))],
@@ -349,7 +355,12 @@ impl Script {
             &shared,
             3,
             &[],
-            |t| format!("INSERT OR IGNORE INTO host_claims (host, org_id, claimed_at) VALUES {t}"),
+            |t| {
+                format!(
+                    "INSERT INTO host_claims (host, org_id, claimed_at) VALUES {t}
+                     ON CONFLICT DO NOTHING"
+                )
+            },
             |(h, o), a| a.extend([Arg::from(*h), Arg::from(*o), Arg::from(at)]),
         );
     }
@@ -383,6 +394,11 @@ const PATCH_ROW: usize = 9;
 /// holds (keeping the time it began to); moves the status if the row is in
 /// one that may become it; all only while the row is being created in the
 /// patch's generation.
+///
+/// SQLite only: the merge of conditions and the statuses list use SQLite's
+/// JSON functions (`json_each`, `json_extract`, `json_group_array`, `json`);
+/// PostgreSQL will need `jsonb_array_elements`, `->>` and `jsonb_agg` (and
+/// casts of the text columns to `jsonb`).
 fn patch_sql(tuples: &str, returning: &str) -> String {
     let creating = InstanceStatus::ALL
         .iter()
