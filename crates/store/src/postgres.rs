@@ -164,6 +164,7 @@ pub(crate) async fn run_script(
             q = match a {
                 Arg::Text(t) => q.bind(t),
                 Arg::Int(i) => q.bind(i),
+                Arg::Blob(b) => q.bind(b),
                 Arg::Null => q.bind(Untyped),
             };
         }

@@ -184,6 +184,10 @@ fn connect(path: &Path, options: &StoreOptions) -> anyhow::Result<rusqlite::Conn
 pub struct Row(Vec<Value>);
 
 impl Row {
+    pub(crate) fn new(values: Vec<Value>) -> Row {
+        Row(values)
+    }
+
     fn value(&self, i: usize) -> anyhow::Result<&Value> {
         self.0
             .get(i)
