@@ -511,12 +511,15 @@ pub struct ConfigError(pub String);
 /// Environment variables that are not configuration keys.
 /// `BERTH_URL` and `BERTH_TOKEN` are the CLI's (the server a client talks
 /// to, and as whom): a shell that has them set can still run `berth serve`.
+/// `BERTH_TEST_POSTGRES_URL` is the test suites' PostgreSQL server
+/// (`scripts/test`), set for every process a suite starts.
 const ENV_NOT_KEYS: &[&str] = &[
     "BERTH_LOG",
     "BERTH_LOG_FORMAT",
     "BERTH_CONFIG",
     "BERTH_URL",
     "BERTH_TOKEN",
+    "BERTH_TEST_POSTGRES_URL",
 ];
 
 /// Variables whose value is always a string, whatever it looks like (a
