@@ -193,7 +193,7 @@ fn harness() -> &'static Harness {
             .block_on(berth::App::build(config, "fuzz config"))
             .expect("berth starts");
         let mut h = Harness {
-            addr: app.api_addr(),
+            addr: app.api_addr().expect("the default role serves the API"),
             token: String::new(),
             show: std::env::var_os("BERTH_FUZZ_SHOW").is_some(),
             conn: Mutex::new(None),
