@@ -65,8 +65,8 @@ async fn open_store_with(
     } else {
         IdGen::with_os_entropy(clock.clone(), rng.clone())
     });
-    let store = Store::open(
-        &config.database_path(),
+    let store = Store::open_at(
+        &config.database_location(),
         StoreOptions {
             synchronous: config.store.synchronous,
             max_connections: config.store.max_connections,
@@ -375,6 +375,11 @@ impl World {
 /// exclusively, each `api` process shares it. `worker` keeps no cache and
 /// takes no lock.
 fn role_lock(config: &Config) -> anyhow::Result<Option<std::fs::File>> {
+    // On PostgreSQL nothing needs it: the cache is off there, and any
+    // number of each role share the database.
+    if config.store.url.is_some() {
+        return Ok(None);
+    }
     let mut path = config.database_path().into_os_string();
     path.push(".roles.lock");
     let path = std::path::PathBuf::from(path);
@@ -547,7 +552,7 @@ impl App {
             background.push(world.reconcile(&bus, &background_cancel));
         }
         info!(
-            database = %config.database_path().display(),
+            database = %config.database_location(),
             role = ?role,
             workers = if workers.is_some() { world.registry.workers().len() } else { 0 },
             listen = %api.as_ref().map(|a| a.local_addr().to_string()).unwrap_or_else(|| "-".into()),

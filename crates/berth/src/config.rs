@@ -362,10 +362,19 @@ impl LimitsSection {
     }
 }
 
-/// `[store]`: the SQLite file.
+/// `[store]`: the database — the SQLite file `berth.db` in the data dir,
+/// or the PostgreSQL database `url` names.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    /// `postgres://user:password@host:port/database`: the store on
+    /// PostgreSQL, shared by any number of `berth serve` processes. Unset:
+    /// SQLite in the data dir. Shown with its password hidden.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "redacted_url"
+    )]
+    pub url: Option<String>,
     /// `full` (every commit synced: survives power loss) or `normal` (synced
     /// at checkpoints: survives a crash of Berth, not of the machine).
     pub synchronous: Synchronous,
@@ -380,10 +389,39 @@ impl Default for StoreConfig {
     fn default() -> Self {
         let d = berth_store::StoreOptions::default();
         StoreConfig {
+            url: None,
             synchronous: d.synchronous,
             max_connections: d.max_connections,
             busy_timeout: d.busy_timeout,
         }
+    }
+}
+
+/// A database URL as `config show` prints it: without its password.
+fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&berth_store::postgres::redact(u)),
+        None => s.serialize_none(),
+    }
+}
+
+impl StoreConfig {
+    /// The first broken rule, with its key.
+    pub fn check(&self) -> Option<(&'static str, String)> {
+        let url = self.url.as_deref()?;
+        if !berth_store::postgres::is_postgres_url(url) {
+            return Some((
+                "store.url",
+                format!(
+                    "must be a postgres:// URL (got '{}'; for SQLite leave it unset: the file is berth.db in data_dir)",
+                    berth_store::postgres::redact(url)
+                ),
+            ));
+        }
+        if let Err(e) = berth_store::postgres::check_url(url) {
+            return Some(("store.url", format!("{e:#}")));
+        }
+        None
     }
 }
 
@@ -511,8 +549,9 @@ pub struct ConfigError(pub String);
 /// Environment variables that are not configuration keys.
 /// `BERTH_URL` and `BERTH_TOKEN` are the CLI's (the server a client talks
 /// to, and as whom): a shell that has them set can still run `berth serve`.
-/// `BERTH_TEST_POSTGRES_URL` is the test suites' PostgreSQL server
-/// (`scripts/test`), set for every process a suite starts.
+/// `BERTH_TEST_POSTGRES_URL` is the test suites' PostgreSQL server and
+/// `BERTH_TEST_STORE` the database they run on (`scripts/test`), set for
+/// every process a suite starts.
 const ENV_NOT_KEYS: &[&str] = &[
     "BERTH_LOG",
     "BERTH_LOG_FORMAT",
@@ -520,6 +559,7 @@ const ENV_NOT_KEYS: &[&str] = &[
     "BERTH_URL",
     "BERTH_TOKEN",
     "BERTH_TEST_POSTGRES_URL",
+    "BERTH_TEST_STORE",
 ];
 
 /// Variables whose value is always a string, whatever it looks like (a
@@ -584,7 +624,12 @@ impl Config {
                     .unwrap_or(source.clone());
                 ConfigError(format!("{origin}: {key}: {}", e.into_inner()))
             })?;
-        if let Some((key, rule)) = config.api.check().or_else(|| config.reconciler.check()) {
+        if let Some((key, rule)) = config
+            .api
+            .check()
+            .or_else(|| config.reconciler.check())
+            .or_else(|| config.store.check())
+        {
             let origin = from_env
                 .get(key)
                 .map(|var| format!("environment variable {var}"))
@@ -631,8 +676,18 @@ impl Config {
         })
     }
 
+    /// The SQLite file, when the store is not on PostgreSQL.
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("berth.db")
+    }
+
+    /// Where the store is: `store.url`, else the SQLite file in the data
+    /// dir.
+    pub fn database_location(&self) -> berth_store::Location {
+        match &self.store.url {
+            Some(url) => berth_store::Location::Postgres(url.clone()),
+            None => berth_store::Location::File(self.database_path()),
+        }
     }
 
     pub fn to_toml(&self) -> String {

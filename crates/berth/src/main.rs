@@ -55,6 +55,10 @@ enum Command {
         /// `role`.
         #[arg(long, value_name = "all|api|worker")]
         role: Option<berth::config::Role>,
+        /// The database: a postgres:// URL (overrides `store.url`; default:
+        /// SQLite in the data dir).
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
     },
     #[command(flatten)]
     Client(cli::Client),
@@ -147,8 +151,15 @@ fn load(cli: &Cli) -> anyhow::Result<(Config, String)> {
         listen,
         runtime,
         role,
+        store,
     } = &cli.command
     {
+        if let Some(url) = store {
+            config.store.url = Some(url.clone());
+            if let Some((_, rule)) = config.store.check() {
+                anyhow::bail!("--store: {rule}");
+            }
+        }
         if let Some(role) = role {
             config.role = *role;
         }
@@ -288,15 +299,17 @@ async fn open_store(config: &Config) -> anyhow::Result<berth_store::Store> {
         clock.clone(),
         Arc::new(berth_core::SeededRng::from_entropy()),
     ));
-    let path = config.database_path();
-    if !path.exists() {
+    let location = config.database_location();
+    if let berth_store::Location::File(path) = &location
+        && !path.exists()
+    {
         anyhow::bail!(
             "no database at {} (has `berth serve` run with this data dir?)",
             path.display()
         );
     }
-    berth_store::Store::open(
-        &path,
+    berth_store::Store::open_at(
+        &location,
         berth_store::StoreOptions {
             synchronous: config.store.synchronous,
             max_connections: 2,

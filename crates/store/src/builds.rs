@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use berth_core::Timestamp;
-use sqlx::SqliteConnection;
+use crate::conn::Conn;
 
 use crate::ops::{Arg, fetch};
 use crate::writer::{Row, RowRead};
@@ -54,7 +54,7 @@ const COLUMNS: &str = "id, org_id, digest, size, bases, created_at";
 /// insert must see the same table).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn insert(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     id: &str,
     org: &str,
     digest: &str,
@@ -107,7 +107,7 @@ pub(crate) async fn insert(
 }
 
 async fn by_digest(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: &str,
     digest: &str,
 ) -> anyhow::Result<Option<Build>> {
@@ -120,7 +120,7 @@ async fn by_digest(
 
 /// The org's build `id`; `None` for another org's, exactly like a missing one.
 pub(crate) async fn get(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: &str,
     id: &str,
 ) -> anyhow::Result<Option<Build>> {
@@ -133,7 +133,7 @@ pub(crate) async fn get(
 
 /// The archive of the org's build `id`.
 pub(crate) async fn context(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: &str,
     id: &str,
 ) -> anyhow::Result<Option<Vec<u8>>> {
@@ -148,7 +148,7 @@ pub(crate) async fn context(
 }
 
 /// The org's builds, newest first.
-pub(crate) async fn list(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<Vec<Build>> {
+pub(crate) async fn list(conn: &mut Conn<'_>, org: &str) -> anyhow::Result<Vec<Build>> {
     let sql =
         format!("SELECT {COLUMNS} FROM builds WHERE org_id = ?1 ORDER BY created_at DESC, id DESC");
     let rows = fetch(conn, &sql, [org.into()])
@@ -177,7 +177,7 @@ impl Tx {
     /// same table: this transaction's).
     pub async fn insert_build(&mut self, b: NewBuild<'_>) -> anyhow::Result<Inserted> {
         insert(
-            self.conn(),
+            &mut self.conn(),
             b.id,
             b.org,
             b.digest,
@@ -193,16 +193,16 @@ impl Tx {
 impl Store {
     /// The build `id` of `org` (another org's is `None`).
     pub async fn build(&self, org: &str, id: &str) -> anyhow::Result<Option<Build>> {
-        get(&mut *self.read_conn().await?, org, id).await
+        get(&mut self.read_conn().await?.conn(), org, id).await
     }
 
     /// The archive of the build `id` of `org`.
     pub async fn build_context(&self, org: &str, id: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        context(&mut *self.read_conn().await?, org, id).await
+        context(&mut self.read_conn().await?.conn(), org, id).await
     }
 
     /// Every build of `org`, newest first.
     pub async fn builds(&self, org: &str) -> anyhow::Result<Vec<Build>> {
-        list(&mut *self.read_conn().await?, org).await
+        list(&mut self.read_conn().await?.conn(), org).await
     }
 }

@@ -5,7 +5,7 @@
 
 use anyhow::Context;
 
-use crate::ops::{Arg, Script};
+use crate::ops::Arg;
 use crate::writer::{Row, RowRead};
 use crate::{Store, Tx};
 
@@ -27,11 +27,11 @@ impl Inspect<'_> {
         sql: &str,
         args: impl IntoIterator<Item = Arg>,
     ) -> anyhow::Result<Vec<Row>> {
-        let mut script = Script::new();
+        let mut script = self.0.script();
         script.push(sql, args);
         let mut conn = self.0.read_conn().await?;
         script
-            .run(&mut conn)
+            .run(&mut conn.conn())
             .await
             .with_context(|| format!("inspection query failed: {sql}"))
     }
@@ -63,7 +63,7 @@ impl Tx {
         sql: &str,
         args: impl IntoIterator<Item = Arg>,
     ) -> anyhow::Result<()> {
-        let mut script = Script::new();
+        let mut script = self.store().script();
         script.push(sql, args);
         self.run(script).await
     }

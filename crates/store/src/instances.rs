@@ -8,7 +8,7 @@ use anyhow::Context;
 use berth_core::domain::{Conditions, InstanceError, InstanceName, InstanceStatus, RestartPolicy};
 use berth_core::{FlowId, Timestamp};
 use serde::{Deserialize, Serialize};
-use sqlx::SqliteConnection;
+use crate::conn::Conn;
 
 use crate::ops::{Arg, fetch};
 use crate::writer::{Row, RowRead};
@@ -267,7 +267,7 @@ pub(crate) fn from_columns<R: RowRead>(r: &R, at: usize) -> anyhow::Result<Insta
 
 #[cfg(test)]
 pub(crate) async fn insert_org(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     id: &str,
     name: &str,
     at: Timestamp,
@@ -293,8 +293,8 @@ pub(crate) fn state_args(i: &Instance) -> anyhow::Result<Vec<Arg>> {
 }
 
 /// Inserts a new instance; [`NameTaken`] if its org has a live one so named.
-pub(crate) async fn insert(conn: &mut SqliteConnection, i: &Instance) -> anyhow::Result<()> {
-    let mut script = crate::ops::Script::new();
+pub(crate) async fn insert(conn: &mut Conn<'_>, i: &Instance) -> anyhow::Result<()> {
+    let mut script = crate::ops::Script::for_dialect(conn.dialect());
     let marks = vec!["?"; Col::ALL.len()].join(",");
     script.push(
         &format!("INSERT INTO instances ({}) VALUES ({marks})", columns()),
@@ -309,7 +309,7 @@ pub(crate) async fn insert(conn: &mut SqliteConnection, i: &Instance) -> anyhow:
     }
 }
 
-pub(crate) async fn get(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Option<Instance>> {
+pub(crate) async fn get(conn: &mut Conn<'_>, id: &str) -> anyhow::Result<Option<Instance>> {
     let sql = format!("SELECT {} FROM instances WHERE id = ?1", columns());
     let rows = fetch(conn, &sql, [id.into()])
         .await
@@ -319,7 +319,7 @@ pub(crate) async fn get(conn: &mut SqliteConnection, id: &str) -> anyhow::Result
 
 /// Every instance of an org (all of them when `org` is `None`), oldest first.
 pub(crate) async fn list(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: Option<&str>,
 ) -> anyhow::Result<Vec<Instance>> {
     let sql = format!(
@@ -356,7 +356,7 @@ pub struct ListFilter<'a> {
 /// so another org's id is [`UnknownCursor`] exactly like one that does not
 /// exist.
 pub(crate) async fn list_page(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: &str,
     after: Option<&str>,
     filter: ListFilter<'_>,
@@ -428,7 +428,7 @@ pub struct FlowProgress {
 
 /// The progress of `flow`: `None` when none of its events awaits a worker.
 pub(crate) async fn flow_progress(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     flow: FlowId,
 ) -> anyhow::Result<Option<FlowProgress>> {
     // Whether it is leased as 0 or 1: `IS NOT NULL` is a boolean in
@@ -475,7 +475,7 @@ pub(crate) async fn flow_progress(
 /// Writes `i` back if the row still has `i.version`; bumps the version.
 /// `false` means someone else changed it first: re-read and decide again.
 pub(crate) async fn update(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     i: &mut Instance,
     at: Timestamp,
 ) -> anyhow::Result<bool> {
@@ -486,7 +486,7 @@ pub(crate) async fn update(
     let mut args = vec![Arg::from(i.status.as_str()), Arg::Int(i.generation)];
     args.extend(state_args(i)?);
     args.extend([at.into(), Arg::from(i.id.as_str()), Arg::Int(i.version)]);
-    let mut script = crate::ops::Script::new();
+    let mut script = crate::ops::Script::for_dialect(conn.dialect());
     script.push(
         &format!(
             "UPDATE instances SET status = ?, version = version + 1, generation = ?{sets},
@@ -509,7 +509,7 @@ pub(crate) async fn update(
 }
 
 /// How many instances of `org` are not deleted (what its quota counts).
-pub(crate) async fn live_in_org(conn: &mut SqliteConnection, org: &str) -> anyhow::Result<i64> {
+pub(crate) async fn live_in_org(conn: &mut Conn<'_>, org: &str) -> anyhow::Result<i64> {
     let rows = fetch(
         conn,
         "SELECT COUNT(*) FROM instances WHERE org_id = ?1 AND status != 'deleted'",
@@ -522,7 +522,7 @@ pub(crate) async fn live_in_org(conn: &mut SqliteConnection, org: &str) -> anyho
 
 /// Live (not deleted) instances of `org` on `host`, other than `except`.
 pub(crate) async fn others_on_host(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: &str,
     host: &str,
     except: &str,
@@ -537,7 +537,7 @@ pub(crate) async fn others_on_host(
 
 /// How many other instances of `org` on `host` are being deleted.
 pub(crate) async fn deleting_on_host(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: &str,
     host: &str,
     except: &str,
@@ -548,7 +548,7 @@ pub(crate) async fn deleting_on_host(
 /// Instances of an org on a host, other than one, whose status matches
 /// `status` (a fixed SQL condition, never user input).
 async fn count_on_host(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     status: &'static str,
     (org, host, except): (&str, &str, &str),
 ) -> anyhow::Result<i64> {
@@ -564,7 +564,7 @@ async fn count_on_host(
 
 /// host → orgs holding it.
 pub(crate) async fn claims(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
 ) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     let rows = fetch(
         conn,
@@ -583,13 +583,13 @@ pub(crate) async fn claims(
 impl Store {
     /// The instance `id`, of whichever org: callers check the org.
     pub async fn instance(&self, id: &str) -> anyhow::Result<Option<Instance>> {
-        get(&mut *self.read_conn().await?, id).await
+        get(&mut self.read_conn().await?.conn(), id).await
     }
 
     /// Every instance of an org (all of them when `org` is `None`), oldest
     /// first.
     pub async fn instances(&self, org: Option<&str>) -> anyhow::Result<Vec<Instance>> {
-        list(&mut *self.read_conn().await?, org).await
+        list(&mut self.read_conn().await?.conn(), org).await
     }
 
     /// A page of an org's instances; see [`ListFilter`] and
@@ -601,22 +601,22 @@ impl Store {
         filter: ListFilter<'_>,
         limit: u32,
     ) -> anyhow::Result<Vec<Instance>> {
-        list_page(&mut *self.read_conn().await?, org, after, filter, limit).await
+        list_page(&mut self.read_conn().await?.conn(), org, after, filter, limit).await
     }
 
     /// Where `flow` is: `None` when none of its events awaits a worker.
     pub async fn flow_progress(&self, flow: FlowId) -> anyhow::Result<Option<FlowProgress>> {
-        flow_progress(&mut *self.read_conn().await?, flow).await
+        flow_progress(&mut self.read_conn().await?.conn(), flow).await
     }
 
     /// How many instances of `org` are not deleted (what its quota counts).
     pub async fn live_instances(&self, org: &str) -> anyhow::Result<i64> {
-        live_in_org(&mut *self.read_conn().await?, org).await
+        live_in_org(&mut self.read_conn().await?.conn(), org).await
     }
 
     /// Live instances of `org` on `host`, other than `except`.
     pub async fn others_on_host(&self, org: &str, host: &str, except: &str) -> anyhow::Result<i64> {
-        others_on_host(&mut *self.read_conn().await?, org, host, except).await
+        others_on_host(&mut self.read_conn().await?.conn(), org, host, except).await
     }
 
     /// Other instances of `org` on `host` being deleted.
@@ -626,12 +626,12 @@ impl Store {
         host: &str,
         except: &str,
     ) -> anyhow::Result<i64> {
-        deleting_on_host(&mut *self.read_conn().await?, org, host, except).await
+        deleting_on_host(&mut self.read_conn().await?.conn(), org, host, except).await
     }
 
     /// host → the orgs holding it.
     pub async fn host_claims(&self) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
-        claims(&mut *self.read_conn().await?).await
+        claims(&mut self.read_conn().await?.conn()).await
     }
 }
 
@@ -639,12 +639,12 @@ impl Tx {
     /// Inserts a new instance; [`NameTaken`] if its org has a live one so
     /// named.
     pub async fn insert_instance(&mut self, i: &Instance) -> anyhow::Result<()> {
-        insert(self.conn(), i).await
+        insert(&mut self.conn(), i).await
     }
 
     /// The instance `id` as this transaction sees it.
     pub async fn instance(&mut self, id: &str) -> anyhow::Result<Option<Instance>> {
-        get(self.conn(), id).await
+        get(&mut self.conn(), id).await
     }
 
     /// Writes `i` back if the row still has `i.version` (bumping it);
@@ -654,6 +654,6 @@ impl Tx {
         i: &mut Instance,
         at: Timestamp,
     ) -> anyhow::Result<bool> {
-        update(self.conn(), i, at).await
+        update(&mut self.conn(), i, at).await
     }
 }

@@ -1,4 +1,4 @@
-//! Berth's durable state on SQLite: the event log (which is also the outbox),
+//! Berth's durable state on SQLite or PostgreSQL: the event log (which is also the outbox),
 //! deliveries with durable attempt counts, attempt history, per-worker inboxes
 //! and dead letters.
 //!
@@ -9,6 +9,7 @@
 pub mod baseline;
 pub mod builds;
 mod cache;
+mod conn;
 mod dialect;
 pub mod inspect;
 pub mod instances;
@@ -22,7 +23,8 @@ pub mod writer;
 pub mod writes;
 
 pub use model::*;
-pub use store::{Cause, Published, Redrive, Store, StoreOptions, Synchronous, Tx, publish};
+pub use conn::Dialect;
+pub use store::{Cause, Location, Published, Redrive, Store, StoreOptions, Synchronous, Tx};
 pub use writer::{Row, RowRead, Writer};
 
 /// Errors from the store. Kept as one opaque type with context: callers

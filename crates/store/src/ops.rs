@@ -33,6 +33,8 @@ use berth_core::{Envelope, ErrorInfo, EventId, FlowId, Timestamp};
 use serde_json::value::RawValue;
 use sqlx::SqliteConnection;
 
+use crate::conn::{Conn, Dialect};
+
 use crate::model::*;
 use crate::writer::{Row, RowRead, owned};
 
@@ -62,13 +64,25 @@ fn tuples(rows: usize, cols: usize) -> String {
     vec![one; rows].join(",")
 }
 
-/// A bound value.
+/// A bound value. NULLs carry the type of the value they stand for:
+/// PostgreSQL types every parameter, and an untyped NULL in a `VALUES`
+/// list would be taken for text (SQLite, typed per value, ignores it).
 #[derive(Debug, Clone)]
 pub enum Arg {
     Text(String),
     Int(i64),
     Blob(Vec<u8>),
+    /// A NULL of no declared type: the database infers it from where it
+    /// stands.
     Null,
+    NullText,
+    NullInt,
+    NullBlob,
+}
+
+/// The NULL of a type's values (see [`Arg`]).
+pub trait SqlType {
+    const NULL: Arg;
 }
 
 impl From<&str> for Arg {
@@ -76,15 +90,24 @@ impl From<&str> for Arg {
         Arg::Text(s.to_owned())
     }
 }
+impl SqlType for &str {
+    const NULL: Arg = Arg::NullText;
+}
 impl From<String> for Arg {
     fn from(s: String) -> Self {
         Arg::Text(s)
     }
 }
+impl SqlType for String {
+    const NULL: Arg = Arg::NullText;
+}
 impl From<i64> for Arg {
     fn from(v: i64) -> Self {
         Arg::Int(v)
     }
+}
+impl SqlType for i64 {
+    const NULL: Arg = Arg::NullInt;
 }
 impl From<bool> for Arg {
     /// As 0 or 1: compare it explicitly (`? != 0`), PostgreSQL has no
@@ -93,20 +116,38 @@ impl From<bool> for Arg {
         Arg::Int(i64::from(v))
     }
 }
+impl SqlType for bool {
+    const NULL: Arg = Arg::NullInt;
+}
 impl From<&[u8]> for Arg {
     fn from(v: &[u8]) -> Self {
         Arg::Blob(v.to_vec())
     }
+}
+impl SqlType for &[u8] {
+    const NULL: Arg = Arg::NullBlob;
 }
 impl From<u32> for Arg {
     fn from(v: u32) -> Self {
         Arg::Int(i64::from(v))
     }
 }
-impl<T: Into<Arg>> From<Option<T>> for Arg {
+impl SqlType for u32 {
+    const NULL: Arg = Arg::NullInt;
+}
+impl<T: Into<Arg> + SqlType> From<Option<T>> for Arg {
     fn from(v: Option<T>) -> Self {
-        v.map_or(Arg::Null, Into::into)
+        v.map_or(T::NULL, Into::into)
     }
+}
+impl SqlType for EventId {
+    const NULL: Arg = Arg::NullText;
+}
+impl SqlType for FlowId {
+    const NULL: Arg = Arg::NullText;
+}
+impl SqlType for Timestamp {
+    const NULL: Arg = Arg::NullInt;
 }
 impl From<EventId> for Arg {
     fn from(v: EventId) -> Self {
@@ -137,14 +178,40 @@ pub struct Script {
     /// Each statement with the number of arguments it takes.
     stmts: Vec<(String, usize)>,
     args: Vec<Arg>,
+    /// Whose SQL the builders write where the two databases differ.
+    dialect: Dialect,
 }
 
 /// At most this many arguments in all to send a script as one command.
 const ONE_COMMAND_ARGS: usize = 200;
 
 impl Script {
+    /// A script in SQLite's dialect; see [`Script::for_dialect`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A script whose builders write `dialect`'s SQL where the databases
+    /// differ ([`crate::Store::script`], [`crate::Writer::script`]).
+    pub fn for_dialect(dialect: Dialect) -> Self {
+        Script {
+            dialect,
+            ..Self::default()
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Begins a write transaction. SQLite only: `BEGIN IMMEDIATE` takes
+    /// SQLite's write lock up front (see [`crate::Store::begin`]);
+    /// PostgreSQL's writers lock rows, so a plain `BEGIN`.
+    pub fn begin(&mut self) {
+        match self.dialect {
+            Dialect::Sqlite => self.push("BEGIN IMMEDIATE", []),
+            Dialect::Postgres => self.push("BEGIN", []),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -190,8 +257,11 @@ impl Script {
     /// Runs every statement; returns the rows any of them produced, owned.
     /// A failed statement's error is sqlx's, in the chain (see
     /// [`crate::writer::is_any_unique_violation`]).
-    pub(crate) async fn run(self, conn: &mut SqliteConnection) -> anyhow::Result<Vec<Row>> {
-        Ok(self.run_sqlx(conn).await?)
+    pub(crate) async fn run(self, conn: &mut Conn<'_>) -> anyhow::Result<Vec<Row>> {
+        match conn {
+            Conn::Sqlite(c) => Ok(self.run_sqlx(c).await?),
+            Conn::Postgres(c) => crate::postgres::run_script(c, self).await,
+        }
     }
 
     async fn run_sqlx(self, conn: &mut SqliteConnection) -> Result<Vec<Row>, sqlx::Error> {
@@ -286,14 +356,23 @@ impl Script {
     /// Claims up to `limit` due deliveries of `worker` (rows tagged `claim`),
     /// then reports the earliest unclaimed one left (a row tagged `due`).
     pub fn claim(&mut self, worker: &str, lease: &Lease, limit: usize) {
+        // SQLite only: its one writer claims alone. On PostgreSQL several
+        // dispatchers claim at once; each skips the rows another is
+        // claiming rather than waiting for them or taking them twice.
+        let skip_locked = match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => "FOR UPDATE SKIP LOCKED",
+        };
         self.push(
-            "UPDATE deliveries
+            &format!(
+                "UPDATE deliveries
                 SET attempt = attempt + 1, lease_owner = ?, leased_at = ?, lease_until = ?
               WHERE worker = ? AND event_id IN (
                     SELECT event_id FROM deliveries
                      WHERE worker = ? AND lease_owner IS NULL AND not_before <= ?
-                     ORDER BY not_before LIMIT ?)
-             RETURNING 'claim', worker, event_id, round, attempt",
+                     ORDER BY not_before LIMIT ? {skip_locked})
+             RETURNING 'claim', worker, event_id, round, attempt"
+            ),
             [
                 (&*lease.owner).into(),
                 lease.leased_at.into(),
@@ -435,11 +514,11 @@ impl Script {
 /// Runs one statement (numbered parameters allowed: it is alone); its
 /// rows, owned.
 pub(crate) async fn fetch(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     sql: &str,
     args: impl IntoIterator<Item = Arg>,
 ) -> anyhow::Result<Vec<Row>> {
-    let mut s = Script::new();
+    let mut s = Script::for_dialect(conn.dialect());
     s.push(sql, args);
     s.run(conn).await
 }
@@ -453,7 +532,7 @@ fn bind_all<'q>(
             Arg::Text(s) => q.bind(s),
             Arg::Int(v) => q.bind(v),
             Arg::Blob(b) => q.bind(b),
-            Arg::Null => q.bind(None::<i64>),
+            Arg::Null | Arg::NullText | Arg::NullInt | Arg::NullBlob => q.bind(None::<i64>),
         };
     }
     q
@@ -517,10 +596,10 @@ fn from_us(v: i64) -> Duration {
 
 /// Which of `ids` the event log already has.
 pub(crate) async fn known_events(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     ids: &[EventId],
 ) -> anyhow::Result<HashSet<EventId>> {
-    let mut s = Script::new();
+    let mut s = Script::for_dialect(conn.dialect());
     s.push_rows(
         ids,
         1,
@@ -537,7 +616,7 @@ pub(crate) async fn known_events(
 /// Appends envelopes to the event log, skipping ids already present (the
 /// dedupe, also within `envs`), and returns the ids that were new.
 pub(crate) async fn insert_events(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     envs: &[Envelope],
 ) -> anyhow::Result<HashSet<EventId>> {
     if envs.is_empty() {
@@ -550,7 +629,7 @@ pub(crate) async fn insert_events(
         .iter()
         .filter(|e| !known.contains(&e.id) && seen.insert(e.id))
         .collect();
-    let mut s = Script::new();
+    let mut s = Script::for_dialect(conn.dialect());
     s.insert_events(&fresh);
     s.run(conn)
         .await
@@ -560,10 +639,10 @@ pub(crate) async fn insert_events(
 
 /// Inserts delivery rows.
 pub(crate) async fn insert_deliveries(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     rows: &[NewDelivery],
 ) -> anyhow::Result<()> {
-    let mut s = Script::new();
+    let mut s = Script::for_dialect(conn.dialect());
     s.insert_deliveries(rows);
     s.run(conn).await.context("failed to insert deliveries")?;
     Ok(())
@@ -605,7 +684,7 @@ fn envelope_from_row(r: &Row) -> anyhow::Result<Envelope> {
 
 /// All events of a flow, in log order.
 pub(crate) async fn events_of_flow(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     flow: FlowId,
 ) -> anyhow::Result<Vec<Envelope>> {
     let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE flow_id = ?1 ORDER BY seq");
@@ -617,13 +696,13 @@ pub(crate) async fn events_of_flow(
 
 /// Which of `ids` are already in `worker`'s inbox.
 pub(crate) async fn inbox_hits(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     worker: &str,
     ids: &[EventId],
 ) -> anyhow::Result<HashSet<EventId>> {
     // `worker = ? AND event_id IN (…)` lets SQLite search the primary key;
     // a row-value `(event_id, worker) IN (…)` would scan the whole inbox.
-    let mut s = Script::new();
+    let mut s = Script::for_dialect(conn.dialect());
     s.push_rows(
         ids,
         1,
@@ -639,10 +718,10 @@ pub(crate) async fn inbox_hits(
 
 /// Loads envelopes by id (order not preserved).
 pub(crate) async fn load_events(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     ids: &[EventId],
 ) -> anyhow::Result<Vec<Envelope>> {
-    let mut s = Script::new();
+    let mut s = Script::for_dialect(conn.dialect());
     s.push_rows(
         ids,
         1,
@@ -674,7 +753,7 @@ pub struct NewDeadLetter {
 /// attempt as `abandoned`. The attempt count is kept: the attempt happened
 /// (it may have had effects), so it counts toward `max_attempts`.
 pub(crate) async fn release_leases(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     now: Timestamp,
     only_expired: bool,
 ) -> anyhow::Result<u64> {
@@ -743,7 +822,7 @@ const ATTEMPT_COLUMNS: &str =
 
 /// Attempt history of one event, oldest first.
 pub(crate) async fn attempts_of_event(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     event: EventId,
 ) -> anyhow::Result<Vec<AttemptRecord>> {
     let sql = format!("SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE event_id = ?1 ORDER BY id");
@@ -755,7 +834,7 @@ pub(crate) async fn attempts_of_event(
 
 /// Attempt history of every event of a flow, oldest first.
 pub(crate) async fn attempts_of_flow(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     flow: FlowId,
 ) -> anyhow::Result<Vec<AttemptRecord>> {
     let sql = format!(
@@ -794,7 +873,7 @@ const DEAD_COLUMNS: &str = "d.id, d.event_id, e.type, d.worker, d.round, d.attem
 
 /// Dead letters, newest first; `open_only` hides re-driven ones.
 pub(crate) async fn dead_letters(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: Option<&str>,
     open_only: bool,
     limit: u32,
@@ -811,7 +890,7 @@ pub(crate) async fn dead_letters(
 }
 
 pub(crate) async fn dead_letter(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     id: &str,
 ) -> anyhow::Result<Option<DeadLetter>> {
     let sql = format!(
@@ -825,7 +904,7 @@ pub(crate) async fn dead_letter(
 
 /// Marks a dead letter re-driven if it was not already; true if this call did.
 pub(crate) async fn mark_redriven(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     id: &str,
     at: Timestamp,
 ) -> anyhow::Result<bool> {
@@ -841,7 +920,7 @@ pub(crate) async fn mark_redriven(
 }
 
 /// Number of deliveries waiting (unclaimed) and in flight (leased).
-pub(crate) async fn queue_depth(conn: &mut SqliteConnection) -> anyhow::Result<(i64, i64)> {
+pub(crate) async fn queue_depth(conn: &mut Conn<'_>) -> anyhow::Result<(i64, i64)> {
     // Counting the leased rather than summing a boolean, which PostgreSQL
     // does not add up.
     let rows = fetch(
@@ -859,7 +938,7 @@ pub(crate) async fn queue_depth(conn: &mut SqliteConnection) -> anyhow::Result<(
 /// pool (the dispatcher's reads outside its turn's transaction); from
 /// [`crate::Store::reader`].
 pub struct Reader {
-    conn: SqliteConnection,
+    conn: crate::conn::Owned,
 }
 
 impl std::fmt::Debug for Reader {
@@ -871,12 +950,12 @@ impl std::fmt::Debug for Reader {
 impl Reader {
     /// Those of `ids` already in the event log.
     pub async fn known_events(&mut self, ids: &[EventId]) -> anyhow::Result<HashSet<EventId>> {
-        known_events(&mut self.conn, ids).await
+        known_events(&mut self.conn.conn(), ids).await
     }
 
     /// The envelopes of `ids` that are in the log (order not kept).
     pub async fn events(&mut self, ids: &[EventId]) -> anyhow::Result<Vec<Envelope>> {
-        load_events(&mut self.conn, ids).await
+        load_events(&mut self.conn.conn(), ids).await
     }
 
     /// Those of `ids` already in `worker`'s inbox.
@@ -885,7 +964,7 @@ impl Reader {
         worker: &str,
         ids: &[EventId],
     ) -> anyhow::Result<HashSet<EventId>> {
-        inbox_hits(&mut self.conn, worker, ids).await
+        inbox_hits(&mut self.conn.conn(), worker, ids).await
     }
 }
 
@@ -899,12 +978,12 @@ impl crate::Store {
 
     /// Which of `ids` the event log already has.
     pub async fn known_events(&self, ids: &[EventId]) -> anyhow::Result<HashSet<EventId>> {
-        known_events(&mut *self.read_conn().await?, ids).await
+        known_events(&mut self.read_conn().await?.conn(), ids).await
     }
 
     /// The envelopes of `ids` that are in the log (order not kept).
     pub async fn events(&self, ids: &[EventId]) -> anyhow::Result<Vec<Envelope>> {
-        load_events(&mut *self.read_conn().await?, ids).await
+        load_events(&mut self.read_conn().await?.conn(), ids).await
     }
 
     /// Which of `ids` are in `worker`'s inbox (handled already).
@@ -913,7 +992,7 @@ impl crate::Store {
         worker: &str,
         ids: &[EventId],
     ) -> anyhow::Result<HashSet<EventId>> {
-        inbox_hits(&mut *self.read_conn().await?, worker, ids).await
+        inbox_hits(&mut self.read_conn().await?.conn(), worker, ids).await
     }
 
     /// Takes back leases — every one when `only_expired` is false (at the
@@ -921,7 +1000,7 @@ impl crate::Store {
     /// their end — recording each lost attempt as `abandoned`; how many.
     pub async fn release_leases(&self, now: Timestamp, only_expired: bool) -> anyhow::Result<u64> {
         let mut tx = self.begin().await?;
-        let n = release_leases(tx.conn(), now, only_expired).await?;
+        let n = release_leases(&mut tx.conn(), now, only_expired).await?;
         tx.commit().await?;
         Ok(n)
     }
@@ -934,13 +1013,13 @@ impl crate::Tx {
         worker: &str,
         ids: &[EventId],
     ) -> anyhow::Result<HashSet<EventId>> {
-        inbox_hits(self.conn(), worker, ids).await
+        inbox_hits(&mut self.conn(), worker, ids).await
     }
 
     /// Runs a script's statements in this transaction.
     pub async fn run(&mut self, script: Script) -> anyhow::Result<()> {
         script
-            .run(self.conn())
+            .run(&mut self.conn())
             .await
             .context("a statement of the transaction failed")?;
         Ok(())

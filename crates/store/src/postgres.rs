@@ -1,8 +1,7 @@
-//! PostgreSQL, the store's second database (in progress; see
-//! ARCHITECTURE.md): connecting with its migrations applied, a fresh
-//! database for a test or a benchmark run, and the raw single-row commit
-//! rate the bus benchmark compares itself with. The queries themselves
-//! are to be shared with SQLite through `ops::Script`.
+//! PostgreSQL, the store's second database (see ARCHITECTURE.md): running
+//! the store's shared scripts on it, connecting with its migrations
+//! applied, a fresh database for a test or a benchmark run, and the raw
+//! single-row commit rate the bus benchmark compares itself with.
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -17,10 +16,16 @@ pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
-fn options(url: &str) -> anyhow::Result<PgConnectOptions> {
+pub(crate) fn options(url: &str) -> anyhow::Result<PgConnectOptions> {
     Ok(PgConnectOptions::from_str(url)
         .with_context(|| format!("'{}' is not a PostgreSQL URL", redact(url)))?
         .disable_statement_logging())
+}
+
+/// Whether `url` parses as a PostgreSQL connection URL; the error says
+/// why not (without the password).
+pub fn check_url(url: &str) -> anyhow::Result<()> {
+    options(url).map(drop)
 }
 
 /// Applies the pending migrations to the database at `url` (one process
@@ -143,12 +148,45 @@ pub async fn raw_commits_per_s(url: &str, run: Duration) -> anyhow::Result<f64> 
     Ok(rate)
 }
 
+/// The variable naming the PostgreSQL server the test suites make their
+/// databases on (`scripts/test` starts one and sets it).
+pub const TEST_SERVER_VAR: &str = "BERTH_TEST_POSTGRES_URL";
+
+/// The variable that moves the suites written for both databases onto
+/// PostgreSQL: `BERTH_TEST_STORE=postgres` (`scripts/test` runs them once
+/// each way).
+pub const TEST_STORE_VAR: &str = "BERTH_TEST_STORE";
+
+/// The test suites' PostgreSQL server, if there is one. Under `CI=true`
+/// there must be: an error, never a silent skip.
+pub fn test_server() -> anyhow::Result<Option<String>> {
+    match std::env::var(TEST_SERVER_VAR) {
+        Ok(url) if !url.is_empty() => Ok(Some(url)),
+        _ if std::env::var("CI").as_deref() == Ok("true") => Err(anyhow::anyhow!(
+            "{TEST_SERVER_VAR} is not set: under CI=true the PostgreSQL suites must run"
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// Where a test's store goes: a fresh PostgreSQL database under
+/// `BERTH_TEST_STORE=postgres`, else the SQLite file `file`.
+pub async fn test_location(file: &std::path::Path) -> anyhow::Result<crate::Location> {
+    match std::env::var(TEST_STORE_VAR).as_deref() {
+        Ok("postgres") => {
+            let server = test_server()?.with_context(|| {
+                format!("{TEST_STORE_VAR}=postgres needs {TEST_SERVER_VAR}, the server to use")
+            })?;
+            Ok(crate::Location::Postgres(fresh_database(&server).await?))
+        }
+        Ok("") | Ok("sqlite") | Err(_) => Ok(crate::Location::File(file.to_owned())),
+        Ok(other) => anyhow::bail!("{TEST_STORE_VAR}={other}: expected sqlite or postgres"),
+    }
+}
+
 /// Runs every statement of `script` on `conn`, in order, with its
 /// parameters renumbered for PostgreSQL; returns every row, owned and read
 /// like SQLite's (integers of any width as integers, booleans as 0 or 1).
-// Its caller, the PostgreSQL arm of `Store`, comes with the next slice of
-// the PostgreSQL store; tested against the real server meanwhile.
-#[allow(dead_code)]
 pub(crate) async fn run_script(
     conn: &mut PgConnection,
     script: crate::ops::Script,
@@ -166,6 +204,9 @@ pub(crate) async fn run_script(
                 Arg::Int(i) => q.bind(i),
                 Arg::Blob(b) => q.bind(b),
                 Arg::Null => q.bind(Untyped),
+                Arg::NullText => q.bind(None::<String>),
+                Arg::NullInt => q.bind(None::<i64>),
+                Arg::NullBlob => q.bind(None::<Vec<u8>>),
             };
         }
         for r in q.fetch_all(&mut *conn).await? {
@@ -196,7 +237,6 @@ impl sqlx::Encode<'_, sqlx::Postgres> for Untyped {
 }
 
 /// A PostgreSQL row as the owned values a SQLite row gives.
-#[allow(dead_code)]
 fn owned(r: &sqlx::postgres::PgRow) -> anyhow::Result<crate::Row> {
     use rusqlite::types::Value;
     use sqlx::{Column, Row, TypeInfo, ValueRef};
@@ -257,17 +297,11 @@ mod tests {
     /// The server the PostgreSQL tests make databases on, if there is one
     /// (a failure under `CI=true` when there is none).
     fn server() -> Option<String> {
-        match std::env::var("BERTH_TEST_POSTGRES_URL") {
-            Ok(url) if !url.is_empty() => Some(url),
-            _ => {
-                assert!(
-                    std::env::var("CI").as_deref() != Ok("true"),
-                    "BERTH_TEST_POSTGRES_URL is not set: under CI=true the PostgreSQL suites must run"
-                );
-                eprintln!("skipped: BERTH_TEST_POSTGRES_URL is not set");
-                None
-            }
+        let server = test_server().unwrap();
+        if server.is_none() {
+            eprintln!("skipped: {TEST_SERVER_VAR} is not set");
         }
+        server
     }
 
     /// The store's own statement builders run on PostgreSQL as written for

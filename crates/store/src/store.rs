@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_core::{Clock, Envelope, EventId, FlowId, IdGen, NewEvent, Timestamp};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{ConnectOptions, Connection, PgPool, SqlitePool};
 use tokio::sync::Notify;
 
+use crate::conn::{Dialect, Owned, Pooled, Transaction};
 use crate::instances::Instance;
 use crate::model::*;
 use crate::ops;
@@ -80,11 +82,41 @@ impl Default for StoreOptions {
     }
 }
 
+/// Where the database is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite file (created if missing).
+    File(PathBuf),
+    /// A PostgreSQL database, by its `postgres://` URL.
+    Postgres(String),
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::File(p) => write!(f, "{}", p.display()),
+            Location::Postgres(url) => f.write_str(&crate::postgres::redact(url)),
+        }
+    }
+}
+
+/// The pool, and how to open a connection outside it.
+enum Db {
+    Sqlite {
+        pool: SqlitePool,
+        connect: SqliteConnectOptions,
+        path: PathBuf,
+    },
+    Postgres {
+        pool: PgPool,
+        connect: PgConnectOptions,
+    },
+}
+
 struct Inner {
-    pool: SqlitePool,
-    connect: SqliteConnectOptions,
+    db: Db,
+    location: Location,
     options: StoreOptions,
-    path: PathBuf,
     clock: Arc<dyn Clock>,
     ids: Arc<IdGen>,
     subscriptions: RwLock<Arc<Subscriptions>>,
@@ -122,7 +154,7 @@ pub struct Store {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.inner.path)
+            .field("location", &self.inner.location)
             .finish_non_exhaustive()
     }
 }
@@ -144,55 +176,32 @@ impl Store {
         clock: Arc<dyn Clock>,
         ids: Arc<IdGen>,
     ) -> anyhow::Result<Store> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("failed to create data directory {}", dir.display()))?;
-        }
-        let mut connect = SqliteConnectOptions::from_str("sqlite:")?
-            .filename(path)
-            .create_if_missing(true)
-            .busy_timeout(options.busy_timeout)
-            // Bulk statements come in power-of-two sizes per kind: several
-            // hundred distinct texts, each worth keeping prepared (preparing
-            // them again every turn was half of a busy dispatcher's time).
-            .statement_cache_capacity(1024)
-            // sqlx logs every statement at DEBUG by default; with bulk
-            // statements that drowns the delivery spans we care about.
-            .disable_statement_logging();
-        for (key, value) in pragmas(&options) {
-            connect = connect.pragma(key, value);
-        }
-        let mut conn = connect
-            .connect()
-            .await
-            .with_context(|| format!("failed to open the database {}", path.display()))?;
-        crate::migrate::run(&mut conn)
-            .await
-            .with_context(|| format!("failed to migrate the database {}", path.display()))?;
-        let install = ops::fetch(&mut conn, "SELECT id FROM install LIMIT 1", [])
-            .await
-            .and_then(|rows| rows.first().context("no install row")?.text(0))
-            .with_context(|| format!("failed to read the install id of {}", path.display()))?;
-        conn.close().await.ok();
-        let pool = SqlitePoolOptions::new()
-            .max_connections(options.max_connections.max(1))
-            .min_connections(1)
-            // A local file has nothing to gain from recycling connections,
-            // and the pool's reaper timers would disturb paused-clock tests.
-            .idle_timeout(None)
-            .max_lifetime(None)
-            // A connection to a local file does not go stale; skipping the
-            // ping keeps acquiring free of IO.
-            .test_before_acquire(false)
-            .connect_with(connect.clone())
-            .await
-            .with_context(|| format!("failed to open the database {}", path.display()))?;
+        Store::open_at(&Location::File(path.to_owned()), options, clock, ids).await
+    }
+
+    /// Opens the database at `location` and runs pending migrations (on
+    /// PostgreSQL one process at a time, under an advisory lock).
+    pub async fn open_at(
+        location: &Location,
+        options: StoreOptions,
+        clock: Arc<dyn Clock>,
+        ids: Arc<IdGen>,
+    ) -> anyhow::Result<Store> {
+        let (db, install) = match location {
+            Location::File(path) => open_sqlite(path, &options).await?,
+            Location::Postgres(url) => open_postgres(url, &options).await?,
+        };
+        let instance_cache = options.instance_cache && matches!(db, Db::Sqlite { .. });
         Ok(Store {
             inner: Arc::new(Inner {
-                pool,
-                connect,
-                options,
-                path: path.to_owned(),
+                db,
+                location: location.clone(),
+                options: StoreOptions {
+                    // Sound only with one writer of instance rows, which
+                    // PostgreSQL is not there to guarantee.
+                    instance_cache,
+                    ..options
+                },
                 clock,
                 ids,
                 subscriptions: RwLock::new(Arc::new(Subscriptions::new())),
@@ -213,8 +222,30 @@ impl Store {
         &self.inner.install
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    /// Where the database is.
+    pub fn location(&self) -> &Location {
+        &self.inner.location
+    }
+
+    /// Which SQL the database speaks.
+    pub fn dialect(&self) -> Dialect {
+        match self.inner.db {
+            Db::Sqlite { .. } => Dialect::Sqlite,
+            Db::Postgres { .. } => Dialect::Postgres,
+        }
+    }
+
+    /// An empty script in the database's dialect.
+    pub fn script(&self) -> ops::Script {
+        ops::Script::for_dialect(self.dialect())
+    }
+
+    /// Whether this process's dispatcher is the database's only one, so
+    /// that every lease in it is its own to take back when it starts: on
+    /// SQLite, whose dispatcher lock sees to it. On PostgreSQL any number
+    /// dispatch, and only expired leases are taken back.
+    pub fn sole_dispatcher(&self) -> bool {
+        self.dialect() == Dialect::Sqlite
     }
 
     pub fn clock(&self) -> &Arc<dyn Clock> {
@@ -229,41 +260,57 @@ impl Store {
         &self.inner.ids
     }
 
-    /// The pool, for the crate's unit tests.
-    #[cfg(test)]
-    pub(crate) fn pool(&self) -> &SqlitePool {
-        &self.inner.pool
-    }
-
     /// Closes the store's connections, waiting for those in use to come
     /// back; later calls fail.
     pub async fn close(&self) {
-        self.inner.pool.close().await;
+        match &self.inner.db {
+            Db::Sqlite { pool, .. } => pool.close().await,
+            Db::Postgres { pool, .. } => pool.close().await,
+        }
     }
 
-    /// A connection outside the pool, for the dispatcher's write loop.
-    pub(crate) async fn dedicated_connection(&self) -> anyhow::Result<SqliteConnection> {
-        self.inner
-            .connect
-            .connect()
-            .await
-            .with_context(|| format!("failed to open the database {}", self.inner.path.display()))
+    /// A connection outside the pool, for the dispatcher's reads.
+    pub(crate) async fn dedicated_connection(&self) -> anyhow::Result<Owned> {
+        let failed = || format!("failed to open the database {}", self.inner.location);
+        Ok(match &self.inner.db {
+            Db::Sqlite { connect, .. } => {
+                Owned::Sqlite(connect.connect().await.with_context(failed)?)
+            }
+            Db::Postgres { connect, .. } => {
+                Owned::Postgres(connect.connect().await.with_context(failed)?)
+            }
+        })
     }
 
-    /// A connection on a thread of its own, for the dispatcher's group
-    /// commits (see [`crate::writer`]).
+    /// A connection of the dispatcher's own for its group commits: on
+    /// SQLite on a thread of its own (see [`crate::writer`]).
     pub async fn open_writer(&self) -> anyhow::Result<crate::Writer> {
-        // Opening a file and setting pragmas blocks: not on the runtime.
-        let (path, options) = (self.inner.path.clone(), self.inner.options.clone());
-        tokio::task::spawn_blocking(move || crate::Writer::open(&path, &options))
-            .await
-            .context("the task opening the database writer failed")?
+        match &self.inner.db {
+            Db::Sqlite { path, .. } => {
+                // Opening a file and setting pragmas blocks: not on the runtime.
+                let (path, options) = (path.clone(), self.inner.options.clone());
+                tokio::task::spawn_blocking(move || crate::Writer::open(&path, &options))
+                    .await
+                    .context("the task opening the database writer failed")?
+            }
+            Db::Postgres { connect, .. } => {
+                let conn = connect.connect().await.with_context(|| {
+                    format!("failed to open the database {}", self.inner.location)
+                })?;
+                Ok(crate::Writer::postgres(conn))
+            }
+        }
     }
 
     /// Takes the exclusive dispatcher lock of this database (a lock file next
     /// to it). Only the holder may treat every lease as its own to recover.
-    pub fn lock_dispatcher(&self) -> anyhow::Result<File> {
-        let mut lock_path = self.inner.path.clone().into_os_string();
+    /// On PostgreSQL, none: any number of processes dispatch (see
+    /// [`Store::sole_dispatcher`]).
+    pub fn lock_dispatcher(&self) -> anyhow::Result<Option<File>> {
+        let Db::Sqlite { path, .. } = &self.inner.db else {
+            return Ok(None);
+        };
+        let mut lock_path = path.clone().into_os_string();
         lock_path.push(".dispatch.lock");
         let file = File::options()
             .create(true)
@@ -272,10 +319,10 @@ impl Store {
             .open(&lock_path)
             .with_context(|| format!("failed to open {}", Path::new(&lock_path).display()))?;
         match file.try_lock() {
-            Ok(()) => Ok(file),
+            Ok(()) => Ok(Some(file)),
             Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
                 "another berth process is already dispatching from {} (lock file {} is held)",
-                self.inner.path.display(),
+                path.display(),
                 Path::new(&lock_path).display()
             ),
             Err(std::fs::TryLockError::Error(e)) => Err(e)
@@ -390,12 +437,14 @@ impl Store {
         let gate = self.write_gate().await;
         // SQLite only: PostgreSQL begins with a plain `BEGIN` (its writers
         // lock rows, not the database).
-        let tx = self
-            .inner
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .context("failed to begin a transaction")?;
+        let tx = match &self.inner.db {
+            Db::Sqlite { pool, .. } => pool
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .map(Transaction::Sqlite),
+            Db::Postgres { pool, .. } => pool.begin().await.map(Transaction::Postgres),
+        }
+        .context("failed to begin a transaction")?;
         Ok(Tx {
             tx,
             store: self.clone(),
@@ -407,10 +456,12 @@ impl Store {
     /// Copies committed WAL frames into the database file without blocking
     /// writers (a PASSIVE checkpoint), so that commits never pay for it.
     pub async fn checkpoint(&self) -> anyhow::Result<()> {
+        // SQLite only: PostgreSQL checkpoints on its own.
+        if self.dialect() != Dialect::Sqlite {
+            return Ok(());
+        }
         let mut c = self.read_conn().await?;
-        // SQLite only: PostgreSQL checkpoints on its own; there this is a
-        // no-op.
-        ops::fetch(&mut c, "PRAGMA wal_checkpoint(PASSIVE)", [])
+        ops::fetch(&mut c.conn(), "PRAGMA wal_checkpoint(PASSIVE)", [])
             .await
             .context("WAL checkpoint failed")?;
         Ok(())
@@ -447,32 +498,32 @@ impl Store {
         Ok(new)
     }
 
-    pub(crate) async fn read_conn(&self) -> anyhow::Result<sqlx::pool::PoolConnection<Sqlite>> {
-        self.inner
-            .pool
-            .acquire()
-            .await
-            .context("failed to get a database connection")
+    pub(crate) async fn read_conn(&self) -> anyhow::Result<Pooled> {
+        match &self.inner.db {
+            Db::Sqlite { pool, .. } => pool.acquire().await.map(Pooled::Sqlite),
+            Db::Postgres { pool, .. } => pool.acquire().await.map(Pooled::Postgres),
+        }
+        .context("failed to get a database connection")
     }
 
     pub async fn event(&self, id: EventId) -> anyhow::Result<Option<Envelope>> {
         let mut c = self.read_conn().await?;
-        Ok(ops::load_events(&mut c, &[id]).await?.pop())
+        Ok(ops::load_events(&mut c.conn(), &[id]).await?.pop())
     }
 
     pub async fn events_of_flow(&self, flow: FlowId) -> anyhow::Result<Vec<Envelope>> {
         let mut c = self.read_conn().await?;
-        ops::events_of_flow(&mut c, flow).await
+        ops::events_of_flow(&mut c.conn(), flow).await
     }
 
     pub async fn attempts_of_event(&self, id: EventId) -> anyhow::Result<Vec<AttemptRecord>> {
         let mut c = self.read_conn().await?;
-        ops::attempts_of_event(&mut c, id).await
+        ops::attempts_of_event(&mut c.conn(), id).await
     }
 
     pub async fn attempts_of_flow(&self, flow: FlowId) -> anyhow::Result<Vec<AttemptRecord>> {
         let mut c = self.read_conn().await?;
-        ops::attempts_of_flow(&mut c, flow).await
+        ops::attempts_of_flow(&mut c.conn(), flow).await
     }
 
     pub async fn dead_letters(
@@ -482,37 +533,37 @@ impl Store {
         limit: u32,
     ) -> anyhow::Result<Vec<DeadLetter>> {
         let mut c = self.read_conn().await?;
-        ops::dead_letters(&mut c, org, open_only, limit).await
+        ops::dead_letters(&mut c.conn(), org, open_only, limit).await
     }
 
     pub async fn dead_letter(&self, id: &str) -> anyhow::Result<Option<DeadLetter>> {
         let mut c = self.read_conn().await?;
-        ops::dead_letter(&mut c, id).await
+        ops::dead_letter(&mut c.conn(), id).await
     }
 
     pub async fn inbox_contains(&self, worker: &str, id: EventId) -> anyhow::Result<bool> {
         let mut c = self.read_conn().await?;
-        Ok(!ops::inbox_hits(&mut c, worker, &[id]).await?.is_empty())
+        Ok(!ops::inbox_hits(&mut c.conn(), worker, &[id]).await?.is_empty())
     }
 
     /// (waiting, in flight) deliveries.
     pub async fn queue_depth(&self) -> anyhow::Result<(i64, i64)> {
         let mut c = self.read_conn().await?;
-        ops::queue_depth(&mut c).await
+        ops::queue_depth(&mut c.conn()).await
     }
 
     /// Re-drives a dead letter: a fresh delivery to the same worker in a new
     /// round, attempt count from zero; the history of earlier rounds stays.
     pub async fn redrive(&self, id: &str) -> anyhow::Result<Redrive> {
         let mut tx = self.begin().await?;
-        let Some(dl) = ops::dead_letter(tx.conn(), id).await? else {
+        let Some(dl) = ops::dead_letter(&mut tx.conn(), id).await? else {
             return Ok(Redrive::NotFound);
         };
-        if !ops::mark_redriven(tx.conn(), id, self.now()).await? {
+        if !ops::mark_redriven(&mut tx.conn(), id, self.now()).await? {
             return Ok(Redrive::AlreadyRedriven(dl));
         }
         ops::insert_deliveries(
-            tx.conn(),
+            &mut tx.conn(),
             &[NewDelivery {
                 event_id: dl.event_id,
                 worker: Arc::from(dl.worker.as_str()),
@@ -540,7 +591,7 @@ pub enum Redrive {
 /// A write transaction. Events published through it become visible (and are
 /// dispatched) only if it commits; dropping it rolls everything back.
 pub struct Tx {
-    tx: sqlx::Transaction<'static, Sqlite>,
+    tx: Transaction,
     store: Store,
     /// Workers that got deliveries in this transaction: woken on commit.
     woken: Vec<String>,
@@ -556,8 +607,8 @@ impl std::fmt::Debug for Tx {
 
 impl Tx {
     /// The underlying connection, for a handler's own queries.
-    pub(crate) fn conn(&mut self) -> &mut SqliteConnection {
-        &mut self.tx
+    pub(crate) fn conn(&mut self) -> crate::conn::Conn<'_> {
+        self.tx.conn()
     }
 
     pub fn store(&self) -> &Store {
@@ -568,7 +619,7 @@ impl Tx {
     /// subscribers; ids already in the log are ignored (dedupe).
     pub async fn publish(&mut self, envs: &[Envelope]) -> anyhow::Result<HashSet<EventId>> {
         let subs = self.store.subscriptions();
-        let published = publish(&mut self.tx, &subs, envs, |_| None).await?;
+        let published = publish(&mut self.tx.conn(), &subs, envs, |_| None).await?;
         self.woken.extend(
             published
                 .deliveries
@@ -611,8 +662,8 @@ pub struct Published {
 /// new one. `lease_for(worker)` may return a lease so the delivery is born
 /// claimed (attempt 1) — the dispatcher uses this to hand fresh events to idle
 /// workers without a second write.
-pub async fn publish(
-    conn: &mut SqliteConnection,
+pub(crate) async fn publish(
+    conn: &mut crate::conn::Conn<'_>,
     subs: &Subscriptions,
     envs: &[Envelope],
     mut lease_for: impl FnMut(&Arc<str>) -> Option<Lease>,
@@ -644,6 +695,93 @@ pub async fn publish(
     })
 }
 
+/// Opens the SQLite file, migrated, and its pool; with the install id.
+async fn open_sqlite(path: &Path, options: &StoreOptions) -> anyhow::Result<(Db, String)> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create data directory {}", dir.display()))?;
+    }
+    let mut connect = SqliteConnectOptions::from_str("sqlite:")?
+        .filename(path)
+        .create_if_missing(true)
+        .busy_timeout(options.busy_timeout)
+        // Bulk statements come in power-of-two sizes per kind: several
+        // hundred distinct texts, each worth keeping prepared (preparing
+        // them again every turn was half of a busy dispatcher's time).
+        .statement_cache_capacity(1024)
+        // sqlx logs every statement at DEBUG by default; with bulk
+        // statements that drowns the delivery spans we care about.
+        .disable_statement_logging();
+    for (key, value) in pragmas(options) {
+        connect = connect.pragma(key, value);
+    }
+    let mut conn = connect
+        .connect()
+        .await
+        .with_context(|| format!("failed to open the database {}", path.display()))?;
+    crate::migrate::run(&mut conn)
+        .await
+        .with_context(|| format!("failed to migrate the database {}", path.display()))?;
+    let install = read_install(&mut crate::conn::Conn::Sqlite(&mut conn))
+        .await
+        .with_context(|| format!("failed to read the install id of {}", path.display()))?;
+    conn.close().await.ok();
+    let pool = SqlitePoolOptions::new()
+        .max_connections(options.max_connections.max(1))
+        .min_connections(1)
+        // A local file has nothing to gain from recycling connections,
+        // and the pool's reaper timers would disturb paused-clock tests.
+        .idle_timeout(None)
+        .max_lifetime(None)
+        // A connection to a local file does not go stale; skipping the
+        // ping keeps acquiring free of IO.
+        .test_before_acquire(false)
+        .connect_with(connect.clone())
+        .await
+        .with_context(|| format!("failed to open the database {}", path.display()))?;
+    let db = Db::Sqlite {
+        pool,
+        connect,
+        path: path.to_owned(),
+    };
+    Ok((db, install))
+}
+
+/// Connects to the PostgreSQL database at `url`, migrated, and makes its
+/// pool; with the install id.
+async fn open_postgres(url: &str, options: &StoreOptions) -> anyhow::Result<(Db, String)> {
+    let shown = crate::postgres::redact(url);
+    let connect = crate::postgres::options(url)?.statement_cache_capacity(1024);
+    let mut conn = connect
+        .connect()
+        .await
+        .with_context(|| format!("failed to connect to {shown}"))?;
+    crate::migrate::run_postgres(&mut conn)
+        .await
+        .with_context(|| format!("failed to migrate {shown}"))?;
+    let install = read_install(&mut crate::conn::Conn::Postgres(&mut conn))
+        .await
+        .with_context(|| format!("failed to read the install id of {shown}"))?;
+    conn.close().await.ok();
+    let pool = PgPoolOptions::new()
+        .max_connections(options.max_connections.max(1))
+        // A connection that waits longer than this for the pool tells the
+        // caller the database is unavailable rather than hanging (the API
+        // answers 503 `store_unavailable`).
+        .acquire_timeout(options.busy_timeout)
+        // Nothing is connected up front: a server that is down at this
+        // moment (it answered the migration a moment ago) is met on first
+        // use, with an error and a retry, not a failed start.
+        .min_connections(0)
+        .connect_lazy_with(connect.clone());
+    Ok((Db::Postgres { pool, connect }, install))
+}
+
+async fn read_install(conn: &mut crate::conn::Conn<'_>) -> anyhow::Result<String> {
+    let rows = ops::fetch(conn, "SELECT id FROM install LIMIT 1", []).await?;
+    rows.first().context("no install row")?.text(0)
+}
+
 /// A mutex whose holder cannot leave it half-updated in a way that matters
 /// (a cache, a set of names): a panic elsewhere does not poison it for good.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -659,37 +797,47 @@ pub(crate) mod tests {
     use super::{Store, StoreOptions};
     use crate::writer::RowRead;
 
-    /// A store on a fresh file, for the crate's unit tests.
+    /// A store for the crate's unit tests: on a fresh file, or on a fresh
+    /// PostgreSQL database under `BERTH_TEST_STORE=postgres` (the suite
+    /// runs both ways).
     pub(crate) async fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
+        let at = crate::postgres::test_location(&dir.path().join("t.db"))
+            .await
+            .unwrap();
+        (dir, open(&at).await)
+    }
+
+    /// A store on a fresh SQLite file, for tests of what only SQLite has.
+    pub(crate) async fn sqlite_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let at = crate::Location::File(dir.path().join("t.db"));
+        (dir, open(&at).await)
+    }
+
+    async fn open(at: &crate::Location) -> Store {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let ids = Arc::new(IdGen::new(clock.clone(), Arc::new(SeededRng::new(1))));
-        let s = Store::open(
-            &dir.path().join("t.db"),
-            StoreOptions::default(),
-            clock,
-            ids,
-        )
-        .await
-        .unwrap();
-        (dir, s)
+        Store::open_at(at, StoreOptions::default(), clock, ids)
+            .await
+            .unwrap()
     }
 
     /// The pool's connections and the dispatcher's writer are configured
     /// from one list: each reads back every setting the same.
     #[tokio::test]
     async fn the_pool_and_the_writer_run_with_the_same_settings() {
-        let (_d, s) = store().await;
+        let (_d, s) = sqlite_store().await;
         let w = s.open_writer().await.unwrap();
         for (key, _) in super::pragmas(&StoreOptions::default()) {
             let q = format!("PRAGMA {key}");
-            let pool: String = match sqlx::query_scalar::<_, i64>(&q).fetch_one(s.pool()).await {
-                Ok(n) => n.to_string(),
-                Err(_) => sqlx::query_scalar::<_, String>(&q)
-                    .fetch_one(s.pool())
-                    .await
-                    .unwrap(),
-            };
+            let rows = s.inspect().rows(&q, []).await.unwrap();
+            let row = rows.first().unwrap();
+            let pool = row
+                .int(0)
+                .map(|n| n.to_string())
+                .or_else(|_| row.text(0))
+                .unwrap();
             let mut script = crate::ops::Script::new();
             script.push(&q, []);
             let rows = w.run(script).await.unwrap();

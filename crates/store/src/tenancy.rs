@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use berth_core::{Envelope, EventId, Timestamp};
 use serde::Serialize;
-use sqlx::SqliteConnection;
+use crate::conn::Conn;
 
 use crate::ops::{self, fetch};
 use crate::writer::{Row, RowRead};
@@ -41,7 +41,7 @@ pub struct OrgNameTaken(pub String);
 /// never exists without a way in. Fails with [`OrgNameTaken`] on a
 /// duplicate name.
 pub(crate) async fn create_org(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: &Org,
     token_id: &str,
     token_hash: &str,
@@ -66,7 +66,7 @@ pub(crate) async fn create_org(
     insert_token(conn, token_id, &org.id, token_hash, org.created_at).await
 }
 
-pub(crate) async fn get_org(conn: &mut SqliteConnection, id: &str) -> anyhow::Result<Option<Org>> {
+pub(crate) async fn get_org(conn: &mut Conn<'_>, id: &str) -> anyhow::Result<Option<Org>> {
     let rows = fetch(
         conn,
         "SELECT id, name, created_at FROM orgs WHERE id = ?1",
@@ -86,7 +86,7 @@ pub(crate) async fn get_org(conn: &mut SqliteConnection, id: &str) -> anyhow::Re
 }
 
 pub(crate) async fn insert_token(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     id: &str,
     org: &str,
     hash: &str,
@@ -105,7 +105,7 @@ pub(crate) async fn insert_token(
 /// The (org id, token id) of a live token with this hash; `None` for an
 /// unknown or revoked one.
 pub(crate) async fn token_by_hash(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     hash: &str,
 ) -> anyhow::Result<Option<(String, String)>> {
     let rows = fetch(
@@ -131,7 +131,7 @@ fn token_from_row(r: &Row) -> anyhow::Result<TokenInfo> {
 
 /// Every token of an org, oldest first, revoked ones included.
 pub(crate) async fn tokens(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: &str,
 ) -> anyhow::Result<Vec<TokenInfo>> {
     let rows = fetch(
@@ -148,7 +148,7 @@ pub(crate) async fn tokens(
 /// Revokes a token of `org`. `None` if the org has no such token; the
 /// token as it now is otherwise (revoking twice keeps the first time).
 pub(crate) async fn revoke_token(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: &str,
     id: &str,
     at: Timestamp,
@@ -172,7 +172,7 @@ pub(crate) async fn revoke_token(
 
 /// The stored admin token hash, if one was generated.
 pub(crate) async fn admin_token_hash(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
 ) -> anyhow::Result<Option<String>> {
     let rows = fetch(conn, "SELECT hash FROM admin_token WHERE id = 1", [])
         .await
@@ -183,7 +183,7 @@ pub(crate) async fn admin_token_hash(
 /// Stores a generated admin token's hash unless one is there already;
 /// `true` if this call stored it (so its token is the one to print).
 pub(crate) async fn init_admin_token(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     hash: &str,
     at: Timestamp,
 ) -> anyhow::Result<bool> {
@@ -199,7 +199,7 @@ pub(crate) async fn init_admin_token(
 }
 
 /// The position of the newest event in the log (0 when empty).
-pub(crate) async fn last_seq(conn: &mut SqliteConnection) -> anyhow::Result<i64> {
+pub(crate) async fn last_seq(conn: &mut Conn<'_>) -> anyhow::Result<i64> {
     let rows = fetch(conn, "SELECT COALESCE(MAX(seq), 0) FROM events", [])
         .await
         .context("failed to read the end of the event log")?;
@@ -208,7 +208,7 @@ pub(crate) async fn last_seq(conn: &mut SqliteConnection) -> anyhow::Result<i64>
 
 /// The log position of event `id` if it belongs to `org`.
 pub(crate) async fn event_seq_in_org(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: &str,
     id: EventId,
 ) -> anyhow::Result<Option<i64>> {
@@ -225,7 +225,7 @@ pub(crate) async fn event_seq_in_org(
 /// Up to `limit` events of `org` after log position `after`, in log order,
 /// each with its position (the stream's cursor).
 pub(crate) async fn org_events_after(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     org: &str,
     after: i64,
     limit: u32,
@@ -269,7 +269,7 @@ pub struct AttemptSample {
 }
 
 /// The newest attempt record's position (0 when none).
-pub(crate) async fn last_attempt_id(conn: &mut SqliteConnection) -> anyhow::Result<i64> {
+pub(crate) async fn last_attempt_id(conn: &mut Conn<'_>) -> anyhow::Result<i64> {
     let rows = fetch(conn, "SELECT COALESCE(MAX(id), 0) FROM attempts", [])
         .await
         .context("failed to read the attempt history")?;
@@ -278,7 +278,7 @@ pub(crate) async fn last_attempt_id(conn: &mut SqliteConnection) -> anyhow::Resu
 
 /// Up to `limit` attempt records after position `after`, in order.
 pub(crate) async fn attempts_after(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
     after: i64,
     limit: u32,
 ) -> anyhow::Result<Vec<AttemptSample>> {
@@ -305,7 +305,7 @@ pub(crate) async fn attempts_after(
 
 /// Open (not re-driven) dead letters per worker.
 pub(crate) async fn open_dead_letters(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn<'_>,
 ) -> anyhow::Result<Vec<(String, i64)>> {
     let rows = fetch(
         conn,
@@ -321,7 +321,7 @@ pub(crate) async fn open_dead_letters(
 impl Store {
     /// The org `id`.
     pub async fn org(&self, id: &str) -> anyhow::Result<Option<Org>> {
-        get_org(&mut *self.read_conn().await?, id).await
+        get_org(&mut self.read_conn().await?.conn(), id).await
     }
 
     /// Adds a token (by hash) to `org`.
@@ -332,17 +332,17 @@ impl Store {
         hash: &str,
         at: Timestamp,
     ) -> anyhow::Result<()> {
-        insert_token(&mut *self.read_conn().await?, id, org, hash, at).await
+        insert_token(&mut self.read_conn().await?.conn(), id, org, hash, at).await
     }
 
     /// The (org id, token id) a token hash belongs to, unless it is revoked.
     pub async fn token_by_hash(&self, hash: &str) -> anyhow::Result<Option<(String, String)>> {
-        token_by_hash(&mut *self.read_conn().await?, hash).await
+        token_by_hash(&mut self.read_conn().await?.conn(), hash).await
     }
 
     /// Every token of `org`, revoked ones too, oldest first.
     pub async fn tokens(&self, org: &str) -> anyhow::Result<Vec<TokenInfo>> {
-        tokens(&mut *self.read_conn().await?, org).await
+        tokens(&mut self.read_conn().await?.conn(), org).await
     }
 
     /// Revokes a token of `org`; `None` if `org` has no such token.
@@ -352,28 +352,28 @@ impl Store {
         id: &str,
         at: Timestamp,
     ) -> anyhow::Result<Option<TokenInfo>> {
-        revoke_token(&mut *self.read_conn().await?, org, id, at).await
+        revoke_token(&mut self.read_conn().await?.conn(), org, id, at).await
     }
 
     /// The stored admin token hash, if one was generated.
     pub async fn admin_token_hash(&self) -> anyhow::Result<Option<String>> {
-        admin_token_hash(&mut *self.read_conn().await?).await
+        admin_token_hash(&mut self.read_conn().await?.conn()).await
     }
 
     /// Stores a generated admin token's hash unless one is there already;
     /// `true` if this call stored it.
     pub async fn init_admin_token(&self, hash: &str, at: Timestamp) -> anyhow::Result<bool> {
-        init_admin_token(&mut *self.read_conn().await?, hash, at).await
+        init_admin_token(&mut self.read_conn().await?.conn(), hash, at).await
     }
 
     /// The position of the newest event in the log (0 when empty).
     pub async fn last_seq(&self) -> anyhow::Result<i64> {
-        last_seq(&mut *self.read_conn().await?).await
+        last_seq(&mut self.read_conn().await?.conn()).await
     }
 
     /// The log position of event `id` if it belongs to `org`.
     pub async fn event_seq_in_org(&self, org: &str, id: EventId) -> anyhow::Result<Option<i64>> {
-        event_seq_in_org(&mut *self.read_conn().await?, org, id).await
+        event_seq_in_org(&mut self.read_conn().await?.conn(), org, id).await
     }
 
     /// Up to `limit` events of `org` after log position `after`, in log
@@ -384,12 +384,12 @@ impl Store {
         after: i64,
         limit: u32,
     ) -> anyhow::Result<Vec<(i64, Envelope)>> {
-        org_events_after(&mut *self.read_conn().await?, org, after, limit).await
+        org_events_after(&mut self.read_conn().await?.conn(), org, after, limit).await
     }
 
     /// The newest attempt record's position (0 when none).
     pub async fn last_attempt_id(&self) -> anyhow::Result<i64> {
-        last_attempt_id(&mut *self.read_conn().await?).await
+        last_attempt_id(&mut self.read_conn().await?.conn()).await
     }
 
     /// Up to `limit` attempt records after position `after`, in order.
@@ -398,12 +398,12 @@ impl Store {
         after: i64,
         limit: u32,
     ) -> anyhow::Result<Vec<AttemptSample>> {
-        attempts_after(&mut *self.read_conn().await?, after, limit).await
+        attempts_after(&mut self.read_conn().await?.conn(), after, limit).await
     }
 
     /// Open (not re-driven) dead letters per worker.
     pub async fn open_dead_letters(&self) -> anyhow::Result<Vec<(String, i64)>> {
-        open_dead_letters(&mut *self.read_conn().await?).await
+        open_dead_letters(&mut self.read_conn().await?.conn()).await
     }
 }
 
@@ -416,7 +416,7 @@ impl Tx {
         token_id: &str,
         token_hash: &str,
     ) -> anyhow::Result<()> {
-        create_org(self.conn(), org, token_id, token_hash).await
+        create_org(&mut self.conn(), org, token_id, token_hash).await
     }
 }
 
@@ -442,7 +442,8 @@ mod tests {
     #[tokio::test]
     async fn tokens_are_found_by_hash_until_revoked() {
         let (_d, s) = store().await;
-        let mut c = s.pool().acquire().await.unwrap();
+        let mut pooled = s.read_conn().await.unwrap();
+        let mut c = pooled.conn();
         create_org(&mut c, &org("a", &s), "t1", "h1").await.unwrap();
         create_org(&mut c, &org("a2", &s), "t9", "h9")
             .await
@@ -485,7 +486,8 @@ mod tests {
             ));
         }
         s.publish(envs.clone()).await.unwrap();
-        let mut c = s.pool().acquire().await.unwrap();
+        let mut pooled = s.read_conn().await.unwrap();
+        let mut c = pooled.conn();
         let all = org_events_after(&mut c, "a", 0, 10).await.unwrap();
         let ids: Vec<_> = all.iter().map(|(_, e)| e.id).collect();
         assert_eq!(ids, [envs[0].id, envs[2].id, envs[3].id]);
@@ -507,7 +509,8 @@ mod tests {
     #[tokio::test]
     async fn the_admin_token_is_stored_once() {
         let (_d, s) = store().await;
-        let mut c = s.pool().acquire().await.unwrap();
+        let mut pooled = s.read_conn().await.unwrap();
+        let mut c = pooled.conn();
         assert_eq!(admin_token_hash(&mut c).await.unwrap(), None);
         assert!(init_admin_token(&mut c, "x", s.now()).await.unwrap());
         assert!(!init_admin_token(&mut c, "y", s.now()).await.unwrap());

@@ -1,5 +1,6 @@
-//! The dispatcher's writer: one SQLite connection on a thread of its own,
-//! running a whole [`Script`] per call.
+//! The dispatcher's writer: one connection of its own, running a whole
+//! [`Script`] per call. On PostgreSQL it is a plain connection; on SQLite it
+//! lives on a thread of its own, for the reason below.
 //!
 //! Through sqlx every statement of a script is a round trip between the
 //! caller's task and sqlx's connection thread (a channel send and a wake-up
@@ -26,9 +27,19 @@ use crate::store::StoreOptions;
 
 type Job = Box<dyn FnOnce(&mut rusqlite::Connection) + Send>;
 
-/// A connection on its own thread. Dropping it lets the thread finish the
-/// job in hand, then joins it.
+/// The dispatcher's connection (see the module's documentation).
 pub struct Writer {
+    inner: Inner,
+}
+
+enum Inner {
+    Sqlite(SqliteWriter),
+    Postgres(tokio::sync::Mutex<sqlx::PgConnection>),
+}
+
+/// A SQLite connection on its own thread. Dropping it lets the thread
+/// finish the job in hand, then joins it.
+pub(crate) struct SqliteWriter {
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -44,9 +55,74 @@ impl std::fmt::Debug for Writer {
 const STATEMENT_CACHE: usize = 1024;
 
 impl Writer {
-    /// Opens the connection on a new thread; returns once it is open (or
-    /// failed to).
+    /// Opens the SQLite connection on a new thread; returns once it is open
+    /// (or failed to).
     pub(crate) fn open(path: &Path, options: &StoreOptions) -> anyhow::Result<Writer> {
+        Ok(Writer {
+            inner: Inner::Sqlite(SqliteWriter::open(path, options)?),
+        })
+    }
+
+    /// The writer on a PostgreSQL connection.
+    pub(crate) fn postgres(conn: sqlx::PgConnection) -> Writer {
+        Writer {
+            inner: Inner::Postgres(tokio::sync::Mutex::new(conn)),
+        }
+    }
+
+    /// An empty script in this writer's dialect.
+    pub fn script(&self) -> Script {
+        Script::for_dialect(match self.inner {
+            Inner::Sqlite(_) => crate::Dialect::Sqlite,
+            Inner::Postgres(_) => crate::Dialect::Postgres,
+        })
+    }
+
+    /// Runs every statement of `script`; returns the rows any of them
+    /// produced.
+    pub async fn run(&self, script: Script) -> anyhow::Result<Vec<Row>> {
+        match &self.inner {
+            Inner::Sqlite(w) => Ok(w.call(move |c| script.run_on(c)).await??),
+            Inner::Postgres(c) => crate::postgres::run_script(&mut *c.lock().await, script).await,
+        }
+    }
+
+    /// Ends a transaction a failed script left open; does nothing if none
+    /// is.
+    pub async fn rollback(&self) -> anyhow::Result<()> {
+        match &self.inner {
+            Inner::Sqlite(w) => {
+                w.call(|c| {
+                    if c.is_autocommit() {
+                        Ok(())
+                    } else {
+                        c.execute_batch("ROLLBACK")
+                    }
+                })
+                .await??;
+            }
+            Inner::Postgres(c) => {
+                // Outside a transaction PostgreSQL only warns.
+                let mut s = Script::for_dialect(crate::Dialect::Postgres);
+                s.push("ROLLBACK", []);
+                crate::postgres::run_script(&mut *c.lock().await, s).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The SQLite thread, for the unit tests.
+    #[cfg(test)]
+    pub(crate) fn sqlite(&self) -> &SqliteWriter {
+        match &self.inner {
+            Inner::Sqlite(w) => w,
+            Inner::Postgres(_) => panic!("not a SQLite writer"),
+        }
+    }
+}
+
+impl SqliteWriter {
+    fn open(path: &Path, options: &StoreOptions) -> anyhow::Result<SqliteWriter> {
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<anyhow::Result<()>>(1);
         let path = path.to_owned();
@@ -73,7 +149,7 @@ impl Writer {
         let opened = ready_rx
             .recv()
             .context("the database writer thread stopped while opening")?;
-        let writer = Writer {
+        let writer = SqliteWriter {
             jobs: Some(jobs),
             thread: Some(thread),
         };
@@ -102,29 +178,9 @@ impl Writer {
         rx.await
             .map_err(|_| anyhow::anyhow!("a database writer job panicked"))
     }
-
-    /// Runs every statement of `script`; returns the rows any of them
-    /// produced.
-    pub async fn run(&self, script: Script) -> anyhow::Result<Vec<Row>> {
-        Ok(self.call(move |c| script.run_on(c)).await??)
-    }
-
-    /// Ends a transaction a failed script left open; does nothing if none
-    /// is.
-    pub async fn rollback(&self) -> anyhow::Result<()> {
-        self.call(|c| {
-            if c.is_autocommit() {
-                Ok(())
-            } else {
-                c.execute_batch("ROLLBACK")
-            }
-        })
-        .await??;
-        Ok(())
-    }
 }
 
-impl Drop for Writer {
+impl Drop for SqliteWriter {
     fn drop(&mut self) {
         drop(self.jobs.take());
         if let Some(t) = self.thread.take() {
@@ -133,9 +189,12 @@ impl Drop for Writer {
     }
 }
 
-/// Whether `e` is, anywhere in its chain, SQLite refusing a second row
-/// with the same `column` (`table.column`), from either connection.
+/// Whether `e` is, anywhere in its chain, the database refusing a second
+/// row with the same `column` (`table.column`), from any connection.
+/// SQLite names the column in its message; PostgreSQL names the table and
+/// the constraint (`events_pkey`, `orgs_name_key`).
 pub fn is_unique_violation(e: &anyhow::Error, column: &str) -> bool {
+    let (table, col) = column.split_once('.').unwrap_or(("", column));
     e.chain().any(|cause| {
         if let Some(rusqlite::Error::SqliteFailure(f, Some(msg))) =
             cause.downcast_ref::<rusqlite::Error>()
@@ -145,7 +204,15 @@ pub fn is_unique_violation(e: &anyhow::Error, column: &str) -> bool {
         cause
             .downcast_ref::<sqlx::Error>()
             .and_then(|s| s.as_database_error())
-            .is_some_and(|d| d.is_unique_violation() && d.message().contains(column))
+            .is_some_and(|d| {
+                d.is_unique_violation()
+                    && (d.message().contains(column)
+                        || (d.table() == Some(table)
+                            && d.constraint().is_some_and(|c| {
+                                c == format!("{table}_{col}_key")
+                                    || (c == format!("{table}_pkey") && col == "id")
+                            })))
+            })
     })
 }
 
@@ -281,7 +348,7 @@ impl rusqlite::ToSql for Arg {
             Arg::Text(s) => ValueRef::Text(s.as_bytes()),
             Arg::Int(n) => ValueRef::Integer(*n),
             Arg::Blob(b) => ValueRef::Blob(b),
-            Arg::Null => ValueRef::Null,
+            Arg::Null | Arg::NullText | Arg::NullInt | Arg::NullBlob => ValueRef::Null,
         }))
     }
 }
@@ -314,7 +381,8 @@ mod tests {
     use berth_core::Timestamp;
 
     use super::*;
-    use crate::store::tests::store;
+    // The thread and its rusqlite connection are SQLite's alone.
+    use crate::store::tests::sqlite_store as store;
 
     fn org_insert(id: &str) -> Script {
         let mut s = Script::new();
@@ -347,10 +415,7 @@ mod tests {
         assert_eq!(rows[0].text(0).unwrap(), "count");
         assert_eq!(rows[0].int(1).unwrap(), 2);
 
-        let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM orgs")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
+        let seen = store.inspect().count("orgs").await.unwrap();
         assert_eq!(seen, 2, "another connection sees the commit");
     }
 
@@ -388,9 +453,10 @@ mod tests {
     async fn a_panicking_job_fails_alone() {
         let (_d, store) = store().await;
         let writer = store.open_writer().await.unwrap();
-        let err = writer.call(|_| -> () { panic!("boom") }).await.unwrap_err();
+        let err = writer.sqlite().call(|_| -> () { panic!("boom") }).await.unwrap_err();
         assert!(err.to_string().contains("panicked"), "{err:#}");
         let n = writer
+            .sqlite()
             .call(|c| c.query_row("SELECT 41 + 1", [], |r| r.get::<_, i64>(0)))
             .await
             .unwrap()

@@ -8,6 +8,7 @@
 use berth_core::domain::{Condition, InstanceStatus};
 
 use crate::instances::{Col, Instance};
+use crate::conn::{Conn, Dialect};
 use crate::ops::{Arg, Script};
 use crate::writer::RowRead;
 
@@ -111,6 +112,10 @@ impl Script {
         at: berth_core::Timestamp,
         exact: bool,
     ) -> anyhow::Result<()> {
+        // SQLite only: the counted form reads `changes()`, which PostgreSQL
+        // lacks (it would take each statement in a CTE); there every guarded
+        // write returns its row.
+        let exact = exact || self.dialect() == Dialect::Postgres;
         let returning = |r: &str| {
             if exact {
                 format!("RETURNING {r}")
@@ -176,7 +181,8 @@ impl Script {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            self.push_rows_counted(&rows, PATCH_ROW, |t| patch_sql(t, &ret), !exact);
+            let dialect = self.dialect();
+            self.push_rows_counted(&rows, PATCH_ROW, |t| patch_sql(dialect, t, &ret), !exact);
         }
         // New instances, each only if its org has no live one of its name.
         // Two of one name in one statement would both pass that check (the
@@ -395,22 +401,20 @@ const PATCH_ROW: usize = 9;
 /// one that may become it; all only while the row is being created in the
 /// patch's generation.
 ///
-/// SQLite only: the merge of conditions and the statuses list use SQLite's
-/// JSON functions (`json_each`, `json_extract`, `json_group_array`, `json`);
-/// PostgreSQL will need `jsonb_array_elements`, `->>` and `jsonb_agg` (and
-/// casts of the text columns to `jsonb`).
-fn patch_sql(tuples: &str, returning: &str) -> String {
+/// SQLite only: the merge of conditions and the statuses list are in each
+/// database's JSON functions (SQLite's `json_each`, `json_extract`,
+/// `json_group_array`; PostgreSQL's `jsonb_array_elements`, `->>`,
+/// `jsonb_agg` over the text columns cast to `jsonb`).
+fn patch_sql(dialect: Dialect, tuples: &str, returning: &str) -> String {
     let creating = InstanceStatus::ALL
         .iter()
         .filter(|s| s.is_creating())
         .map(|s| format!("'{}'", s.as_str()))
         .collect::<Vec<_>>()
         .join(",");
-    format!(
-        "UPDATE instances SET
-            network = COALESCE(v.column3, instances.network),
-            image_tag = COALESCE(v.column4, instances.image_tag),
-            conditions = CASE
+    let merge = match dialect {
+        Dialect::Sqlite => {
+            "conditions = CASE
               WHEN EXISTS (SELECT 1 FROM json_each(instances.conditions)
                            WHERE json_extract(value, '$.type') = v.column5
                              AND json_extract(value, '$.status') = 1)
@@ -421,7 +425,28 @@ fn patch_sql(tuples: &str, returning: &str) -> String {
                       UNION ALL SELECT v.column6))
             END,
             status = CASE WHEN instances.status IN (SELECT value FROM json_each(v.column7))
-                          THEN v.column8 ELSE instances.status END,
+                          THEN v.column8 ELSE instances.status END,"
+        }
+        Dialect::Postgres => {
+            "conditions = CASE
+              WHEN EXISTS (SELECT 1 FROM jsonb_array_elements(instances.conditions::jsonb) AS e(value)
+                           WHERE value->>'type' = v.column5
+                             AND value->'status' = 'true'::jsonb)
+              THEN instances.conditions
+              ELSE (SELECT jsonb_agg(c)::text FROM (
+                      SELECT value AS c FROM jsonb_array_elements(instances.conditions::jsonb) AS e(value)
+                       WHERE value->>'type' != v.column5
+                      UNION ALL SELECT v.column6::jsonb) AS cs)
+            END,
+            status = CASE WHEN instances.status IN (SELECT jsonb_array_elements_text(v.column7::jsonb))
+                          THEN v.column8 ELSE instances.status END,"
+        }
+    };
+    format!(
+        "UPDATE instances SET
+            network = COALESCE(v.column3, instances.network),
+            image_tag = COALESCE(v.column4, instances.image_tag),
+{merge}
             version = instances.version + 1,
             updated_at = v.column9
            FROM (VALUES {tuples}) AS v
@@ -492,13 +517,13 @@ impl crate::Tx {
         writes: &[Write],
         at: berth_core::Timestamp,
     ) -> anyhow::Result<bool> {
-        apply(self.conn(), writes, at).await
+        apply(&mut self.conn(), writes, at).await
     }
 }
 
 /// Applies `writes` on `conn`; `false` if a guard failed.
 pub(crate) async fn apply(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut Conn<'_>,
     writes: &[Write],
     at: berth_core::Timestamp,
 ) -> anyhow::Result<bool> {
@@ -508,7 +533,7 @@ pub(crate) async fn apply(
         .map(|w| (0, w))
         .collect();
     let plain: Vec<&Write> = writes.iter().filter(|w| !w.is_guarded()).collect();
-    let mut s = Script::new();
+    let mut s = Script::for_dialect(conn.dialect());
     s.guarded_writes(&guarded, at, true)?;
     s.plain_writes(&plain, at);
     let rows = s.run(conn).await?;
@@ -698,7 +723,8 @@ mod tests {
     #[tokio::test]
     async fn parallel_patches_both_land_and_a_stale_one_does_not() {
         let (_d, s) = store().await;
-        let mut c = s.pool().acquire().await.unwrap();
+        let mut pooled = s.read_conn().await.unwrap();
+        let mut c = pooled.conn();
         instances::insert_org(&mut c, "o", "o-name", s.now())
             .await
             .unwrap();
@@ -749,7 +775,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_instance_cache_never_outlives_another_writer() {
-        let (_d, s) = store().await;
+        // The cache is SQLite's alone: off where other processes write.
+        let (_d, s) = crate::store::tests::sqlite_store().await;
         let i = instance(&s);
         s.cache_instances(vec![i.clone()], vec![]);
         assert_eq!(s.cached_instance("i1"), Some(i.clone()));
@@ -771,7 +798,8 @@ mod tests {
     #[tokio::test]
     async fn counted_guards_pass_all_or_ask_for_an_exact_redo() {
         let (_d, s) = store().await;
-        let mut c = s.pool().acquire().await.unwrap();
+        let mut pooled = s.read_conn().await.unwrap();
+        let mut c = pooled.conn();
         instances::insert_org(&mut c, "o", "o-name", s.now())
             .await
             .unwrap();
@@ -785,7 +813,7 @@ mod tests {
             let s = s.clone();
             async move {
                 let tagged: Vec<(usize, &Write)> = writes.iter().enumerate().collect();
-                let mut script = Script::new();
+                let mut script = s.script();
                 script.guarded_writes(&tagged, s.now(), exact).unwrap();
                 // On the dispatcher's writer, as in a group commit.
                 let rows = s.open_writer().await.unwrap().run(script).await.unwrap();
@@ -807,7 +835,11 @@ mod tests {
             Write::Instance(Box::new(a.clone())),
             Write::Instance(Box::new(b2.clone())),
         ];
-        assert_eq!(run(w.clone(), false).await, None);
+        // (On PostgreSQL there is no counted form: every guarded write
+        // returns its row, and the answer is the exact one.)
+        let counted = s.dialect() == Dialect::Sqlite;
+        let short = if counted { None } else { Some(vec![1]) };
+        assert_eq!(run(w.clone(), false).await, short);
         // ...and the exact one can (the counted run changed `b` already, so
         // this one is at version 3).
         let mut b3 = b2.clone();
@@ -822,7 +854,8 @@ mod tests {
     #[tokio::test]
     async fn of_two_new_instances_of_one_name_only_the_first_goes_in() {
         let (_d, s) = store().await;
-        let mut c = s.pool().acquire().await.unwrap();
+        let mut pooled = s.read_conn().await.unwrap();
+        let mut c = pooled.conn();
         instances::insert_org(&mut c, "o", "o-name", s.now())
             .await
             .unwrap();
@@ -839,13 +872,14 @@ mod tests {
         let tagged: Vec<(usize, &Write)> = writes.iter().enumerate().collect();
         let writer = s.open_writer().await.unwrap();
         for exact in [false, true] {
-            let mut script = Script::new();
-            script.push("BEGIN IMMEDIATE", []);
+            let mut script = s.script();
+            script.begin();
             script.guarded_writes(&tagged, s.now(), exact).unwrap();
             let rows = writer.run(script).await.unwrap();
             let passed = passed_guards(&tagged, &rows).unwrap();
             writer.rollback().await.unwrap();
-            if exact {
+            // PostgreSQL has no counted form (see `guarded_writes`).
+            if exact || s.dialect() == Dialect::Postgres {
                 let mut passed = passed.unwrap();
                 passed.sort_unstable();
                 assert_eq!(passed, vec![0, 2], "the second of the name is refused");
@@ -858,7 +892,8 @@ mod tests {
     #[tokio::test]
     async fn new_instances_past_their_orgs_quota_are_refused_in_one_statement() {
         let (_d, s) = store().await;
-        let mut c = s.pool().acquire().await.unwrap();
+        let mut pooled = s.read_conn().await.unwrap();
+        let mut c = pooled.conn();
         instances::insert_org(&mut c, "o", "o-name", s.now())
             .await
             .unwrap();
@@ -885,8 +920,8 @@ mod tests {
             .collect();
         let tagged: Vec<(usize, &Write)> = writes.iter().enumerate().collect();
         let writer = s.open_writer().await.unwrap();
-        let mut script = Script::new();
-        script.push("BEGIN IMMEDIATE", []);
+        let mut script = s.script();
+        script.begin();
         script.guarded_writes(&tagged, s.now(), true).unwrap();
         let rows = writer.run(script).await.unwrap();
         let passed = passed_guards(&tagged, &rows).unwrap().unwrap();

@@ -28,6 +28,7 @@ pub async fn app(
     std::fs::write(&path, config).unwrap();
     let mut config = berth::Config::load(Some(&path), env).unwrap();
     config.data_dir = dir.path().join("data");
+    world::on_test_store(&mut config).await;
     adjust(&mut config);
     let app = berth::App::build(config, "test config").await.unwrap();
     (app, dir)

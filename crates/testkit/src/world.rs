@@ -111,7 +111,8 @@ impl Kit {
     /// on ([`TestWorld::step`]).
     pub async fn compose(self) -> TestWorld {
         let dir = tempfile::tempdir().unwrap();
-        let config = self.load(dir.path());
+        let mut config = self.load(dir.path());
+        on_test_store(&mut config).await;
         let (runtime, sim, faulty) = match self.engine {
             Engine::Sim {
                 latency,
@@ -403,5 +404,17 @@ impl TestWorld {
             tx.commit().await.unwrap();
         }
         held
+    }
+}
+
+/// Moves the world's store onto a fresh PostgreSQL database under
+/// `BERTH_TEST_STORE=postgres` (the suites written for both databases run
+/// once each way); else it stays on SQLite in the data dir.
+pub(crate) async fn on_test_store(config: &mut Config) {
+    let at = berth_store::postgres::test_location(&config.database_path())
+        .await
+        .unwrap_or_else(|e| panic!("the test's store: {e:#}"));
+    if let berth_store::Location::Postgres(url) = at {
+        config.store.url = Some(url);
     }
 }

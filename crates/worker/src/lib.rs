@@ -243,7 +243,7 @@ pub struct Workers {
     kill: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     checkpointer: tokio::task::JoinHandle<()>,
-    _lock: std::fs::File,
+    _lock: Option<std::fs::File>,
 }
 
 /// Checkpoints the WAL every `every` while this process commits, and waits
@@ -302,7 +302,11 @@ impl Workers {
             specs.push((w.name.clone(), w.handler.clone(), policy));
         }
         store.set_subscriptions(registry.subscriptions());
-        let released = store.release_leases(store.now(), false).await?;
+        // The only dispatcher of its database (SQLite's lock) takes back every
+        // lease; one of many (PostgreSQL) only those past their end.
+        let released = store
+            .release_leases(store.now(), !store.sole_dispatcher())
+            .await?;
         if released > 0 {
             info!(
                 released,

@@ -132,7 +132,7 @@ impl Dispatcher {
                 // A delivery whose event is gone cannot be handled or
                 // described; drop it loudly rather than loop on it.
                 error!(worker = %c.worker, event_id = %c.event_id, "delivery refers to a missing event; dropping it");
-                let mut s = Script::new();
+                let mut s = self.writer.script();
                 s.delete_deliveries(&[(c.event_id, &*c.worker)]);
                 self.writer.run(s).await?;
                 self.workers[wi].in_flight = self.workers[wi].in_flight.saturating_sub(1);

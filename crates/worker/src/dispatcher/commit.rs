@@ -56,7 +56,7 @@ impl Dispatcher {
             };
             let Some(passing) = writes::passed_guards(&guarded, &rows)? else {
                 let _ = self.writer.rollback().await;
-                script.push("BEGIN IMMEDIATE", []);
+                script.begin();
                 exact = true;
                 continue;
             };
@@ -80,7 +80,7 @@ impl Dispatcher {
                 return writes::patched_rows(&rows);
             }
             let _ = self.writer.rollback().await;
-            script.push("BEGIN IMMEDIATE", []);
+            script.begin();
         }
     }
 

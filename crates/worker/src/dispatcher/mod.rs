@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use berth_core::{Envelope, ErrorInfo, EventId, NewEvent, SeededRng, Timestamp};
-use berth_store::ops::Script;
 use berth_store::writes::Write;
 use berth_store::{Cause, Claimed, Lease, Outcome, Store};
 use tokio::sync::{mpsc, oneshot};
@@ -547,8 +546,8 @@ impl Dispatcher {
     ) -> anyhow::Result<Turned> {
         // One writer at a time in this process, for the whole turn.
         let gate = self.store.write_gate().await;
-        let mut script = Script::new();
-        script.push("BEGIN IMMEDIATE", []);
+        let mut script = self.writer.script();
+        script.begin();
         let mut rejected: HashSet<usize> = HashSet::new();
         let patched = self
             .guarded_writes(&mut script, now, publishes, &mut rejected)

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use berth_core::{Envelope, ErrorInfo, NewEvent, Timestamp};
-use berth_store::ops::Script;
 use berth_store::writes::Write;
 use berth_store::{AttemptRecord, Cause, Claimed, Outcome, Store};
 use futures::FutureExt;
@@ -180,7 +179,7 @@ impl HandlerTask {
             if !tx.apply(&writes, now).await? {
                 return Ok(Some(concurrent_update()));
             }
-            let mut s = Script::new();
+            let mut s = tx.store().script();
             s.insert_inbox(&[(&*self.name, self.env.id)], now);
             s.insert_attempts(&[AttemptRecord {
                 event_id: self.env.id,
