@@ -201,6 +201,11 @@ impl Subscriptions {
         self.by_type.values().flatten().find(|w| &***w == worker)
     }
 
+    /// Every subscribed worker (a worker of several types more than once).
+    pub fn all_workers(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.by_type.values().flatten()
+    }
+
     pub fn workers_for(&self, event_type: &str) -> &[Arc<str>] {
         self.by_type
             .get(event_type)

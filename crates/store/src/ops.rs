@@ -40,6 +40,10 @@ use crate::writer::{Row, RowRead, owned};
 
 const CHUNK: usize = 256;
 
+/// The advisory lock of appends to the event log on PostgreSQL (see
+/// [`Script::insert_events`]); the migrations' is another.
+const EVENT_LOG_LOCK: i64 = 0x6265_7274_685f_6c67; // "berth_lg"
+
 /// Splits `n` rows into chunk lengths: 256s, then descending powers of two.
 pub(crate) fn chunk_lens(mut n: usize) -> Vec<usize> {
     let mut out = Vec::new();
@@ -298,6 +302,20 @@ impl Script {
     }
 
     pub fn insert_events(&mut self, envs: &[&Envelope]) {
+        if envs.is_empty() {
+            return;
+        }
+        if self.dialect == Dialect::Postgres {
+            // Readers of the log follow `seq` (an org's event stream resumes
+            // after the last one it sent), so `seq` must grow in commit
+            // order. A sequence alone does not: a transaction may take 10,
+            // another 11 and commit first, and a reader who saw 11 would
+            // never see 10. Transactions that append to the log take this
+            // lock, held to their commit, one at a time. (SQLite's one
+            // writer gives that order by itself.)
+            // (A `void` result reads as no row: see `postgres::run_script`.)
+            self.push("SELECT pg_advisory_xact_lock(?)", [Arg::Int(EVENT_LOG_LOCK)]);
+        }
         self.push_rows(
             envs,
             10,
@@ -350,6 +368,32 @@ impl Script {
                     d.lease.as_ref().map(|l| l.until).into(),
                 ])
             },
+        );
+    }
+
+    /// Tells the other processes on the database, once this transaction
+    /// commits, that `workers` have deliveries they may claim (PostgreSQL's
+    /// `NOTIFY`; see [`crate::Store::listen`]). SQLite only: a no-op there,
+    /// where one process dispatches and wakes itself.
+    pub fn notify_deliveries<'w>(&mut self, workers: impl IntoIterator<Item = &'w str>) {
+        if self.dialect != Dialect::Postgres {
+            return;
+        }
+        let mut names: Vec<&str> = workers.into_iter().collect();
+        if names.is_empty() {
+            return;
+        }
+        names.sort_unstable();
+        names.dedup();
+        // A payload is at most 8000 bytes; past that, an empty one wakes
+        // every worker.
+        let mut payload = names.join(",");
+        if payload.len() > 7000 {
+            payload.clear();
+        }
+        self.push(
+            "SELECT pg_notify('berth_deliveries', ?)",
+            [Arg::Text(payload)],
         );
     }
 
@@ -774,6 +818,30 @@ pub(crate) async fn release_leases(
         "attempt_abandoned",
         "the process running this attempt stopped before it finished",
     ))?;
+    if conn.dialect() == Dialect::Postgres {
+        // Several processes may sweep at once: each lease is released by
+        // one statement that records what it released, so a row taken by
+        // one sweep (the other waits on its lock, then finds it free) is
+        // recorded abandoned once. SQLite's one writer needs no such care,
+        // and has no data-modifying CTEs.
+        let done = fetch(
+            conn,
+            &format!(
+                "WITH released AS (
+                    UPDATE deliveries SET lease_owner = NULL, leased_at = NULL, lease_until = NULL
+                     WHERE {filter}
+                 RETURNING event_id, worker, round, attempt, leased_at)
+                 INSERT INTO attempts (event_id, worker, round, attempt, started_at, duration_us, outcome, error)
+                 SELECT event_id, worker, round, attempt, COALESCE(leased_at, ?1), NULL, 'abandoned', ?2
+                   FROM released
+                 RETURNING 1"
+            ),
+            [now.into(), lost.into()],
+        )
+        .await
+        .context("failed to release leases")?;
+        return Ok(u64::try_from(done.len()).unwrap_or(u64::MAX));
+    }
     fetch(
         conn,
         &format!(

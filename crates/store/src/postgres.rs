@@ -210,6 +210,12 @@ pub(crate) async fn run_script(
             };
         }
         for r in q.fetch_all(&mut *conn).await? {
+            // A function called for its effect (a lock, a notification)
+            // returns `void`: no row to the caller, as the statement would
+            // be on SQLite.
+            if is_void(&r) {
+                continue;
+            }
             rows.push(owned(&r)?);
         }
     }
@@ -234,6 +240,12 @@ impl sqlx::Encode<'_, sqlx::Postgres> for Untyped {
     ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
         Ok(sqlx::encode::IsNull::Yes)
     }
+}
+
+/// Whether the row is one `void` value.
+fn is_void(r: &sqlx::postgres::PgRow) -> bool {
+    use sqlx::{Column, Row, TypeInfo};
+    matches!(r.columns(), [c] if c.type_info().name() == "VOID")
 }
 
 /// A PostgreSQL row as the owned values a SQLite row gives.

@@ -580,6 +580,69 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Until `stop` resolves, wakes this process's dispatcher for the
+    /// deliveries other processes commit (their `NOTIFY`, see
+    /// [`ops::Script::notify_deliveries`]). When the connection is lost
+    /// (notifications may have been missed meanwhile) it wakes every worker
+    /// once it is back, and reconnects with back-off; the dispatcher's poll
+    /// still bounds the delay of anything missed. Returns at once on
+    /// SQLite, where no other process dispatches.
+    pub async fn listen(&self, stop: impl std::future::Future<Output = ()>) {
+        let Db::Postgres { pool, .. } = &self.inner.db else {
+            return;
+        };
+        tokio::pin!(stop);
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let mut listener = match sqlx::postgres::PgListener::connect_with(pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?pause, "cannot listen for other processes' deliveries; retrying");
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if let Err(e) = listener.listen("berth_deliveries").await {
+                tracing::warn!(error = %e, "cannot listen for other processes' deliveries; retrying");
+                continue;
+            }
+            pause = Duration::from_millis(100);
+            // Whatever was committed while not listening.
+            self.wake_all();
+            loop {
+                let next = tokio::select! {
+                    _ = &mut stop => return,
+                    n = listener.try_recv() => n,
+                };
+                match next {
+                    Ok(Some(n)) if !n.payload().is_empty() => {
+                        self.notify_committed(n.payload().split(',').map(str::to_owned));
+                    }
+                    Ok(Some(_)) => self.wake_all(),
+                    // The connection was lost; `try_recv` reconnects on the
+                    // next call, and what was sent meanwhile is lost.
+                    Ok(None) => self.wake_all(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the connection listening for deliveries; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wakes the dispatcher for every subscribed worker.
+    fn wake_all(&self) {
+        let subs = self.subscriptions();
+        self.notify_committed(subs.all_workers().map(|w| w.to_string()));
+    }
+}
+
 /// What a re-drive did.
 #[derive(Debug)]
 pub enum Redrive {
@@ -631,11 +694,19 @@ impl Tx {
 
     pub async fn commit(self) -> anyhow::Result<()> {
         let Tx {
-            tx,
+            mut tx,
             store,
             woken,
             _gate,
         } = self;
+        let mut notify = store.script();
+        notify.notify_deliveries(woken.iter().map(String::as_str));
+        if !notify.is_empty() {
+            notify
+                .run(&mut tx.conn())
+                .await
+                .context("failed to notify the other processes")?;
+        }
         // Whatever the transaction wrote, the cache may now be behind it;
         // emptied before another writer can run.
         let result = tx.commit().await.context("failed to commit");

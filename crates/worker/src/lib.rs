@@ -275,6 +275,34 @@ async fn checkpoint_loop(store: Store, every: Option<Duration>, cancel: Cancella
     }
 }
 
+/// On a database other processes dispatch from too (PostgreSQL): wakes
+/// the dispatcher for their deliveries ([`Store::listen`]), and every
+/// `every` takes back the leases that have expired — a dead process's,
+/// whose attempts are recorded abandoned and counted — so that their
+/// deliveries are claimed again, here or elsewhere.
+async fn shared_upkeep(store: Store, every: Duration, cancel: CancellationToken) {
+    let sweep = async {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match store.release_leases(store.now(), true).await {
+                Ok(0) => {}
+                Ok(released) => {
+                    info!(released, "took back expired leases (their process stopped or stalled)");
+                    let subs = store.subscriptions();
+                    store.notify_committed(subs.all_workers().map(|w| w.to_string()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot take back expired leases; will retry");
+                }
+            }
+        }
+    };
+    tokio::join!(store.listen(cancel.cancelled()), sweep);
+}
+
 impl std::fmt::Debug for Workers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Workers").finish_non_exhaustive()
@@ -347,10 +375,16 @@ impl Workers {
             berth_core::sched::task(dispatcher.run(cancel.clone()))
                 .instrument(info_span!("dispatcher")),
         );
-        let checkpointer = tokio::spawn(
-            checkpoint_loop(store.clone(), options.checkpoint_interval, cancel.clone())
-                .instrument(info_span!("checkpointer")),
-        );
+        let checkpointer = match store.dialect() {
+            berth_store::Dialect::Sqlite => tokio::spawn(
+                checkpoint_loop(store.clone(), options.checkpoint_interval, cancel.clone())
+                    .instrument(info_span!("checkpointer")),
+            ),
+            berth_store::Dialect::Postgres => tokio::spawn(
+                shared_upkeep(store.clone(), options.poll_interval, cancel.clone())
+                    .instrument(info_span!("upkeep")),
+            ),
+        };
         Ok(Workers {
             bus: Bus {
                 store,

@@ -586,6 +586,14 @@ impl Dispatcher {
         let fan = self.fan_out(&fresh, now);
         script.insert_deliveries(&fan.rows);
         let claims = self.claim(&mut script, now);
+        // Deliveries due that this process has no room for yet: another
+        // process may take them (on PostgreSQL; nothing on SQLite).
+        script.notify_deliveries(
+            fan.pending
+                .iter()
+                .map(|(_, w, _)| &**w)
+                .chain(settled.reschedule.iter().map(|r| &*r.worker)),
+        );
         script.push("COMMIT", []);
 
         let c0 = std::time::Instant::now();
