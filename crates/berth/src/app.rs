@@ -348,16 +348,70 @@ impl World {
             .collect()
     }
 
+    /// The listeners and the reconciler where other processes may run
+    /// them too (PostgreSQL): each under its lease (see [`crate::singleton`]),
+    /// so that each runs in one process at a time.
+    pub fn singletons(&self, bus: &Bus, cancel: &CancellationToken) -> Vec<JoinHandle<()>> {
+        let owner = format!("{}-{}", std::process::id(), self.store.ids().ulid());
+        let lease =
+            |name: String, start: Box<dyn Fn(CancellationToken) -> JoinHandle<()> + Send>| {
+                crate::singleton::spawn(
+                    self.store.clone(),
+                    name,
+                    owner.clone(),
+                    crate::singleton::TERM,
+                    cancel.clone(),
+                    start,
+                )
+            };
+        let mut out: Vec<JoinHandle<()>> = self
+            .deps
+            .hosts
+            .hosts()
+            .into_iter()
+            .map(|host| {
+                let (bus, deps) = (bus.clone(), self.deps.clone());
+                let name = format!("listener:{host}");
+                lease(
+                    name,
+                    Box::new(move |c| {
+                        tokio::spawn(berth_flows::exits::listen(
+                            bus.clone(),
+                            deps.clone(),
+                            host.clone(),
+                            c,
+                        ))
+                    }),
+                )
+            })
+            .collect();
+        let (bus, deps, config) = (bus.clone(), self.deps.clone(), self.reconciler_config());
+        // A fresh reconciler for each term held: what an earlier holder
+        // remembered (orphans first seen) is met again after its grace.
+        out.push(lease(
+            "reconciler".to_owned(),
+            Box::new(move |c| {
+                let r = berth_flows::reconciler::Reconciler::new(config.clone());
+                tokio::spawn(r.run(bus.clone(), deps.clone(), c))
+            }),
+        ));
+        out
+    }
+
     /// The reconciler `[reconciler]` configures.
     pub fn reconciler(&self) -> berth_flows::reconciler::Reconciler {
+        berth_flows::reconciler::Reconciler::new(self.reconciler_config())
+    }
+
+    fn reconciler_config(&self) -> berth_flows::reconciler::ReconcilerConfig {
         let r = &self.config.reconciler;
-        berth_flows::reconciler::Reconciler::new(berth_flows::reconciler::ReconcilerConfig {
+        berth_flows::reconciler::ReconcilerConfig {
             period: r.period,
             grace: r.grace,
             flow_deadline: r.flow_deadline,
             max_republish: r.max_republish,
             call_timeout: r.call_timeout,
-        })
+        }
     }
 
     /// Spawns the reconciler's passes, until `cancel`.
@@ -548,8 +602,12 @@ impl App {
         let background_cancel = CancellationToken::new();
         let mut background = Vec::new();
         if workers.is_some() {
-            background = world.listen(&bus, &background_cancel);
-            background.push(world.reconcile(&bus, &background_cancel));
+            if world.store.dialect() == berth_store::Dialect::Postgres {
+                background = world.singletons(&bus, &background_cancel);
+            } else {
+                background = world.listen(&bus, &background_cancel);
+                background.push(world.reconcile(&bus, &background_cancel));
+            }
         }
         info!(
             database = %config.database_location(),

@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod config;
+pub mod singleton;
 pub mod telemetry;
 
 pub use app::{App, Overrides, World, compose, deps, open_store, registry};

@@ -10,94 +10,16 @@
 
 mod api_support;
 
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use api_support::{ADMIN, DEADLINE};
+use api_support::ADMIN;
+use api_support::procs::{self, Served};
 use serde_json::{Value, json};
 
-/// A `berth serve` child process; killed when dropped.
-struct Served {
-    child: Child,
-    /// The first line it printed, and the API's address if it serves one.
-    ready: String,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Served {
-    fn addr(&self) -> &str {
-        self.ready
-            .strip_prefix("berth API listening on http://")
-            .unwrap_or_else(|| panic!("not an API process: {}", self.ready))
-    }
-
-    /// Stops it as a service manager would (SIGTERM); its exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let pid = rustix::process::Pid::from_child(&self.child);
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-        self.child.wait().unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// `berth serve --runtime sim --role <role>` on the data directory `data`,
-/// once it says it has started.
+/// `berth serve --runtime sim --role <role>` on the data directory `data`.
 fn serve(data: &Path, role: &str) -> Served {
-    static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let log = data.with_extension(format!("{role}.{n}.log"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args([
-            "serve",
-            "--runtime",
-            "sim",
-            "--listen",
-            "127.0.0.1:0",
-            "--role",
-            role,
-        ])
-        .arg("--data-dir")
-        .arg(data)
-        .env("BERTH_ADMIN_TOKEN", ADMIN)
-        .env("BERTH_LOG", "warn")
-        // Another process's commits are found by the dispatcher's poll:
-        // keep it short so that the test does not wait on it for long.
-        .env("BERTH_BUS__POLL_INTERVAL", "50ms")
-        .env_remove("BERTH_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if line.starts_with("berth ") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let ready = match rx.recv_timeout(DEADLINE) {
-        Ok(line) => line,
-        Err(_) => panic!(
-            "berth serve --role {role} did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        ),
-    };
-    Served { child, ready, log }
+    procs::serve(data, role, &["--runtime", "sim"], &[])
 }
 
 async fn call(method: reqwest::Method, url: String, token: &str, body: Option<Value>) -> Value {

@@ -1,9 +1,9 @@
 //! Build contexts an org uploaded: stored whole, content-addressed within
 //! the org (one row per org and digest), read back by the image step.
 
+use crate::conn::Conn;
 use anyhow::Context;
 use berth_core::Timestamp;
-use crate::conn::Conn;
 
 use crate::ops::{Arg, fetch};
 use crate::writer::{Row, RowRead};
@@ -106,11 +106,7 @@ pub(crate) async fn insert(
     }))
 }
 
-async fn by_digest(
-    conn: &mut Conn<'_>,
-    org: &str,
-    digest: &str,
-) -> anyhow::Result<Option<Build>> {
+async fn by_digest(conn: &mut Conn<'_>, org: &str, digest: &str) -> anyhow::Result<Option<Build>> {
     let sql = format!("SELECT {COLUMNS} FROM builds WHERE org_id = ?1 AND digest = ?2");
     let rows = fetch(conn, &sql, [org.into(), digest.into()])
         .await
@@ -119,11 +115,7 @@ async fn by_digest(
 }
 
 /// The org's build `id`; `None` for another org's, exactly like a missing one.
-pub(crate) async fn get(
-    conn: &mut Conn<'_>,
-    org: &str,
-    id: &str,
-) -> anyhow::Result<Option<Build>> {
+pub(crate) async fn get(conn: &mut Conn<'_>, org: &str, id: &str) -> anyhow::Result<Option<Build>> {
     let sql = format!("SELECT {COLUMNS} FROM builds WHERE id = ?1 AND org_id = ?2");
     let rows = fetch(conn, &sql, [id.into(), org.into()])
         .await

@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use crate::conn::Conn;
 use anyhow::Context;
 use berth_core::domain::{Conditions, InstanceError, InstanceName, InstanceStatus, RestartPolicy};
 use berth_core::{FlowId, Timestamp};
 use serde::{Deserialize, Serialize};
-use crate::conn::Conn;
 
 use crate::ops::{Arg, fetch};
 use crate::writer::{Row, RowRead};
@@ -318,10 +318,7 @@ pub(crate) async fn get(conn: &mut Conn<'_>, id: &str) -> anyhow::Result<Option<
 }
 
 /// Every instance of an org (all of them when `org` is `None`), oldest first.
-pub(crate) async fn list(
-    conn: &mut Conn<'_>,
-    org: Option<&str>,
-) -> anyhow::Result<Vec<Instance>> {
+pub(crate) async fn list(conn: &mut Conn<'_>, org: Option<&str>) -> anyhow::Result<Vec<Instance>> {
     let sql = format!(
         "SELECT {} FROM instances WHERE (?1 IS NULL OR org_id = ?1) ORDER BY created_at, id",
         columns()
@@ -563,9 +560,7 @@ async fn count_on_host(
 }
 
 /// host → orgs holding it.
-pub(crate) async fn claims(
-    conn: &mut Conn<'_>,
-) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+pub(crate) async fn claims(conn: &mut Conn<'_>) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     let rows = fetch(
         conn,
         "SELECT host, org_id FROM host_claims ORDER BY host, org_id",
@@ -601,7 +596,14 @@ impl Store {
         filter: ListFilter<'_>,
         limit: u32,
     ) -> anyhow::Result<Vec<Instance>> {
-        list_page(&mut self.read_conn().await?.conn(), org, after, filter, limit).await
+        list_page(
+            &mut self.read_conn().await?.conn(),
+            org,
+            after,
+            filter,
+            limit,
+        )
+        .await
     }
 
     /// Where `flow` is: `None` when none of its events awaits a worker.

@@ -22,8 +22,8 @@ pub mod tenancy;
 pub mod writer;
 pub mod writes;
 
-pub use model::*;
 pub use conn::Dialect;
+pub use model::*;
 pub use store::{Cause, Location, Published, Redrive, Store, StoreOptions, Synchronous, Tx};
 pub use writer::{Row, RowRead, Writer};
 

@@ -46,6 +46,12 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0006_instances_by_org.sql"),
         postgres: include_str!("../migrations/postgres/0006_instances_by_org.sql"),
     },
+    Migration {
+        version: 7,
+        name: "singletons",
+        sqlite: include_str!("../migrations/sqlite/0007_singletons.sql"),
+        postgres: include_str!("../migrations/postgres/0007_singletons.sql"),
+    },
 ];
 
 struct Migration {

@@ -314,7 +314,10 @@ impl Script {
             // lock, held to their commit, one at a time. (SQLite's one
             // writer gives that order by itself.)
             // (A `void` result reads as no row: see `postgres::run_script`.)
-            self.push("SELECT pg_advisory_xact_lock(?)", [Arg::Int(EVENT_LOG_LOCK)]);
+            self.push(
+                "SELECT pg_advisory_xact_lock(?)",
+                [Arg::Int(EVENT_LOG_LOCK)],
+            );
         }
         self.push_rows(
             envs,
@@ -1006,7 +1009,10 @@ pub(crate) async fn queue_depth(conn: &mut Conn<'_>) -> anyhow::Result<(i64, i64
 /// pool (the dispatcher's reads outside its turn's transaction); from
 /// [`crate::Store::reader`].
 pub struct Reader {
-    conn: crate::conn::Owned,
+    store: crate::Store,
+    /// Opened again on the next call after it is lost (PostgreSQL
+    /// restarted).
+    conn: Option<crate::conn::Owned>,
 }
 
 impl std::fmt::Debug for Reader {
@@ -1016,14 +1022,34 @@ impl std::fmt::Debug for Reader {
 }
 
 impl Reader {
+    async fn conn(&mut self) -> anyhow::Result<&mut crate::conn::Owned> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            slot => slot.insert(self.store.dedicated_connection().await?),
+        };
+        Ok(conn)
+    }
+
+    /// Forgets the connection if `result` says it is broken.
+    fn keep<T>(&mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        if let Err(e) = &result
+            && crate::is_unavailable(e)
+        {
+            self.conn = None;
+        }
+        result
+    }
+
     /// Those of `ids` already in the event log.
     pub async fn known_events(&mut self, ids: &[EventId]) -> anyhow::Result<HashSet<EventId>> {
-        known_events(&mut self.conn.conn(), ids).await
+        let r = known_events(&mut self.conn().await?.conn(), ids).await;
+        self.keep(r)
     }
 
     /// The envelopes of `ids` that are in the log (order not kept).
     pub async fn events(&mut self, ids: &[EventId]) -> anyhow::Result<Vec<Envelope>> {
-        load_events(&mut self.conn.conn(), ids).await
+        let r = load_events(&mut self.conn().await?.conn(), ids).await;
+        self.keep(r)
     }
 
     /// Those of `ids` already in `worker`'s inbox.
@@ -1032,7 +1058,8 @@ impl Reader {
         worker: &str,
         ids: &[EventId],
     ) -> anyhow::Result<HashSet<EventId>> {
-        inbox_hits(&mut self.conn.conn(), worker, ids).await
+        let r = inbox_hits(&mut self.conn().await?.conn(), worker, ids).await;
+        self.keep(r)
     }
 }
 
@@ -1040,7 +1067,8 @@ impl crate::Store {
     /// A [`Reader`] on a connection outside the pool.
     pub async fn reader(&self) -> anyhow::Result<Reader> {
         Ok(Reader {
-            conn: self.dedicated_connection().await?,
+            store: self.clone(),
+            conn: Some(self.dedicated_connection().await?),
         })
     }
 

@@ -297,7 +297,7 @@ impl Store {
                 let conn = connect.connect().await.with_context(|| {
                     format!("failed to open the database {}", self.inner.location)
                 })?;
-                Ok(crate::Writer::postgres(conn))
+                Ok(crate::Writer::postgres(conn, connect.clone()))
             }
         }
     }
@@ -543,7 +543,9 @@ impl Store {
 
     pub async fn inbox_contains(&self, worker: &str, id: EventId) -> anyhow::Result<bool> {
         let mut c = self.read_conn().await?;
-        Ok(!ops::inbox_hits(&mut c.conn(), worker, &[id]).await?.is_empty())
+        Ok(!ops::inbox_hits(&mut c.conn(), worker, &[id])
+            .await?
+            .is_empty())
     }
 
     /// (waiting, in flight) deliveries.

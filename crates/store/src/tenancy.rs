@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::conn::Conn;
 use anyhow::Context;
 use berth_core::{Envelope, EventId, Timestamp};
 use serde::Serialize;
-use crate::conn::Conn;
 
 use crate::ops::{self, fetch};
 use crate::writer::{Row, RowRead};
@@ -130,10 +130,7 @@ fn token_from_row(r: &Row) -> anyhow::Result<TokenInfo> {
 }
 
 /// Every token of an org, oldest first, revoked ones included.
-pub(crate) async fn tokens(
-    conn: &mut Conn<'_>,
-    org: &str,
-) -> anyhow::Result<Vec<TokenInfo>> {
+pub(crate) async fn tokens(conn: &mut Conn<'_>, org: &str) -> anyhow::Result<Vec<TokenInfo>> {
     let rows = fetch(
         conn,
         "SELECT id, org_id, created_at, revoked_at FROM tokens WHERE org_id = ?1
@@ -171,9 +168,7 @@ pub(crate) async fn revoke_token(
 }
 
 /// The stored admin token hash, if one was generated.
-pub(crate) async fn admin_token_hash(
-    conn: &mut Conn<'_>,
-) -> anyhow::Result<Option<String>> {
+pub(crate) async fn admin_token_hash(conn: &mut Conn<'_>) -> anyhow::Result<Option<String>> {
     let rows = fetch(conn, "SELECT hash FROM admin_token WHERE id = 1", [])
         .await
         .context("failed to read the admin token")?;
@@ -304,9 +299,7 @@ pub(crate) async fn attempts_after(
 }
 
 /// Open (not re-driven) dead letters per worker.
-pub(crate) async fn open_dead_letters(
-    conn: &mut Conn<'_>,
-) -> anyhow::Result<Vec<(String, i64)>> {
+pub(crate) async fn open_dead_letters(conn: &mut Conn<'_>) -> anyhow::Result<Vec<(String, i64)>> {
     let rows = fetch(
         conn,
         "SELECT worker, COUNT(*) FROM dead_letters WHERE redriven_at IS NULL
@@ -420,6 +413,61 @@ impl Tx {
     }
 }
 
+impl Store {
+    /// Takes or renews the lease `name` for `owner` until `until`, if it is
+    /// free, expired at `now`, or already `owner`'s: whether `owner` holds
+    /// it now. One statement, so two processes asking at once cannot both
+    /// get it (the second sees the first's row and its `until`).
+    pub async fn hold_singleton(
+        &self,
+        name: &str,
+        owner: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> anyhow::Result<bool> {
+        let rows = crate::ops::fetch(
+            &mut self.read_conn().await?.conn(),
+            "INSERT INTO singletons (name, owner, until) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, until = excluded.until
+              WHERE singletons.owner = excluded.owner OR singletons.until < ?4
+             RETURNING owner",
+            [name.into(), owner.into(), until.into(), now.into()],
+        )
+        .await
+        .with_context(|| format!("failed to take the lease {name}"))?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Gives the lease `name` up, if `owner` holds it, so that another
+    /// process takes it at once rather than when it expires.
+    pub async fn release_singleton(&self, name: &str, owner: &str) -> anyhow::Result<()> {
+        crate::ops::fetch(
+            &mut self.read_conn().await?.conn(),
+            "DELETE FROM singletons WHERE name = ? AND owner = ?",
+            [name.into(), owner.into()],
+        )
+        .await
+        .with_context(|| format!("failed to give up the lease {name}"))?;
+        Ok(())
+    }
+
+    /// Who holds the lease `name`, and until when.
+    pub async fn singleton_holder(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<Option<(String, Timestamp)>> {
+        let rows = crate::ops::fetch(
+            &mut self.read_conn().await?.conn(),
+            "SELECT owner, until FROM singletons WHERE name = ?",
+            [name.into()],
+        )
+        .await?;
+        rows.first()
+            .map(|r| Ok((r.text(0)?, Timestamp::from_micros(r.int(1)?))))
+            .transpose()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -517,6 +565,68 @@ mod tests {
         assert_eq!(
             admin_token_hash(&mut c).await.unwrap().as_deref(),
             Some("x")
+        );
+    }
+
+    /// A lease goes to one owner at a time, is renewed by its holder, and
+    /// passes to another only once expired or given up.
+    #[tokio::test]
+    async fn a_singleton_lease_has_one_holder_until_it_expires() {
+        let (_d, s) = store().await;
+        let t = Timestamp::from_micros;
+        assert!(
+            s.hold_singleton("reconciler", "a", t(0), t(100))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !s.hold_singleton("reconciler", "b", t(50), t(150))
+                .await
+                .unwrap()
+        );
+        assert!(
+            s.hold_singleton("reconciler", "a", t(60), t(160))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !s.hold_singleton("reconciler", "b", t(150), t(250))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            s.singleton_holder("reconciler").await.unwrap(),
+            Some(("a".to_owned(), t(160)))
+        );
+        // Other names are other leases.
+        assert!(
+            s.hold_singleton("listener:h1", "b", t(150), t(250))
+                .await
+                .unwrap()
+        );
+        // Expired: the next asker takes it.
+        assert!(
+            s.hold_singleton("reconciler", "b", t(161), t(261))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !s.hold_singleton("reconciler", "a", t(170), t(270))
+                .await
+                .unwrap()
+        );
+        // Given up: at once, and only by its holder.
+        s.release_singleton("reconciler", "a").await.unwrap();
+        assert!(
+            !s.hold_singleton("reconciler", "c", t(180), t(280))
+                .await
+                .unwrap()
+        );
+        s.release_singleton("reconciler", "b").await.unwrap();
+        assert!(
+            s.hold_singleton("reconciler", "c", t(181), t(281))
+                .await
+                .unwrap()
         );
     }
 }

@@ -34,7 +34,39 @@ pub struct Writer {
 
 enum Inner {
     Sqlite(SqliteWriter),
-    Postgres(tokio::sync::Mutex<sqlx::PgConnection>),
+    Postgres(PgWriter),
+}
+
+/// A PostgreSQL connection, opened again after it is lost (the server
+/// restarted): the dispatcher retries its turn with back-off, and the
+/// retry finds a fresh connection here.
+pub(crate) struct PgWriter {
+    connect: sqlx::postgres::PgConnectOptions,
+    conn: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
+}
+
+impl PgWriter {
+    async fn run(&self, script: Script) -> anyhow::Result<Vec<Row>> {
+        use sqlx::ConnectOptions;
+        let mut guard = self.conn.lock().await;
+        let conn = match &mut *guard {
+            Some(c) => c,
+            slot => slot.insert(
+                self.connect
+                    .connect()
+                    .await
+                    .context("failed to connect to the database again")?,
+            ),
+        };
+        let result = crate::postgres::run_script(conn, script).await;
+        if let Err(e) = &result
+            && crate::is_unavailable(e)
+        {
+            // Broken for good: the next call connects anew.
+            *guard = None;
+        }
+        result
+    }
 }
 
 /// A SQLite connection on its own thread. Dropping it lets the thread
@@ -63,10 +95,17 @@ impl Writer {
         })
     }
 
-    /// The writer on a PostgreSQL connection.
-    pub(crate) fn postgres(conn: sqlx::PgConnection) -> Writer {
+    /// The writer on a PostgreSQL connection, which it opens again from
+    /// `connect` when it is lost.
+    pub(crate) fn postgres(
+        conn: sqlx::PgConnection,
+        connect: sqlx::postgres::PgConnectOptions,
+    ) -> Writer {
         Writer {
-            inner: Inner::Postgres(tokio::sync::Mutex::new(conn)),
+            inner: Inner::Postgres(PgWriter {
+                connect,
+                conn: tokio::sync::Mutex::new(Some(conn)),
+            }),
         }
     }
 
@@ -83,7 +122,7 @@ impl Writer {
     pub async fn run(&self, script: Script) -> anyhow::Result<Vec<Row>> {
         match &self.inner {
             Inner::Sqlite(w) => Ok(w.call(move |c| script.run_on(c)).await??),
-            Inner::Postgres(c) => crate::postgres::run_script(&mut *c.lock().await, script).await,
+            Inner::Postgres(w) => w.run(script).await,
         }
     }
 
@@ -101,11 +140,11 @@ impl Writer {
                 })
                 .await??;
             }
-            Inner::Postgres(c) => {
+            Inner::Postgres(w) => {
                 // Outside a transaction PostgreSQL only warns.
                 let mut s = Script::for_dialect(crate::Dialect::Postgres);
                 s.push("ROLLBACK", []);
-                crate::postgres::run_script(&mut *c.lock().await, s).await?;
+                w.run(s).await?;
             }
         }
         Ok(())
@@ -453,7 +492,11 @@ mod tests {
     async fn a_panicking_job_fails_alone() {
         let (_d, store) = store().await;
         let writer = store.open_writer().await.unwrap();
-        let err = writer.sqlite().call(|_| -> () { panic!("boom") }).await.unwrap_err();
+        let err = writer
+            .sqlite()
+            .call(|_| -> () { panic!("boom") })
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("panicked"), "{err:#}");
         let n = writer
             .sqlite()

@@ -7,8 +7,8 @@
 
 use berth_core::domain::{Condition, InstanceStatus};
 
-use crate::instances::{Col, Instance};
 use crate::conn::{Conn, Dialect};
+use crate::instances::{Col, Instance};
 use crate::ops::{Arg, Script};
 use crate::writer::RowRead;
 

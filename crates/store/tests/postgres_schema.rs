@@ -180,6 +180,6 @@ async fn processes_starting_together_migrate_once() {
     berth_store::postgres::drop_database(&server, &url)
         .await
         .unwrap();
-    assert_eq!(versions, (1..=6).collect::<Vec<i64>>());
+    assert_eq!(versions, (1..=7).collect::<Vec<i64>>());
     assert_eq!(installs, 1, "one install id, made once");
 }

@@ -290,7 +290,10 @@ async fn shared_upkeep(store: Store, every: Duration, cancel: CancellationToken)
             match store.release_leases(store.now(), true).await {
                 Ok(0) => {}
                 Ok(released) => {
-                    info!(released, "took back expired leases (their process stopped or stalled)");
+                    info!(
+                        released,
+                        "took back expired leases (their process stopped or stalled)"
+                    );
                     let subs = store.subscriptions();
                     store.notify_committed(subs.all_workers().map(|w| w.to_string()));
                 }

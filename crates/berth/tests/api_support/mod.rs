@@ -4,6 +4,8 @@
 //! client, and helpers that wait on events or on the store's commits.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::time::Duration;
 
 use berth::App;
