@@ -34,7 +34,7 @@ pub struct Writer {
 
 enum Inner {
     Sqlite(SqliteWriter),
-    Postgres(PgWriter),
+    Postgres(Box<PgWriter>),
 }
 
 /// A PostgreSQL connection, opened again after it is lost (the server
@@ -102,10 +102,10 @@ impl Writer {
         connect: sqlx::postgres::PgConnectOptions,
     ) -> Writer {
         Writer {
-            inner: Inner::Postgres(PgWriter {
+            inner: Inner::Postgres(Box::new(PgWriter {
                 connect,
                 conn: tokio::sync::Mutex::new(Some(conn)),
-            }),
+            })),
         }
     }
 
