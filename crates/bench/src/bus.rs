@@ -1,8 +1,12 @@
-//! `berth-bench bus`: the embedded bus end to end on a real SQLite file.
+//! `berth-bench bus`: the embedded bus end to end on a real SQLite file in
+//! WAL mode, or (`--store postgres://…`) on a fresh database on a
+//! PostgreSQL server.
 //!
-//! 1. `raw_commits_per_s`: single-row autocommit INSERTs on a file with the
-//!    same settings (WAL, the same `synchronous`): the rate a bus committing
-//!    once per event could reach at best.
+//! 1. `raw_commits_per_s`: single-row autocommit INSERTs on the same kind
+//!    of database (SQLite: a file with the same settings, WAL and the same
+//!    `synchronous`; PostgreSQL: a table in the run's database on the same
+//!    server, in the same run): the rate a bus committing once per event
+//!    could reach at best.
 //! 2. Throughput: `--events` events published by concurrent publishers (in
 //!    batches, as handlers' emissions are), each dispatched to a no-op
 //!    handler and acknowledged (inbox, attempt history, delivery removed).
@@ -19,12 +23,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use berth_core::{Clock, IdGen, NewEvent, SeededRng, SystemClock};
-use berth_store::{Cause, Store, StoreOptions, Synchronous};
+use berth_store::{Cause, Location, Store, StoreOptions, Synchronous};
 use berth_worker::{Ctx, Registry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::report::{peak_rss_mb, per_second, quantile, start_workers, table};
+use crate::scratch::{Scratch, StoreArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,10 +53,15 @@ pub struct Args {
     /// Publish rate of the latency phase (default: half the measured maximum).
     #[arg(long)]
     latency_rate: Option<f64>,
-    /// SQLite `synchronous`: full or normal.
+    /// SQLite `synchronous`: full or normal (SQLite only: PostgreSQL
+    /// commits as its server's `synchronous_commit` says).
     #[arg(long, default_value = "full")]
     synchronous: String,
-    /// Directory for the database files (default: a fresh temporary one).
+    /// The database: sqlite (a fresh file) or a postgres:// server URL, on
+    /// which a fresh database is made for the run and dropped after it.
+    #[arg(long, value_name = "sqlite|URL", default_value = "sqlite")]
+    store: String,
+    /// Directory for the SQLite files (default: a fresh temporary one).
     #[arg(long)]
     dir: Option<PathBuf>,
 }
@@ -75,21 +85,59 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         "normal" => Synchronous::Normal,
         other => anyhow::bail!("--synchronous must be full or normal, got '{other}'"),
     };
+    let store_arg = StoreArg::parse(&args.store)?;
+    // Refused rather than ignored: a run labelled `normal` would not be.
+    if matches!(store_arg, StoreArg::Postgres(_)) && synchronous != Synchronous::Full {
+        anyhow::bail!(
+            "--synchronous is SQLite's setting; on PostgreSQL the server's synchronous_commit applies"
+        );
+    }
     let tmp = tempfile::tempdir_in(args.dir.clone().unwrap_or_else(std::env::temp_dir))
         .context("cannot create the benchmark directory")?;
+    let scratch = Scratch::make(&store_arg, &tmp.path().join("bench.db")).await?;
+    let location = scratch.location().clone();
+    let raw_url = scratch.postgres_url().map(str::to_owned);
+    let result = scratch
+        .run(measure(
+            args,
+            store_arg,
+            synchronous,
+            tmp.path(),
+            location,
+            raw_url,
+        ))
+        .await;
+    // The SQLite files go only once the run is over.
+    drop(tmp);
+    result
+}
 
-    let raw = berth_store::baseline::raw_commits_per_s(
-        &tmp.path().join("raw.db"),
-        synchronous,
-        Duration::from_secs(2),
-    )
-    .await?;
+/// The three phases on the database at `location`; `raw_url` is that
+/// database's URL on PostgreSQL (its raw commits are measured there).
+async fn measure(
+    args: Args,
+    store_arg: StoreArg,
+    synchronous: Synchronous,
+    dir: &std::path::Path,
+    location: Location,
+    raw_url: Option<String>,
+) -> anyhow::Result<String> {
+    let raw_run = Duration::from_secs(2);
+    let raw = match &raw_url {
+        Some(url) => berth_store::postgres::raw_commits_per_s(url, raw_run)
+            .await
+            .context("cannot measure PostgreSQL's raw commit rate")?,
+        None => {
+            berth_store::baseline::raw_commits_per_s(&dir.join("raw.db"), synchronous, raw_run)
+                .await?
+        }
+    };
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let rng = Arc::new(SeededRng::new(1));
     let ids = Arc::new(IdGen::new(clock.clone(), rng.clone()));
-    let store = Store::open(
-        &tmp.path().join("bench.db"),
+    let store = Store::open_at(
+        &location,
         StoreOptions {
             synchronous,
             ..StoreOptions::default()
@@ -227,7 +275,14 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     table(
         "berth-bench bus",
         &[
-            ("synchronous", args.synchronous.clone()),
+            ("store", location.to_string()),
+            (
+                "synchronous",
+                match store_arg {
+                    StoreArg::Sqlite => args.synchronous.clone(),
+                    StoreArg::Postgres(_) => "(the server's synchronous_commit)".to_owned(),
+                },
+            ),
             ("events", n.to_string()),
             ("worker concurrency", args.concurrency.to_string()),
             (
@@ -275,6 +330,7 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     );
     let json = serde_json::json!({
         "bench": "bus",
+        "store": store_arg.name(),
         "synchronous": args.synchronous,
         "events": n,
         "concurrency": args.concurrency,

@@ -11,6 +11,12 @@
 //! create + start + connect of the same image, with the same limits, env
 //! and concurrency, nothing recorded (`raw_docker_p50_ms` on Docker), so
 //! that Berth's cost is a ratio measured in the same run.
+//!
+//! The database is a SQLite file or (`--store postgres://…`) a fresh
+//! database on a PostgreSQL server. There, `--workers N` starts N
+//! independent dispatchers, each on a `Store` handle of its own (N
+//! processes' worth in one process), and the creations are spread over
+//! them in turn.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,11 +31,12 @@ use berth_runtime::hosts::LocalProvider;
 use berth_runtime::sim::{SimConfig, SimLatency, SimRuntime};
 use berth_runtime::{ContainerRuntime, ContainerSpec, HostId, Limits, NetworkSpec, RuntimeError};
 use berth_store::instances::{Instance, InstanceSpec};
-use berth_store::{Store, StoreOptions, Synchronous};
-use berth_worker::Registry;
+use berth_store::{Location, Store, StoreOptions, Synchronous};
+use berth_worker::{Registry, Workers};
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::report::{peak_rss_mb, per_second, quantile, start_workers, table};
+use crate::scratch::{Scratch, StoreArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -46,12 +53,27 @@ pub struct Args {
     /// Simulated latency of every engine operation.
     #[arg(long, default_value_t = 0)]
     op_latency_ms: u64,
-    /// SQLite `synchronous`: full or normal.
+    /// SQLite `synchronous`: full or normal (SQLite only: PostgreSQL
+    /// commits as its server's `synchronous_commit` says).
     #[arg(long, default_value = "full")]
     synchronous: String,
+    /// The database: sqlite (a fresh file) or a postgres:// server URL, on
+    /// which a fresh database is made for the run and dropped after it.
+    #[arg(long, value_name = "sqlite|URL", default_value = "sqlite")]
+    store: String,
+    /// Independent dispatchers sharing the event-driven side's work, each
+    /// with a store handle of its own, as separate processes would have.
+    /// More than 1 only on PostgreSQL.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
 }
 
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<bool>>>>;
+
+/// How long the event-driven side may go without a flow ending before the
+/// run is called stuck: a hung run says where it stood instead of waiting
+/// forever.
+const STALL: Duration = Duration::from_secs(60);
 
 pub async fn run(args: Args) -> anyhow::Result<String> {
     if args.runtime != "sim" && args.runtime != "docker" {
@@ -62,20 +84,65 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         "normal" => Synchronous::Normal,
         other => anyhow::bail!("--synchronous must be full or normal, got '{other}'"),
     };
+    let store_arg = StoreArg::parse(&args.store)?;
+    if args.workers == 0 {
+        anyhow::bail!("--workers must be at least 1");
+    }
+    match store_arg {
+        StoreArg::Sqlite if args.workers > 1 => anyhow::bail!(
+            "--workers {}: SQLite has a single dispatcher lock, so only --workers 1 runs on it; \
+             more dispatchers need --store postgres://…",
+            args.workers
+        ),
+        // Refused rather than ignored: a run labelled `normal` would not be.
+        StoreArg::Postgres(_) if synchronous != Synchronous::Full => anyhow::bail!(
+            "--synchronous is SQLite's setting; on PostgreSQL the server's synchronous_commit applies"
+        ),
+        _ => {}
+    }
     let tmp = tempfile::tempdir().context("cannot create the benchmark directory")?;
+    let scratch = Scratch::make(&store_arg, &tmp.path().join("bench.db")).await?;
+    let location = scratch.location().clone();
+    let result = scratch
+        .run(measure(args, store_arg, synchronous, location))
+        .await;
+    // The SQLite file goes only once the run is over.
+    drop(tmp);
+    result
+}
+
+/// Both sides and the engine alone on the database at `location`.
+async fn measure(
+    args: Args,
+    store_arg: StoreArg,
+    synchronous: Synchronous,
+    location: Location,
+) -> anyhow::Result<String> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let rng = Arc::new(SeededRng::new(1));
-    let ids = Arc::new(IdGen::new(clock.clone(), rng.clone()));
-    let store = Store::open(
-        &tmp.path().join("bench.db"),
-        StoreOptions {
-            synchronous,
-            ..StoreOptions::default()
-        },
-        clock,
-        ids,
-    )
-    .await?;
+    // One handle per dispatcher, as separate processes would each have
+    // (pool, ids, jitter): distinct seeds, so that their ids never repeat
+    // one another's.
+    let mut handles: Vec<(Store, Arc<SeededRng>)> = Vec::with_capacity(args.workers);
+    for seed in 1..=args.workers as u64 {
+        let rng = Arc::new(SeededRng::new(seed));
+        let ids = Arc::new(IdGen::new(clock.clone(), rng.clone()));
+        let store = Store::open_at(
+            &location,
+            StoreOptions {
+                synchronous,
+                ..StoreOptions::default()
+            },
+            clock.clone(),
+            ids,
+        )
+        .await?;
+        handles.push((store, rng));
+    }
+    // The baseline and the engine alone run on the first handle.
+    let store = handles
+        .first()
+        .map(|(s, _)| s.clone())
+        .context("no store handle")?;
     let host = HostId::new("local");
     // Each run's orgs are new, so runs on a real engine never collide and
     // their resources can be swept afterwards.
@@ -99,74 +166,49 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
     let raw_org = format!("raw{run_id}");
     let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let raw = raw_engine(&store, &runtime, &host, &raw_org, base_image, &args, &sem).await?;
-    let deps = Arc::new(Deps {
-        runtime: runtime.clone(),
-        hosts: Arc::new(LocalProvider),
-        limits: Limits::default(),
-        install: store.install_id().to_owned(),
-        builds: Default::default(),
-    });
-    let mut reg = Registry::new();
-    berth_flows::register(&mut reg, deps.clone())?;
     let waiters: Waiters = Arc::default();
     // Every worker may hold as many deliveries as there are flows in flight.
     let conc = i64::try_from(args.concurrency.max(16)).unwrap_or(1024);
-    let workers = start_workers(&store, &reg, conc, rng).await?;
+    // Each dispatcher with its own registry and build locks, as in a
+    // process of its own; the engine is the one they all drive.
+    let mut workers: Vec<(Workers, Store)> = Vec::with_capacity(handles.len());
+    for (store, rng) in &handles {
+        let deps = Arc::new(Deps {
+            runtime: runtime.clone(),
+            hosts: Arc::new(LocalProvider),
+            limits: Limits::default(),
+            install: store.install_id().to_owned(),
+            builds: Default::default(),
+        });
+        let mut reg = Registry::new();
+        berth_flows::register(&mut reg, deps)?;
+        let w = start_workers(store, &reg, conc, rng.clone())
+            .await
+            .with_context(|| format!("cannot start dispatcher {}", workers.len() + 1))?;
+        workers.push((w, store.clone()));
+    }
 
     // Each flow ends when its `instance.running` (or `instance.failed`) is
     // committed: the bus says so as it commits, with no worker of ours in
-    // the way to add a delivery's latency and load.
-    let watcher = {
-        let mut committed = workers.bus().committed();
-        let waiters = waiters.clone();
-        let store = store.clone();
-        tokio::spawn(async move {
-            loop {
-                match committed.recv().await {
-                    Ok(env) => {
-                        let ok = env.event_type == ev::Running::TYPE;
-                        if (ok || env.event_type == ev::Failed::TYPE)
-                            && let Some(id) = env.subject.as_deref()
-                            && let Some(tx) =
-                                waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(id)
-                        {
-                            let _ = tx.send(ok);
-                        }
-                    }
-                    // Missed some: whoever already ended is in the table.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        let ids: Vec<String> = waiters
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .keys()
-                            .cloned()
-                            .collect();
-                        for id in ids {
-                            if let Ok(Some(i)) = store.instance(&id).await
-                                && i.status.is_terminal()
-                                && let Some(tx) = waiters
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .remove(&id)
-                            {
-                                let _ = tx.send(i.status == InstanceStatus::Running);
-                            }
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        })
-    };
+    // the way to add a delivery's latency and load. Any dispatcher may be
+    // the one that commits it, so every one is watched.
+    let watchers: Vec<_> = workers
+        .iter()
+        .map(|(w, store)| watch(w.bus().committed(), waiters.clone(), store.clone()))
+        .collect();
 
-    // Event-driven.
+    // Event-driven, the creations dealt to the dispatchers in turn.
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let mut lat = Vec::with_capacity(args.count);
-    for n in 0..args.count {
-        let permit = sem.clone().acquire_owned().await?;
+    let stuck = |done: usize| stalled(&waiters, &store, done, args.count);
+    for (n, (w, store)) in (0..args.count).zip(workers.iter().cycle()) {
+        let permit = match tokio::time::timeout(STALL, sem.clone().acquire_owned()).await {
+            Ok(p) => p?,
+            Err(_) => return Err(stuck(lat.len()).await),
+        };
         let store = store.clone();
-        let bus = workers.bus();
+        let bus = w.bus();
         let waiters = waiters.clone();
         let org = event_org.clone();
         tasks.spawn(async move {
@@ -201,23 +243,37 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
             lat.push(r??);
         }
     }
-    while let Some(r) = tasks.join_next().await {
-        lat.push(r??);
+    loop {
+        match tokio::time::timeout(STALL, tasks.join_next()).await {
+            Ok(Some(r)) => lat.push(r??),
+            Ok(None) => break,
+            Err(_) => return Err(stuck(lat.len()).await),
+        }
     }
     let elapsed = t0.elapsed();
-    // Where the dispatcher's time went, for the human table.
-    let (turns, turn_ms, commit_ms, handled) = {
-        let st = workers.bus().stats().clone();
+    // Where the dispatchers' time went, for the human table: summed, and
+    // each one's attempts, which show how the work was shared.
+    let (mut turns, mut turn_ms, mut commit_ms, mut handled) = (0, 0, 0, 0);
+    let (mut duplicates, mut retries, mut dead) = (0, 0, 0);
+    let mut shares = Vec::with_capacity(workers.len());
+    for (w, _) in &workers {
+        let st = w.bus().stats().clone();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        (
-            load(&st.commits),
-            load(&st.turn_micros) / 1000,
-            load(&st.commit_micros) / 1000,
-            load(&st.handled),
-        )
-    };
-    watcher.abort();
-    workers.shutdown().await?;
+        turns += load(&st.commits);
+        turn_ms += load(&st.turn_micros) / 1000;
+        commit_ms += load(&st.commit_micros) / 1000;
+        handled += load(&st.handled);
+        duplicates += load(&st.duplicates);
+        retries += load(&st.retries);
+        dead += load(&st.dead_letters);
+        shares.push(load(&st.handled).to_string());
+    }
+    for w in watchers {
+        w.abort();
+    }
+    for (w, _) in workers {
+        w.shutdown().await?;
+    }
 
     // The synchronous baseline on the same runtime and store.
     let t1 = Instant::now();
@@ -243,7 +299,9 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         base.push(r??);
     }
     let base_elapsed = t1.elapsed();
-    store.close().await;
+    for (s, _) in &handles {
+        s.close().await;
+    }
     if args.runtime == "docker" {
         sweep(&*runtime, &host, &[&event_org, &base_org, &raw_org]).await;
     }
@@ -282,6 +340,8 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
                     format!("sim, {} ms per operation", args.op_latency_ms)
                 },
             ),
+            ("store", location.to_string()),
+            ("dispatchers", args.workers.to_string()),
             (
                 "flows × concurrency",
                 format!("{} × {}", args.count, args.concurrency),
@@ -305,15 +365,27 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
             (
                 "event-driven group commits",
                 format!(
-                    "{turns} ({handled} attempts; busy {turn_ms} ms of {} ms, {commit_ms} ms in the final statement)",
-                    elapsed.as_millis()
+                    "{turns} ({handled} attempts; busy {turn_ms} ms of {} ms, {commit_ms} ms in the final statement{})",
+                    elapsed.as_millis(),
+                    if args.workers > 1 {
+                        format!("; summed over {} dispatchers", args.workers)
+                    } else {
+                        String::new()
+                    }
                 ),
+            ),
+            ("  attempts per dispatcher", shares.join(" / ")),
+            (
+                "  duplicates / retries / dead letters",
+                format!("{duplicates} / {retries} / {dead}"),
             ),
             ("peak RSS", format!("{rss:.1} MiB")),
         ],
     );
     Ok(serde_json::json!({
         "bench": "flows",
+        "store": store_arg.name(),
+        "workers": args.workers,
         "runtime": args.runtime,
         "count": args.count,
         "concurrency": args.concurrency,
@@ -333,6 +405,90 @@ pub async fn run(args: Args) -> anyhow::Result<String> {
         "peak_rss_mb": (rss * 10.0).round() / 10.0,
     })
     .to_string())
+}
+
+/// Ends every waiting flow whose `instance.running` or `instance.failed`
+/// the dispatcher of `committed` commits.
+fn watch(
+    mut committed: tokio::sync::broadcast::Receiver<Arc<berth_core::Envelope>>,
+    waiters: Waiters,
+    store: Store,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match committed.recv().await {
+                Ok(env) => {
+                    let ok = env.event_type == ev::Running::TYPE;
+                    if (ok || env.event_type == ev::Failed::TYPE)
+                        && let Some(id) = env.subject.as_deref()
+                        && let Some(tx) =
+                            waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(id)
+                    {
+                        let _ = tx.send(ok);
+                    }
+                }
+                // Missed some: whoever already ended is in the table.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let ids: Vec<String> = waiters
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .keys()
+                        .cloned()
+                        .collect();
+                    for id in ids {
+                        if let Ok(Some(i)) = store.instance(&id).await
+                            && i.status.is_terminal()
+                            && let Some(tx) = waiters
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&id)
+                        {
+                            let _ = tx.send(i.status == InstanceStatus::Running);
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    })
+}
+
+/// The error of a run in which no flow ended for [`STALL`]: where it stood
+/// (flows ended, those waiting by status, deliveries left), so that a hang
+/// is a report rather than a wait.
+async fn stalled(waiters: &Waiters, store: &Store, done: usize, count: usize) -> anyhow::Error {
+    let ids: Vec<String> = waiters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .cloned()
+        .collect();
+    let mut by_status = std::collections::BTreeMap::<String, usize>::new();
+    for id in &ids {
+        let status = match store.instance(id).await {
+            Ok(Some(i)) => i.status.to_string(),
+            Ok(None) => "missing".to_owned(),
+            Err(e) => format!("unreadable ({e})"),
+        };
+        *by_status.entry(status).or_default() += 1;
+    }
+    let statuses: Vec<String> = by_status.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    let number = |sql: &'static str| async move {
+        match store.inspect().number(sql, []).await {
+            Ok(n) => n.to_string(),
+            Err(e) => format!("? ({e})"),
+        }
+    };
+    anyhow::anyhow!(
+        "stuck: no flow ended for {}s; {done} of {count} ended, {} waiting ({}); \
+         deliveries {} ({} leased), dead letters {}",
+        STALL.as_secs(),
+        ids.len(),
+        statuses.join(", "),
+        number("SELECT COUNT(*) FROM deliveries").await,
+        number("SELECT COUNT(*) FROM deliveries WHERE lease_owner IS NOT NULL").await,
+        number("SELECT COUNT(*) FROM dead_letters").await,
+    )
 }
 
 /// The base image of `--runtime docker`.

@@ -5,6 +5,7 @@ mod bus;
 mod chaos;
 mod flows;
 mod report;
+mod scratch;
 
 use std::process::ExitCode;
 
@@ -20,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The embedded bus: publish → dispatch → no-op handler → acknowledge,
-    /// on a real SQLite file in WAL mode.
+    /// on a real SQLite file in WAL mode or a PostgreSQL database.
     Bus(bus::Args),
     /// The instance creation flow, event-driven vs a synchronous baseline.
     Flows(flows::Args),

@@ -37,7 +37,96 @@ fn bus_prints_a_table_and_a_json_last_line() {
         );
     }
     assert_eq!(v["events"], 500);
+    assert_eq!(v["store"], "sqlite");
     assert!(v["dispatch_samples"].as_u64().unwrap() >= 100);
+}
+
+/// Runs `berth-bench` with `args`, which must succeed; its stderr and its
+/// JSON last line.
+fn bench(args: &[&str]) -> (String, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_berth-bench"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "berth-bench {args:?} failed: {stderr}"
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last = stdout.lines().last().expect("a last line on stdout");
+    (stderr, serde_json::from_str(last).unwrap())
+}
+
+/// A small `flows` run: flows_per_s and the database it ran on.
+fn flows(more: &[&str]) -> serde_json::Value {
+    let mut args = vec!["flows", "--count", "60", "--concurrency", "12"];
+    args.extend_from_slice(more);
+    let (stderr, v) = bench(&args);
+    assert!(
+        stderr.contains("event-driven flows/s"),
+        "no table: {stderr}"
+    );
+    assert!(v["flows_per_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    assert_eq!(v["count"], 60);
+    v
+}
+
+#[test]
+fn flows_prints_its_store_and_dispatchers() {
+    let v = flows(&[]);
+    assert_eq!(v["store"], "sqlite");
+    assert_eq!(v["workers"], 1);
+}
+
+/// SQLite's dispatcher lock allows one dispatcher per database: more is
+/// refused up front, naming the flag, rather than failing to start.
+#[test]
+fn flows_refuses_several_dispatchers_on_sqlite() {
+    let out = Command::new(env!("CARGO_BIN_EXE_berth-bench"))
+        .args(["flows", "--count", "10", "--workers", "3"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--workers 3") && stderr.contains("single dispatcher lock"),
+        "{stderr}"
+    );
+}
+
+/// Both benchmarks on the suites' PostgreSQL server (skipped without one,
+/// except under CI=true): each on a fresh database of its own, `flows`
+/// with three dispatchers sharing the work, no password printed.
+#[test]
+fn bus_and_flows_run_on_postgres() {
+    let Some(server) = berth_store::postgres::test_server().unwrap() else {
+        eprintln!("skipped: no PostgreSQL server (BERTH_TEST_POSTGRES_URL)");
+        return;
+    };
+    let (stderr, v) = bench(&[
+        "bus",
+        "--store",
+        &server,
+        "--events",
+        "500",
+        "--latency-secs",
+        "1",
+        "--latency-rate",
+        "200",
+    ]);
+    assert_eq!(v["store"], "postgres");
+    for key in ["events_per_s", "raw_commits_per_s"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+    }
+    assert!(stderr.contains("postgres://"), "no store row: {stderr}");
+    let redacted = berth_store::postgres::redact(&server);
+    if redacted != server {
+        assert!(!stderr.contains(&server), "password printed: {stderr}");
+    }
+    let v = flows(&["--store", &server, "--workers", "3"]);
+    assert_eq!(v["store"], "postgres");
+    assert_eq!(v["workers"], 3);
 }
 
 #[test]
